@@ -1,0 +1,261 @@
+"""The cost-benefit balance: pick the boundary, and the plan file that records why.
+
+Boundary k (0-based) is the first trainable block: embeddings and blocks 0..k-1 are frozen,
+blocks k..L-1 are trained, k = 0 is full fine-tuning, k = L trains only the head (and final norm).
+
+benefit[k] = sum(gains[k:]) / sum(gains)   (share of the estimated deviation reduction trained)
+cost[k]    = step FLOPs of boundary k / step FLOPs of full fine-tuning
+
+Policies (registered in ``POLICIES``) map these curves to a boundary. A policy is written
+``name`` or ``name=value`` (``budget=0.5``, ``coverage=0.9``). Baselines that only need the depth
+(full, freeze-first-half, train-last-quarter, random) live in the same registry so the benchmark
+treats them alike.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from salf import __version__
+from salf.errors import SalfError
+from salf.fileio import fingerprint, write_json
+from salf.freeze import FreezeSpec
+from salf.registry import Registry
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy sees: the two curves over k = 0..L and a seed for random baselines."""
+
+    benefit: np.ndarray
+    cost: np.ndarray
+    seed: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.benefit) - 1
+
+
+class Policy(Protocol):
+    def __call__(self, ctx: PolicyContext, value: float | None) -> int: ...
+
+
+POLICIES: Registry[Policy] = Registry("policy")
+
+
+def _fraction(name: str, value: float | None) -> float:
+    if value is None:
+        raise SalfError(f"policy {name!r} needs a value", f"write it as {name}=0.5 (a number in (0, 1])")
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise SalfError(f"{name}={value} is outside (0, 1]", f"give {name} as a fraction of full fine-tuning, e.g. {name}=0.5")
+    return value
+
+
+def _no_value(name: str, value: float | None) -> None:
+    if value is not None:
+        raise SalfError(f"policy {name!r} takes no value (got {value})", f"write it as plain {name!r}")
+
+
+@POLICIES.register("knee")
+def knee(ctx: PolicyContext, value: float | None) -> int:
+    """Largest net benefit: benefit minus the cost share of the tunable range.
+
+    On the (cost, benefit) curve this is the point farthest above the straight line from
+    "train nothing" to "train everything": past it, each extra layer costs more than it buys.
+    Ties go to the deeper (more beneficial) boundary, so a flat trace means full fine-tuning.
+    """
+    _no_value("knee", value)
+    span = ctx.cost[0] - ctx.cost[-1]
+    scaled = (ctx.cost - ctx.cost[-1]) / span if span > 0 else np.zeros_like(ctx.cost)
+    net = ctx.benefit - scaled
+    return int(np.flatnonzero(net >= net.max() - 1e-9)[0])
+
+
+@POLICIES.register("budget")
+def budget(ctx: PolicyContext, value: float | None) -> int:
+    """Most benefit at cost[k] <= value; among equal benefit, the cheapest."""
+    c = _fraction("budget", value)
+    affordable = np.flatnonzero(ctx.cost <= c + 1e-12)
+    if affordable.size == 0:
+        raise SalfError(
+            f"budget={c} is below the cheapest plan ({ctx.cost.min():.3f} of full fine-tuning: the forward pass alone)",
+            f"raise the budget to at least {math.ceil(ctx.cost.min() * 100) / 100:.2f}",
+        )
+    best = ctx.benefit[affordable].max()
+    return int(max(k for k in affordable if ctx.benefit[k] >= best - 1e-12))
+
+
+@POLICIES.register("coverage")
+def coverage(ctx: PolicyContext, value: float | None) -> int:
+    """Cheapest boundary whose trained layers hold at least ``value`` of the total gain."""
+    tau = _fraction("coverage", value)
+    return int(np.flatnonzero(ctx.benefit >= tau - 1e-12).max())
+
+
+@POLICIES.register("full")
+def full(ctx: PolicyContext, value: float | None) -> int:
+    """Baseline: full fine-tuning."""
+    _no_value("full", value)
+    return 0
+
+
+@POLICIES.register("freeze-first-half")
+def freeze_first_half(ctx: PolicyContext, value: float | None) -> int:
+    """Baseline: freeze the lower half of the blocks."""
+    _no_value("freeze-first-half", value)
+    return ctx.num_layers // 2
+
+
+@POLICIES.register("train-last-quarter")
+def train_last_quarter(ctx: PolicyContext, value: float | None) -> int:
+    """Baseline: train only the top quarter of the blocks (at least one)."""
+    _no_value("train-last-quarter", value)
+    return ctx.num_layers - max(1, math.ceil(ctx.num_layers / 4))
+
+
+@POLICIES.register("random")
+def random_boundary(ctx: PolicyContext, value: float | None) -> int:
+    """Baseline: a seeded random boundary in 1..L-1."""
+    _no_value("random", value)
+    return int(np.random.default_rng(ctx.seed).integers(1, max(2, ctx.num_layers)))
+
+
+def parse_policy(text: str) -> tuple[str, float | None]:
+    name, _, raw = text.partition("=")
+    name = name.strip()
+    POLICIES.get(name)  # unknown name -> SalfError listing the known ones
+    if not raw:
+        return name, None
+    try:
+        return name, float(raw)
+    except ValueError:
+        raise SalfError(f"policy value {raw!r} is not a number", f"write e.g. {name}=0.5") from None
+
+
+def benefit_curve(gains: np.ndarray) -> np.ndarray:
+    """benefit[k] for k = 0..L: share of the total gain held by blocks k..L-1."""
+    gains = np.clip(np.asarray(gains, dtype=float), 0.0, None)
+    total = gains.sum()
+    if total <= 0:
+        gains, total = np.ones_like(gains), float(len(gains))
+    tail = np.concatenate([np.cumsum(gains[::-1])[::-1], [0.0]])
+    return tail / total
+
+
+def choose_boundary(gains: np.ndarray, cost: np.ndarray, policy: str, seed: int = 0) -> int:
+    name, value = parse_policy(policy)
+    ctx = PolicyContext(benefit=benefit_curve(gains), cost=np.asarray(cost, dtype=float), seed=seed)
+    if len(ctx.cost) != len(ctx.benefit):
+        raise ValueError(f"cost has {len(ctx.cost)} entries, expected {len(ctx.benefit)} (k = 0..L)")
+    return POLICIES.get(name)(ctx, value)
+
+
+@dataclass
+class Plan:
+    """Everything needed to apply, audit and reproduce a freezing decision."""
+
+    boundary: int
+    num_layers: int
+    trainable: dict[str, Any]
+    trace: list[float]
+    trace_std: list[float]
+    gains: list[float]
+    fit: dict[str, Any]
+    lens: str
+    estimator: str
+    policy: str
+    benefit: list[float]
+    cost: list[float]
+    predicted: dict[str, float]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    per_datum_boundaries: list[int] | None = None
+    format: int = PLAN_FORMAT
+    salf_version: str = __version__
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.boundary <= self.num_layers:
+            raise SalfError(f"plan boundary {self.boundary} is outside 0..{self.num_layers}", "regenerate the plan with `salf plan`")
+        if len(self.trace) != self.num_layers + 1 or len(self.gains) != self.num_layers:
+            raise SalfError(
+                f"plan has {len(self.trace)} trace values and {len(self.gains)} gains for {self.num_layers} layers",
+                "the plan file is damaged; regenerate it with `salf plan`",
+            )
+
+    def freeze_spec(self) -> FreezeSpec:
+        t = self.trainable
+        return FreezeSpec(
+            trainable_blocks=tuple(t["blocks"]), embeddings=bool(t["embeddings"]),
+            norm=bool(t.get("norm", True)), head=bool(t.get("head", True)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if not isinstance(d, dict):
+            raise SalfError("the plan file does not hold a JSON object", "regenerate it with `salf plan`")
+        missing = [f for f in ("boundary", "num_layers", "trainable", "trace", "gains") if f not in d]
+        if missing:
+            raise SalfError(f"the plan file lacks {', '.join(missing)}", "regenerate it with `salf plan`")
+        if d.get("format", PLAN_FORMAT) > PLAN_FORMAT:
+            raise SalfError(f"plan format {d['format']} is newer than this salf understands", "upgrade salf")
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as e:
+            raise SalfError(f"the plan file is incomplete ({e})", "regenerate it with `salf plan`") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        import json
+
+        path = Path(path)
+        if not path.is_file():
+            raise SalfError(f"plan file {path} not found", "create one with `salf plan --model M --data D --out plan.json`")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SalfError(f"plan file {path} is not valid JSON (line {e.lineno}: {e.msg})", "regenerate it with `salf plan`") from None
+        return cls.from_dict(d)
+
+    def check_model(self, model_info: dict[str, Any]) -> None:
+        """Refuse to apply a plan made for another model (layer count, type or weights)."""
+        for key in ("model_type", "num_layers", "fingerprint"):
+            want, got = self.model.get(key), model_info.get(key)
+            if want is not None and got is not None and want != got:
+                raise SalfError(
+                    f"this plan was made for another model: {key} is {want!r} in the plan but {got!r} here",
+                    "make a new plan for this model with `salf plan`, or pass the model the plan was made for",
+                )
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """Identity of a model for plans: type, depth and a hash of its config and parameter shapes."""
+    from salf.arch import find_parts
+
+    parts = find_parts(model)
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "id2label", "label2id"):
+        config.pop(volatile, None)
+    shapes = [[n, list(p.shape)] for n, p in model.named_parameters()]
+    return {
+        "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+        "model_type": parts.model_type,
+        "num_layers": parts.num_layers,
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "fingerprint": fingerprint(config, shapes),
+    }
