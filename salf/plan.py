@@ -259,3 +259,52 @@ def model_fingerprint(model) -> dict[str, Any]:
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
         "fingerprint": fingerprint(config, shapes),
     }
+
+
+def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any], data_info: dict[str, Any],
+              seed: int = 0, per_datum: bool = False) -> Plan:
+    """Choose the boundary and record the evidence.
+
+    ``trace`` is a ``salf.trace.Trace``, ``gains`` a ``salf.gain.Gains``, ``costs`` the
+    ``salf.cost.StepCost`` of every boundary k = 0..L (``salf.cost.boundary_costs``).
+    """
+    full_cost = costs[0]
+    cost = np.array([c.total / full_cost.total for c in costs])
+    k = choose_boundary(gains.values, cost, policy, seed=seed)
+    num_layers = len(gains.values)
+    chosen = costs[k]
+    act_full = max(full_cost.activation_bytes, 1)
+    predicted = {
+        "step_flops_ratio": float(cost[k]),
+        "step_flops_saving": float(1.0 - cost[k]),
+        "backward_flops_ratio": float(chosen.backward / full_cost.backward) if full_cost.backward else 0.0,
+        "activation_memory_ratio": float(chosen.activation_bytes / act_full),
+        "training_memory_ratio": float(chosen.memory_bytes / full_cost.memory_bytes),
+        "trainable_params_ratio": float(chosen.trainable_params / full_cost.trainable_params),
+        "step_flops": float(chosen.total),
+        "full_step_flops": float(full_cost.total),
+    }
+    return Plan(
+        boundary=k,
+        num_layers=num_layers,
+        trainable={"blocks": list(range(k, num_layers)), "embeddings": k == 0, "norm": True, "head": True},
+        trace=[float(v) for v in trace.mean],
+        trace_std=[float(v) for v in trace.std],
+        gains=[float(v) for v in gains.values],
+        fit=gains.fit.to_dict(),
+        lens=trace.lens,
+        estimator=gains.estimator,
+        policy=policy,
+        benefit=[float(v) for v in benefit_curve(gains.values)],
+        cost=[float(v) for v in cost],
+        predicted=predicted,
+        model=model_info,
+        data=data_info,
+        per_datum_boundaries=per_datum_boundaries(trace, cost, policy, seed) if per_datum else None,
+    )
+
+
+def per_datum_boundaries(trace, cost: np.ndarray, policy: str, seed: int = 0) -> list[int]:
+    """METHOD §4 per-datum: each datum's boundary from its own deviation trace (observed drops)."""
+    drops = np.clip(-np.diff(np.asarray(trace.per_datum, dtype=float), axis=1), 0.0, None)
+    return [choose_boundary(row, cost, policy, seed=seed) for row in drops]

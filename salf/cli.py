@@ -1,0 +1,165 @@
+"""The ``salf`` command line: parses arguments and dispatches to ``salf.pipeline``.
+
+Every subcommand is one function in ``salf.pipeline`` taking one options dataclass; this module
+only turns flags into those dataclasses, prints results, and turns ``SalfError`` into a one-line
+message and a non-zero exit code (the traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from salf import __version__
+from salf.errors import SalfError
+
+EXAMPLES = {
+    "trace": "salf trace --model gpt2 --data train.jsonl --out trace.json",
+    "plan": "salf plan --model Qwen/Qwen2-0.5B --data train.jsonl --policy budget=0.5 --out plan.json",
+    "train": "salf train --model Qwen/Qwen2-0.5B --data train.jsonl --plan plan.json --out runs/planned --max-steps 500",
+    "demo": "salf demo --out runs/demo",
+    "cost": "salf cost --config meta-llama/Meta-Llama-3-8B --seq 2048 --batch 1 --boundaries 0,8,16,24",
+    "report": "salf report runs/planned",
+    "bench": "salf bench --suite smoke --out bench_out/smoke",
+}
+
+
+def _model_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="local directory or hub name, loaded with from_pretrained")
+    g.add_argument("--data", required=True, help="JSONL, CSV or Parquet file: text | prompt+completion | text+label")
+    g.add_argument("--task", choices=["lm", "completion", "classification"], default=None,
+                   help="override the task detected from the data's fields")
+    g.add_argument("--label-mode", choices=["head", "words"], default="head",
+                   help="classification by a classification head (default) or by label words for a causal LM")
+    g.add_argument("--max-length", type=int, default=256, help="truncate longer sequences (counted and reported)")
+    g.add_argument("--limit", type=int, default=None, help="use at most this many data from the file")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling, probes and training")
+
+
+def _trace_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trace")
+    g.add_argument("--lens", default=None, help="logit-lens | basis-cosine | probe (default: from the model and task)")
+    g.add_argument("--sample-size", type=int, default=256, help="data traced (one no-grad forward pass)")
+    g.add_argument("--trace-batch-size", type=int, default=8, help="batch size of the tracing pass")
+    g.add_argument("--pooling", choices=["auto", "first", "last", "mean"], default="auto",
+                   help="pooled vector read by the probe lens (auto: what the classification head reads)")
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan")
+    g.add_argument("--policy", default="knee",
+                   help="knee | budget=C (step cost <= C x full) | coverage=T (>= T of the gain) | full | freeze-first-half | train-last-quarter | random")
+    g.add_argument("--estimator", default="transition", help="transition | headroom | observed | best-layer")
+    g.add_argument("--cost-seq", type=int, default=None, help="sequence length for the cost model (default: the data's mean length)")
+    g.add_argument("--cost-batch", type=int, default=8, help="batch size for the cost model")
+    g.add_argument("--lora", action="store_true", help="cost the plan for LoRA instead of full fine-tuning of the suffix")
+    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank used by the cost model")
+    g.add_argument("--trace-file", default=None, help="reuse a trace written by `salf trace` instead of tracing again")
+    g.add_argument("--figure", default=None, help="also write the plan figure (PNG) here (default: beside --out)")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--eval-data", default=None, help="evaluation file (default: a held-out split of --data)")
+    g.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --data when --eval-data is absent")
+    g.add_argument("--plan", default=None, help="plan.json from `salf plan` (absent: full fine-tuning)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is absent")
+    g.add_argument("--batch-size", type=int, default=8, help="per-device training batch size")
+    g.add_argument("--lr", type=float, default=5e-5, help="learning rate of the pretrained weights")
+    g.add_argument("--head-lr", type=float, default=None, help="learning rate of a freshly initialised head (default 20 x --lr)")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters on the planned blocks instead of full weights")
+    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    g.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    g.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    g.add_argument("--bf16", action="store_true", help="train in bf16 mixed precision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="salf",
+        description="Semantic-aware layer freezing: decide where to fine-tune, freeze the rest, measure the saving.",
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"salf {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    common.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                              epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("trace", "One no-grad pass: the deviation of every latent space from the targets.")
+    _model_data(p)
+    _trace_options(p)
+    p.add_argument("--out", required=True, help="where to write trace.json")
+
+    p = add("plan", "Trace, estimate each block's gain, and choose the layers to fine-tune.")
+    _model_data(p)
+    _trace_options(p)
+    _plan_options(p)
+    p.add_argument("--out", required=True, help="where to write plan.json (the figure goes beside it)")
+
+    p = add("train", "Fine-tune with a plan (or fully) through the Hugging Face Trainer.")
+    _model_data(p)
+    _train_options(p)
+    p.add_argument("--out", required=True, help="run directory: checkpoints, model (safetensors), metrics.json")
+
+    p = add("demo", "Trace, plan and fine-tune real MiniLM-L6 on Python docstrings -> module, full vs planned.")
+    p.add_argument("--out", default="runs/demo", help="demo output directory")
+    p.add_argument("--steps", type=int, default=150, help="training steps of each fine-tuning")
+    p.add_argument("--policy", default="knee", help="planning policy")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+
+    from salf import commands
+
+    for name in commands.EXTRA_COMMANDS:
+        commands.EXTRA_COMMANDS[name].add_arguments(add(name, commands.EXTRA_COMMANDS[name].help))
+    return parser
+
+
+def _print_result(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_json() if hasattr(result, "to_json") else result, indent=2, default=str))
+    elif hasattr(result, "render"):
+        print(result.render())
+    elif result is not None:
+        print(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from salf import commands
+
+    handler: Callable[[argparse.Namespace], Any] = commands.handler(args.command)
+    try:
+        result = handler(args)
+    except SalfError as e:
+        if args.debug:
+            raise
+        print(f"salf {args.command}: error: {e.problem}", file=sys.stderr)
+        if e.fix:
+            print(f"  fix: {e.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"salf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    _print_result(result, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

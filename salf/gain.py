@@ -1,0 +1,201 @@
+"""From a transition trace to the gain of each layer (METHOD.md section 2).
+
+A depth scaling law D(l) = E_inf + A * (l + 1)^(-alpha) is fitted to the trace D_0..D_L. Estimators
+in ``ESTIMATORS`` turn the trace and its fit into L non-negative gains, one per block:
+``gains[j]`` belongs to block j, the change from trace[j] (its input) to trace[j+1] (its output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from salf.errors import SalfError
+from salf.registry import Registry
+
+Estimator = Callable[[np.ndarray, "DepthFit"], np.ndarray]
+ESTIMATORS: Registry[Estimator] = Registry("estimator")
+
+# Starting exponents for the fit: the cost surface has several basins on short or noisy traces
+# (a sharp early drop wants a large alpha, a slow decline a small one), so a few starts are tried.
+_ALPHA_STARTS = (0.25, 1.0, 4.0)
+_ALPHA_BOUNDS = (1e-3, 50.0)
+# Differences this small relative to the trace's magnitude are rounding, not signal.
+_RELATIVE_ZERO = 1e-9
+
+
+@dataclass
+class DepthFit:
+    """The fitted depth law D(l) = e_inf + a * (l + 1)^(-alpha), l = 0..L."""
+
+    e_inf: float
+    """Deviation an infinitely deep model would reach (>= 0)."""
+    a: float
+    """Deviation removed by depth: D(0) - e_inf when alpha is large (>= 0)."""
+    alpha: float
+    """How fast depth removes deviation (> 0)."""
+    r2: float
+    """Coefficient of determination of the fit on the trace (1 is perfect; <= 0 is no better than the mean)."""
+
+    def predict(self, layer: np.ndarray | float) -> np.ndarray:
+        """D(l) for latent space index l (scalar or array)."""
+        return self.e_inf + self.a * (np.asarray(layer, dtype=np.float64) + 1.0) ** (-self.alpha)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"e_inf": self.e_inf, "a": self.a, "alpha": self.alpha, "r2": self.r2}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DepthFit:
+        return cls(e_inf=float(d["e_inf"]), a=float(d["a"]), alpha=float(d["alpha"]), r2=float(d["r2"]))
+
+
+@dataclass
+class Gains:
+    """Gain of each block in reducing the deviation, from one estimator."""
+
+    estimator: str
+    """Name of the estimator in ``ESTIMATORS``."""
+    values: np.ndarray
+    """[L] non-negative gains; values[j] belongs to block j."""
+    fit: DepthFit
+    """The depth law fitted to the trace."""
+    note: str = ""
+    """Anything the reader should know about these gains (e.g. a uniform fallback); '' when nothing."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "estimator": self.estimator,
+            "values": np.asarray(self.values).tolist(),
+            "fit": self.fit.to_dict(),
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Gains:
+        return cls(
+            estimator=d["estimator"],
+            values=np.asarray(d["values"], dtype=np.float64),
+            fit=DepthFit.from_dict(d["fit"]),
+            note=d.get("note", ""),
+        )
+
+
+def _as_trace(trace_mean: np.ndarray) -> np.ndarray:
+    trace = np.asarray(trace_mean, dtype=np.float64).ravel()
+    if trace.size < 2:
+        raise SalfError(
+            f"a trace needs at least 2 latent spaces (a model with >= 1 block), got {trace.size}",
+            "trace a model with at least one transformer block",
+        )
+    if not np.all(np.isfinite(trace)):
+        raise SalfError(
+            "the trace contains NaN or infinite deviations", "re-run the trace; check the data's labels"
+        )
+    return trace
+
+
+def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
+    ss_res = float(np.sum((observed - predicted) ** 2))
+    ss_tot = float(np.sum((observed - observed.mean()) ** 2))
+    if ss_tot <= _RELATIVE_ZERO * float(np.sum(observed**2)):
+        # A flat trace is fitted exactly by a flat law (A = 0); anything else explains nothing.
+        return 1.0 if ss_res <= _RELATIVE_ZERO * float(np.sum(observed**2)) else 0.0
+    return 1.0 - ss_res / ss_tot
+
+
+def fit_depth_law(trace_mean: np.ndarray) -> DepthFit:
+    """Least-squares fit of D(l) = E_inf + A (l+1)^(-alpha) with E_inf >= 0, A >= 0, alpha > 0."""
+    trace = _as_trace(trace_mean)
+    x = np.arange(trace.size, dtype=np.float64) + 1.0
+    # Fit in units of the trace's magnitude so tolerances mean the same for CE ~ 10 and cosine ~ 0.1.
+    scale = float(np.max(np.abs(trace))) or 1.0
+    y = trace / scale
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        return p[0] + p[1] * x ** (-p[2]) - y
+
+    floor = max(0.0, float(y.min()))
+    lower, upper = [0.0, 0.0, _ALPHA_BOUNDS[0]], [np.inf, np.inf, _ALPHA_BOUNDS[1]]
+    best = None
+    for e0 in (0.9 * floor, 0.0):
+        for alpha0 in _ALPHA_STARTS:
+            a0 = max(float(y[0]) - e0, 1e-3)
+            result = least_squares(residual, [e0, a0, alpha0], bounds=(lower, upper), method="trf")
+            if best is None or result.cost < best.cost:
+                best = result
+    e_inf, a, alpha = (float(v) for v in best.x)
+    fit = DepthFit(e_inf=e_inf * scale, a=a * scale, alpha=alpha, r2=0.0)
+    fit.r2 = _r2(trace, fit.predict(np.arange(trace.size)))
+    return fit
+
+
+def _observed_drop(trace: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, trace[:-1] - trace[1:])
+
+
+def _law_drop(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+    law = fit.predict(np.arange(trace.size))
+    return np.maximum(0.0, law[:-1] - law[1:])
+
+
+@ESTIMATORS.register("transition")
+def transition_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+    """The law's drop D(l-1) - D(l), blended with the observed drop; the weight on the law is R²."""
+    weight = float(np.clip(fit.r2, 0.0, 1.0))
+    return weight * _law_drop(trace, fit) + (1.0 - weight) * _observed_drop(trace)
+
+
+@ESTIMATORS.register("headroom")
+def headroom_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+    """How much further each block falls short of the law than its input did."""
+    shortfall = trace - fit.predict(np.arange(trace.size))
+    return np.maximum(0.0, shortfall[1:] - shortfall[:-1])
+
+
+@ESTIMATORS.register("observed")
+def observed_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+    """The observed drop max(0, D_{l-1} - D_l), ignoring the law."""
+    return _observed_drop(trace)
+
+
+@ESTIMATORS.register("best-layer")
+def best_layer_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+    """All gain in the blocks that lead to the best latent space (argmin of the trace), plus one more.
+
+    Blocks before the best latent space share the gain by their observed drop; blocks after it get
+    none, except the first of them: a capacity margin, given the mean gain of the blocks before it.
+    When the embeddings are the best latent space no block gains anything.
+    """
+    num_blocks = trace.size - 1
+    best = int(np.argmin(trace))
+    gains = np.zeros(num_blocks)
+    gains[:best] = _observed_drop(trace)[:best]
+    if 0 < best < num_blocks:
+        gains[best] = gains[:best].mean()
+    return gains
+
+
+def estimate_gains(trace_mean: np.ndarray, estimator: str = "transition") -> Gains:
+    """Fit the depth law to the trace and turn it into per-block gains with the named estimator.
+
+    A trace with no gain anywhere (flat, or rising everywhere) gets uniform gains, with a note.
+    """
+    compute = ESTIMATORS.get(estimator)
+    trace = _as_trace(trace_mean)
+    fit = fit_depth_law(trace)
+    values = np.asarray(compute(trace, fit), dtype=np.float64)
+    num_blocks = trace.size - 1
+    if values.shape != (num_blocks,) or not np.all(np.isfinite(values)):
+        raise ValueError(f"estimator {estimator!r} returned {values!r}; expected {num_blocks} finite gains")
+    # Rounding can leave -1e-17 where a gain is zero; gains are non-negative by contract.
+    values = np.maximum(values, 0.0)
+    note = ""
+    # Gains below rounding noise of the trace (a flat law still drops by ~1e-13) count as none.
+    if not values.sum() > _RELATIVE_ZERO * float(np.max(np.abs(trace))):
+        values = np.full(num_blocks, 1.0 / num_blocks)
+        note = f"estimator {estimator!r} found no gain in any block (flat or rising trace); gains set uniform"
+    return Gains(estimator=estimator, values=values, fit=fit, note=note)

@@ -1,0 +1,209 @@
+"""The stages chained into the commands ``salf trace | plan | train | demo``.
+
+Each command is a typed function whose keyword arguments are the CLI's flags, so
+``salf plan --model M --data D`` and ``salf.pipeline.plan(model="M", data="D", out=...)`` are the same
+code. Results carry ``render()`` (terminal table) and ``to_json()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from salf.cost import boundary_costs, profile_cost
+from salf.data import DataConfig, TaskData, load_task_data, split_holdout
+from salf.errors import SalfError
+from salf.fileio import write_json
+from salf.gain import estimate_gains
+from salf.models import LoadedModel, load_model, load_tokenizer
+from salf.plan import Plan, make_plan, model_fingerprint
+from salf.table import render_table
+from salf.trace import Trace, TraceConfig, trace_model
+from salf.train import TrainConfig
+from salf.train import train as run_training
+
+log = logging.getLogger(__name__)
+MODEL_TASK = {"lm": "lm", "completion": "completion", "classification": "classification"}
+
+
+@dataclass
+class Loaded:
+    """A model with its tokenized data, loaded together so the label mapping matches the head."""
+
+    model: LoadedModel
+    data: TaskData
+
+
+def load(model: str, data: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
+         limit: int | None = None, seed: int = 0, label_names: list[str] | None = None) -> Loaded:
+    """Tokenize ``data`` with the model's tokenizer, then load the model with a head for its task."""
+    config = DataConfig(task=task, label_mode=label_mode, max_length=max_length, limit=limit, seed=seed)
+    tokenizer = load_tokenizer(model)
+    task_data = load_task_data(data, tokenizer, config, label_names=label_names)
+    loaded = load_model(model, task_data.task, label_names=task_data.label_names if task_data.task == "classification" else None)
+    return Loaded(loaded, task_data)
+
+
+def data_info(task_data: TaskData) -> dict[str, Any]:
+    return {"path": task_data.source, "fingerprint": task_data.fingerprint, "n": len(task_data), "task": task_data.task,
+            "label_names": task_data.label_names, "n_truncated": task_data.n_truncated}
+
+
+def model_info(loaded: LoadedModel) -> dict[str, Any]:
+    return {**model_fingerprint(loaded.model), "name_or_path": loaded.name_or_path, "fresh_head": loaded.fresh_head}
+
+
+@dataclass
+class TraceResult:
+    trace: Trace
+    out: Path | None
+
+    def render(self) -> str:
+        rows = [[i, float(m), float(s)] for i, (m, s) in enumerate(zip(self.trace.mean, self.trace.std))]
+        title = (f"trace: lens {self.trace.lens}, {self.trace.n_data} data, {self.trace.seconds:.1f}s"
+                 + (f" -> {self.out}" if self.out else ""))
+        return render_table(["latent space", "deviation", "std"], rows, title)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.trace.to_dict()
+
+
+def run_trace(loaded: Loaded, lens: str | None = None, sample_size: int = 256, batch_size: int = 8,
+              pooling: str = "auto", seed: int = 0, show_progress: bool = True) -> Trace:
+    config = TraceConfig(lens=lens, sample_size=sample_size, batch_size=batch_size, pooling=pooling, seed=seed,
+                         show_progress=show_progress)
+    return trace_model(loaded.model.model, loaded.data.data, config, loaded.model.pad_token_id)
+
+
+def trace(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
+          limit: int | None = None, seed: int = 0, lens: str | None = None, sample_size: int = 256,
+          trace_batch_size: int = 8, pooling: str = "auto", no_progress: bool = False, **_: Any) -> TraceResult:
+    loaded = load(model, data, task, label_mode, max_length, limit, seed)
+    result = run_trace(loaded, lens, sample_size, trace_batch_size, pooling, seed, not no_progress)
+    write_json(out, {**result.to_dict(), "model": model_info(loaded.model), "data": data_info(loaded.data)})
+    return TraceResult(result, Path(out))
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    out: Path | None = None
+    figure: Path | None = None
+    trace_seconds: float = 0.0
+    plan_seconds: float = 0.0
+
+    def render(self) -> str:
+        p = self.plan
+        rows = []
+        for k in range(p.num_layers + 1):
+            rows.append([
+                k, p.trace[k], p.gains[k] if k < p.num_layers else None, p.benefit[k], p.cost[k],
+                "<- plan" if k == p.boundary else ("trained" if k > p.boundary and k < p.num_layers else ""),
+            ])
+        table = render_table(["k / block", "deviation", "gain", "benefit(k)", "cost(k)", ""], rows,
+                             f"plan: lens {p.lens}, estimator {p.estimator}, policy {p.policy}, fit R² {p.fit.get('r2', float('nan')):.3f}")
+        pred = p.predicted
+        summary = (
+            f"\nboundary k={p.boundary} of {p.num_layers}: freeze embeddings + blocks 0..{p.boundary - 1}, "
+            f"train blocks {p.boundary}..{p.num_layers - 1} + head\n"
+            f"predicted step FLOPs {pred['step_flops_ratio']:.3f} x full (saving {pred['step_flops_saving']:.1%}), "
+            f"activation memory {pred['activation_memory_ratio']:.3f} x, trainable parameters {pred['trainable_params_ratio']:.3f} x\n"
+            f"profiling: trace {self.trace_seconds:.1f}s, plan {self.plan_seconds:.1f}s"
+        )
+        if p.boundary == 0:
+            summary = summary.replace("freeze embeddings + blocks 0..-1, ", "full fine-tuning: ")
+        if self.out:
+            summary += f"\nwrote {self.out}" + (f" and {self.figure}" if self.figure else "")
+        return table + summary
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_dict(), "paths": {"plan": str(self.out), "figure": str(self.figure)}}
+
+
+def mean_length(task_data: TaskData) -> int:
+    return max(2, int(round(float(np.mean([len(d["input_ids"]) for d in task_data.data])))))
+
+
+def run_plan(loaded: Loaded, trace_result: Trace, policy: str = "knee", estimator: str = "transition",
+             cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
+             seed: int = 0, per_datum: bool = False) -> Plan:
+    gains = estimate_gains(trace_result.mean, estimator)
+    profile = profile_cost(loaded.model.model, cost_batch, cost_seq or mean_length(loaded.data),
+                           lora_rank=lora_rank if lora else None)
+    costs = boundary_costs(profile)
+    info = {**data_info(loaded.data), "trace_sample": trace_result.n_data}
+    return make_plan(trace_result, gains, costs, policy, model_info(loaded.model), info, seed=seed, per_datum=per_datum)
+
+
+def plan(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
+         limit: int | None = None, seed: int = 0, lens: str | None = None, sample_size: int = 256,
+         trace_batch_size: int = 8, pooling: str = "auto", policy: str = "knee", estimator: str = "transition",
+         cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
+         trace_file: str | None = None, figure: str | None = None, no_progress: bool = False, **_: Any) -> PlanResult:
+    from salf.figures import plot_plan
+
+    loaded = load(model, data, task, label_mode, max_length, limit, seed)
+    t0 = time.perf_counter()
+    if trace_file:
+        import json
+
+        stored = json.loads(Path(trace_file).read_text())
+        if stored.get("data", {}).get("fingerprint") not in (None, loaded.data.fingerprint):
+            raise SalfError(f"{trace_file} was traced on other data", "trace again, or pass the data it was traced on")
+        trace_result = Trace.from_dict(stored)
+    else:
+        trace_result = run_trace(loaded, lens, sample_size, trace_batch_size, pooling, seed, not no_progress)
+    t1 = time.perf_counter()
+    result = run_plan(loaded, trace_result, policy, estimator, cost_seq, cost_batch, lora, lora_rank, seed)
+    t2 = time.perf_counter()
+    out_path = result.save(out)
+    fig_path = plot_plan(result, figure or Path(out).with_suffix(".png"))
+    return PlanResult(result, out_path, fig_path, t1 - t0, t2 - t1)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    out: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def render(self) -> str:
+        m = self.metrics
+        keys = ["boundary", "steps", "train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "train_seconds",
+                "step_seconds_median", "train_flops", "trainable_params", "total_params", "peak_rss_bytes"]
+        rows = [[k, m[k]] for k in keys if k in m]
+        return render_table(["metric", "value"], rows, f"training run -> {self.out}")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.metrics
+
+
+def train(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
+          limit: int | None = None, seed: int = 0, eval_data: str | None = None, eval_fraction: float = 0.1,
+          plan: str | None = None, max_steps: int | None = None, epochs: float = 1.0, batch_size: int = 8,
+          lr: float = 5e-5, head_lr: float | None = None, lora: bool = False, lora_rank: int = 8,
+          gradient_checkpointing: bool = False, eval_steps: int | None = None, save_steps: int = 200,
+          resume: bool = False, overwrite: bool = False, bf16: bool = False, no_progress: bool = False,
+          **_: Any) -> TrainResult:
+    loaded = load(model, data, task, label_mode, max_length, limit, seed)
+    train_data, held_out = (loaded.data, None) if eval_data else split_holdout(loaded.data, eval_fraction, seed)
+    if eval_data:
+        held_out = load_task_data(eval_data, loaded.model.tokenizer,
+                                  DataConfig(task=task, label_mode=label_mode, max_length=max_length, seed=seed),
+                                  label_names=loaded.data.label_names if loaded.data.task == "classification" else None)
+    plan_obj = Plan.load(plan) if plan else None
+    if plan_obj is not None:
+        plan_obj.check_model(model_fingerprint(loaded.model.model))
+    config = TrainConfig(max_steps=max_steps, epochs=epochs, batch_size=batch_size, learning_rate=lr,
+                         head_learning_rate=head_lr, lora=lora, lora_rank=lora_rank,
+                         gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps,
+                         resume=resume, overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress)
+    metrics = run_training(loaded.model.model, loaded.model.tokenizer, train_data.data, held_out.data,
+                           plan_obj.freeze_spec() if plan_obj else None, config, out,
+                           plan_dict=plan_obj.to_dict() if plan_obj else None, task=loaded.data.task)
+    return TrainResult(metrics, Path(out))

@@ -1,0 +1,599 @@
+"""The transition trace: how far each latent space of a model is from the task's labels.
+
+One no-grad forward pass over a sample of the task data. Hooks on the transformer blocks see every
+latent state h_0 (the input of block 0, after the embeddings and any embedding scaling) and h_l (the
+output of block l-1) as it is produced; each hook hands it to a *lens*, which immediately reduces it
+to what it needs (the target positions, or one pooled vector per datum) so no batch's hidden states
+are ever kept. The lens then turns what it read into a deviation d_{i,l} for every datum i and
+latent space l = 0..L (METHOD.md section 1).
+
+Lenses live in ``LENSES`` by name:
+- ``logit-lens``: cross-entropy of the model's own head read at every depth (default for LMs);
+- ``basis-cosine``: 1 - cosine between the normed latent state and the head row of the target token;
+- ``probe``: held-out cross-entropy of a linear probe per layer (default for class labels).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize
+from scipy.special import log_softmax
+from torch import nn
+from tqdm.auto import tqdm
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # optional: without it the probe fits are only slower
+    threadpool_limits = None
+
+from salf.arch import ModelParts, find_parts
+from salf.batch import IGNORE_INDEX, collate
+from salf.errors import SalfError
+from salf.registry import Registry
+
+LENSES: Registry[type[Lens]] = Registry("lens")
+
+TOKEN_LABELS = "tokens"
+CLASS_LABELS = "classes"
+_LABEL_WORDS = {
+    TOKEN_LABELS: "token labels (lists aligned with input_ids)",
+    CLASS_LABELS: "class labels (one int)",
+}
+
+# Upper bound on the elements of one [tokens, vocab chunk] logit block: keeps the lens's own memory
+# small (64 MiB in float32) whatever the batch size and sequence length.
+_MAX_LOGIT_ELEMENTS = 1 << 24
+
+
+def _first_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return hidden[:, 0]
+
+
+def _last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # collate right-pads, so the last real token sits at length - 1.
+    last = mask.sum(dim=1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _mean_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "first": _first_token,
+    "last": _last_token,
+    "mean": _mean_tokens,
+}
+
+
+@dataclass
+class TraceConfig:
+    """How to trace a model: which lens, how much data, and the probe's settings."""
+
+    lens: str | None = None
+    """Lens name from ``LENSES``; None picks one from the labels and the model (see ``choose_lens``)."""
+    sample_size: int = 256
+    """At most this many data are traced; a larger dataset is sampled without replacement by ``seed``."""
+    batch_size: int = 8
+    """Data per forward pass."""
+    seed: int = 0
+    """Seed of the data sample and of the probe's cross-fitting folds; same seed, same trace."""
+    vocab_chunk: int = 8192
+    """Vocabulary rows projected at a time by the token lenses (streaming logsumexp over chunks)."""
+    pooling: str = "auto"
+    """Probe input per datum: 'first' token, 'last' non-pad token, 'mean' of non-pad tokens, or 'auto'
+    (first for encoders, last for causal LMs: what a classification head of that model reads)."""
+    probe_folds: int = 5
+    """Cross-fitting folds of the probe: each datum's deviation comes from a probe fitted without it,
+    so 1/probe_folds of the sample is held out from each fit."""
+    probe_l2: float = 0.1
+    """Weight of the squared L2 norm of the probe weights, added to the mean training cross-entropy
+    (features are standardised per layer, so one value suits every layer). Weaker values let a probe
+    memorise a small sample and score held-out data worse than chance, which shows up as noise in
+    the trace."""
+    probe_max_iter: int = 100
+    """L-BFGS-B iterations per probe fit."""
+    show_progress: bool = True
+    """Show tqdm progress bars (with ETA) for the forward pass and the probe fits."""
+
+    def __post_init__(self) -> None:
+        if self.lens is not None:
+            LENSES.get(self.lens)
+        for name in ("sample_size", "batch_size", "vocab_chunk", "probe_max_iter"):
+            if getattr(self, name) < 1:
+                raise SalfError(
+                    f"trace {name} must be at least 1, got {getattr(self, name)}", f"set {name} >= 1"
+                )
+        if self.pooling != "auto" and self.pooling not in POOLERS:
+            raise SalfError(
+                f"unknown pooling {self.pooling!r}", f"choose one of: auto, {', '.join(sorted(POOLERS))}"
+            )
+        if self.probe_folds < 2:
+            raise SalfError(f"probe_folds must be at least 2, got {self.probe_folds}", "set probe_folds >= 2")
+        if not self.probe_l2 >= 0:
+            raise SalfError(
+                f"probe_l2 must be >= 0, got {self.probe_l2}", "set probe_l2 to 0 or a small positive value"
+            )
+
+
+@dataclass
+class Trace:
+    """Deviation of every traced datum at every latent space l = 0..L."""
+
+    lens: str
+    """The lens that read the latent spaces."""
+    pooling: str
+    """How each datum was read: a ``POOLERS`` name for the probe, 'targets' for the token lenses."""
+    num_layers: int
+    """L, the number of transformer blocks; there are L + 1 latent spaces."""
+    per_datum: np.ndarray
+    """[N, L+1] deviation d_{i,l}; row i belongs to ``indices[i]`` of the data given to ``trace_model``."""
+    indices: np.ndarray
+    """[N] positions of the traced data in the data given to ``trace_model`` (ascending)."""
+    n_tokens: int
+    """Non-pad tokens run through the model."""
+    seconds: float
+    """Wall time of tracing (forward pass and probe fits)."""
+    mean: np.ndarray = field(init=False)
+    """[L+1] the trace D_l: mean deviation over data."""
+    std: np.ndarray = field(init=False)
+    """[L+1] spread of the deviation across data."""
+    n_data: int = field(init=False)
+    """N, the number of traced data."""
+
+    def __post_init__(self) -> None:
+        self.per_datum = np.asarray(self.per_datum, dtype=np.float64)
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        if self.per_datum.ndim != 2 or self.per_datum.shape[1] != self.num_layers + 1:
+            raise ValueError(f"per_datum must be [N, {self.num_layers + 1}], got {self.per_datum.shape}")
+        if self.indices.shape != (self.per_datum.shape[0],):
+            raise ValueError(f"indices must have one entry per datum, got {self.indices.shape}")
+        self.mean = self.per_datum.mean(axis=0)
+        self.std = self.per_datum.std(axis=0)
+        self.n_data = int(self.per_datum.shape[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lens": self.lens,
+            "pooling": self.pooling,
+            "num_layers": self.num_layers,
+            "n_data": self.n_data,
+            "n_tokens": self.n_tokens,
+            "seconds": self.seconds,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "indices": self.indices.tolist(),
+            "per_datum": self.per_datum.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Trace:
+        # mean, std and n_data are derived from per_datum, so they are recomputed rather than read.
+        return cls(
+            lens=d["lens"],
+            pooling=d["pooling"],
+            num_layers=int(d["num_layers"]),
+            per_datum=np.asarray(d["per_datum"], dtype=np.float64).reshape(-1, int(d["num_layers"]) + 1),
+            indices=np.asarray(d["indices"], dtype=np.int64),
+            n_tokens=int(d["n_tokens"]),
+            seconds=float(d["seconds"]),
+        )
+
+
+class Lens(abc.ABC):
+    """Reads each latent state as it is produced and turns what it read into per-datum deviations.
+
+    A lens is built once per trace from the model parts, the config and the sample; then, for every
+    batch, ``begin_batch`` is called with the sample rows of the batch, and ``read`` once per latent
+    space (l = 0..L) with that batch's hidden states [B, T, H]. ``result`` returns [N, L+1].
+    """
+
+    label_kind: str = TOKEN_LABELS
+    """Which labels the lens reads: TOKEN_LABELS (lists aligned with input_ids) or CLASS_LABELS (ints)."""
+    needs_head: bool = True
+    """Whether the lens reads the model's vocabulary head (and so needs a causal LM with one)."""
+    pooling: str = "targets"
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        self.parts = parts
+        self.config = config
+        self.n_data = len(sample)
+        self.num_latents = parts.num_layers + 1
+
+    @abc.abstractmethod
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None: ...
+
+    @abc.abstractmethod
+    def read(self, layer: int, hidden: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def result(self) -> np.ndarray: ...
+
+
+class TargetLens(Lens):
+    """A token lens: averages a per-token deviation over the target positions of each datum.
+
+    Position t is a target when labels[t+1] is not -100 (the Hugging Face shift: position t predicts
+    token t+1), so at l = L a lens that scores the model's own head reproduces the model's loss.
+    """
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        super().__init__(parts, config, sample)
+        head = parts.output_head()
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise SalfError(
+                f"{type(parts.model).__name__} has no vocabulary head with a weight matrix to read latent states with",
+                "use lens 'probe' (class labels) or load the model with its language-model head",
+            )
+        self.weight = weight
+        self.bias = getattr(head, "bias", None)
+        self.norm = parts.norm if parts.norm is not None else nn.Identity()
+        # Accumulated on the CPU in float64: one small transfer per layer and batch, exact sums.
+        self.sums = torch.zeros(self.n_data, self.num_latents, dtype=torch.float64)
+        self.counts = torch.zeros(self.n_data, dtype=torch.float64)
+
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        targets = batch["labels"][:, 1:]
+        b, t = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        self._b, self._t, self._y = b, t, targets[b, t]
+        self._owner = rows[b.cpu()]
+        self.counts.index_add_(0, self._owner, torch.ones(len(self._owner), dtype=torch.float64))
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        # A model split over devices hands each layer's states over on that layer's device; the head's
+        # device is where they are read (`.to` is free when everything is on one device).
+        rows, cols = self._b.to(hidden.device), self._t.to(hidden.device)
+        x = self.norm(hidden[rows, cols].to(self.weight.device))
+        deviation = self.token_deviation(x, self._y.to(self.weight.device))
+        self.sums[:, layer].index_add_(0, self._owner, deviation.detach().to("cpu", torch.float64))
+
+    @abc.abstractmethod
+    def token_deviation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[n] deviation of normed latent states x [n, H] from target tokens y [n]."""
+
+    def result(self) -> np.ndarray:
+        return (self.sums / self.counts.clamp(min=1).unsqueeze(1)).numpy()
+
+
+@LENSES.register("logit-lens")
+class LogitLens(TargetLens):
+    """d_{i,l} = mean over targets of CE(W . N(h_{i,l,t}), y_{i,t}): the model's loss read at depth l."""
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        super().__init__(parts, config, sample)
+        # Gemma 2 squashes its logits before the loss; without it the l = L deviation is not the loss.
+        self.softcap = getattr(parts.model.config, "final_logit_softcapping", None)
+
+    def token_deviation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(x, self.weight, self.bias, y, self.config.vocab_chunk, self.softcap)
+
+
+@LENSES.register("basis-cosine")
+class BasisCosineLens(TargetLens):
+    """d_{i,l} = mean over targets of 1 - cos(N(h_{i,l,t}), W[y_{i,t}]), in [0, 2]."""
+
+    def token_deviation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        basis = self.weight[y]
+        return 1.0 - F.cosine_similarity(x.float(), basis.float(), dim=-1, eps=1e-8)
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    vocab_chunk: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Per-row CE of logits ``x @ weight.T + bias`` against ``y`` without materialising all logits.
+
+    The vocabulary is projected ``vocab_chunk`` rows at a time (and the rows of x in pieces), keeping a
+    running logsumexp and picking each target's logit from the chunk that holds it.
+    """
+    rows = max(1, _MAX_LOGIT_ELEMENTS // vocab_chunk)
+    pieces = [
+        _chunked_ce_rows(x[s : s + rows], weight, bias, y[s : s + rows], vocab_chunk, softcap)
+        for s in range(0, x.shape[0], rows)
+    ]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, dtype=torch.float32)
+
+
+def _chunked_ce_rows(x, weight, bias, y, vocab_chunk, softcap) -> torch.Tensor:
+    n = x.shape[0]
+    lse = torch.full((n,), -math.inf, dtype=torch.float32, device=x.device)
+    target = torch.zeros(n, dtype=torch.float32, device=x.device)
+    for start in range(0, weight.shape[0], vocab_chunk):
+        stop = start + vocab_chunk
+        logits = F.linear(x, weight[start:stop], None if bias is None else bias[start:stop]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        inside = (y >= start) & (y < stop)
+        idx = inside.nonzero(as_tuple=True)[0]
+        target[idx] = logits[idx, y[idx] - start]
+    return lse - target
+
+
+@LENSES.register("probe")
+class ProbeLens(Lens):
+    """d_{i,l} = held-out CE of a linear probe on the pooled latent state of datum i at layer l.
+
+    The pooled vector is the one a classification head reads (``TraceConfig.pooling``). Probes are
+    multinomial logistic regressions with L2, fitted by L-BFGS-B on standardised features, cross-fitted
+    over ``probe_folds`` stratified folds so that every datum is scored by a probe that never saw it.
+    """
+
+    label_kind = CLASS_LABELS
+    needs_head = False
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        super().__init__(parts, config, sample)
+        classes, self.labels = np.unique([int(d["labels"]) for d in sample], return_inverse=True)
+        self.num_classes = len(classes)
+        _check_probe_data(self.labels, self.num_classes, config.probe_folds)
+        default = "first" if parts.encoder else "last"
+        self.pooling = default if config.pooling == "auto" else config.pooling
+        self._pool = POOLERS[self.pooling]
+        self.features: np.ndarray | None = None  # [N, L+1, H], allocated at the first read
+
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self._rows = rows
+        self._mask = batch["attention_mask"]
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        pooled = self._pool(hidden, self._mask.to(hidden.device)).detach().to("cpu", torch.float32).numpy()
+        if self.features is None:
+            self.features = np.zeros((self.n_data, self.num_latents, pooled.shape[-1]), dtype=np.float32)
+        self.features[self._rows.numpy(), layer] = pooled
+
+    def result(self) -> np.ndarray:
+        assert self.features is not None, "result() before any batch was read"
+        folds = stratified_folds(self.labels, self.config.probe_folds, self.config.seed)
+        out = np.empty((self.n_data, self.num_latents))
+        layers = tqdm(
+            range(self.num_latents), desc="probe", unit="layer", disable=not self.config.show_progress
+        )
+        with _one_blas_thread():
+            for layer in layers:
+                x = self.features[:, layer].astype(np.float64)
+                out[:, layer] = cross_fitted_probe_loss(x, self.labels, self.num_classes, folds, self.config)
+        return out
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    # Probe-sized problems (hundreds of data) are 4-10x faster on one BLAS thread: waking a thread pool
+    # for every small matrix product inside L-BFGS-B costs more than the product.
+    return threadpool_limits(limits=1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
+
+
+def _check_probe_data(labels: np.ndarray, num_classes: int, folds: int) -> None:
+    if num_classes < 2:
+        raise SalfError(
+            f"the probe lens needs at least 2 classes in the traced data, found {num_classes}",
+            "trace data with more than one label (a larger sample_size, or a shuffled dataset)",
+        )
+    need = 2 * folds
+    if len(labels) < need:
+        raise SalfError(
+            f"the probe lens with {folds} folds needs at least {need} data, got {len(labels)}",
+            "give more data (and sample_size), or lower probe_folds",
+        )
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint index sets covering every datum, each holding about 1/k of every class."""
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        # Continue the round-robin across classes so small classes do not all land in fold 0.
+        fold_of[members] = (np.arange(len(members)) + offset) % k
+        offset += len(members)
+    return [np.flatnonzero(fold_of == f) for f in range(k) if np.any(fold_of == f)]
+
+
+def cross_fitted_probe_loss(
+    x: np.ndarray, y: np.ndarray, num_classes: int, folds: list[np.ndarray], config: TraceConfig
+) -> np.ndarray:
+    """[N] held-out CE of each datum under a probe fitted on the other folds."""
+    out = np.empty(x.shape[0])
+    for held in folds:
+        train = np.setdiff1d(np.arange(x.shape[0]), held)
+        mean = x[train].mean(axis=0)
+        scale = x[train].std(axis=0)
+        # Constant features (e.g. the first token before any block) carry nothing: leave them at 0.
+        scale = np.where(scale > 1e-8, scale, 1.0)
+        w, b = fit_probe((x[train] - mean) / scale, y[train], num_classes, config)
+        logp = log_softmax(((x[held] - mean) / scale) @ w + b, axis=1)
+        out[held] = -logp[np.arange(len(held)), y[held]]
+    return out
+
+
+def fit_probe(
+    x: np.ndarray, y: np.ndarray, num_classes: int, config: TraceConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression with L2 by L-BFGS-B from zeros: deterministic for given data.
+
+    Plain numpy with an analytic gradient: on probe-sized problems autograd's per-call overhead
+    costs more than the arithmetic.
+    """
+    n, h = x.shape
+    onehot = np.eye(num_classes)[y]
+    split = h * num_classes
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:split].reshape(h, num_classes), theta[split:]
+        logp = log_softmax(x @ w + b, axis=1)
+        loss = -(onehot * logp).sum() / n + config.probe_l2 * (w * w).sum()
+        g = (np.exp(logp) - onehot) / n
+        return loss, np.concatenate([(x.T @ g + 2 * config.probe_l2 * w).ravel(), g.sum(axis=0)])
+
+    theta0 = np.zeros(split + num_classes)
+    fitted = minimize(
+        loss_and_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": config.probe_max_iter}
+    )
+    return fitted.x[:split].reshape(h, num_classes), fitted.x[split:]
+
+
+def label_kind(data: Sequence[dict]) -> str:
+    """CLASS_LABELS when every datum's label is one int, TOKEN_LABELS when every one is a list."""
+    if not data:
+        raise SalfError("no data to trace", "give at least one tokenized datum")
+    try:
+        kinds = {CLASS_LABELS if _is_class_label(d["labels"]) else TOKEN_LABELS for d in data}
+    except (KeyError, TypeError):
+        raise SalfError(
+            "a datum lacks 'input_ids' or 'labels'", "tokenize the data with salf.data (see salf/batch.py)"
+        ) from None
+    if len(kinds) > 1:
+        raise SalfError(
+            "the data mix class labels (ints) and token labels (lists)", "trace one task's data at a time"
+        )
+    return kinds.pop()
+
+
+def _is_class_label(labels: Any) -> bool:
+    return isinstance(labels, (int, np.integer)) and not isinstance(labels, bool)
+
+
+def choose_lens(parts: ModelParts, kind: str, requested: str | None) -> str:
+    """The lens to trace with: the requested one if it fits the labels and model, else the default."""
+    if requested is None:
+        requested = "probe" if kind == CLASS_LABELS else "logit-lens"
+        fix = "give token labels with a causal LM that has its language-model head, or class labels"
+    else:
+        fix = "use lens 'probe' with class labels" if kind == CLASS_LABELS else "use lens 'logit-lens'"
+    lens = LENSES.get(requested)
+    if lens.label_kind != kind:
+        raise SalfError(
+            f"lens {requested!r} reads {_LABEL_WORDS[lens.label_kind]}, but the data have {_LABEL_WORDS[kind]}",
+            fix,
+        )
+    if lens.needs_head and (parts.encoder or parts.output_head() is None):
+        raise SalfError(
+            f"lens {requested!r} reads next-token predictions, but {type(parts.model).__name__} has no "
+            "causal language-model head",
+            "use lens 'probe' with class labels (a classification task)",
+        )
+    return requested
+
+
+def _has_target(datum: dict) -> bool:
+    return any(label != IGNORE_INDEX for label in datum["labels"][1:])
+
+
+def sample_indices(data: Sequence[dict], kind: str, config: TraceConfig) -> np.ndarray:
+    """Ascending positions of the data to trace: all usable ones, or ``sample_size`` of them by seed."""
+    usable = (
+        np.arange(len(data))
+        if kind == CLASS_LABELS
+        else np.array([i for i, d in enumerate(data) if _has_target(d)])
+    )
+    if len(usable) == 0:
+        raise SalfError(
+            "no datum has a target token (every label after the first position is -100)",
+            "check the completion/label masking of the data",
+        )
+    if len(usable) > config.sample_size:
+        usable = np.sort(np.random.default_rng(config.seed).choice(usable, config.sample_size, replace=False))
+    return usable.astype(np.int64)
+
+
+def _batches(
+    sample: Sequence[dict], batch_size: int, pad_token_id: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    # Longest first, so batches hold similar lengths (little padding) and memory peaks at the start.
+    order = sorted(range(len(sample)), key=lambda i: -len(sample[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([sample[i] for i in rows], pad_token_id)
+        yield torch.as_tensor(rows), {k: v.to(device) for k, v in batch.items()}
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def _latent_hooks(parts: ModelParts, lens: Lens) -> Iterator[None]:
+    """Feed h_0 (input of block 0) and h_l (output of block l-1) to the lens; removed on exit."""
+
+    def read_input(module, args, kwargs):
+        lens.read(0, args[0] if args else kwargs["hidden_states"])
+
+    def reader(layer: int):
+        return lambda module, args, output: lens.read(layer, _first(output))
+
+    handles = [parts.blocks[0].register_forward_pre_hook(read_input, with_kwargs=True)]
+    try:
+        for j, block in enumerate(parts.blocks):
+            handles.append(block.register_forward_hook(reader(j + 1)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _forward_kwargs(base: nn.Module) -> dict[str, Any]:
+    # No KV cache: one pass, nothing to reuse, and the cache would hold every layer's keys/values.
+    return {"use_cache": False} if "use_cache" in inspect.signature(base.forward).parameters else {}
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def trace_model(model: nn.Module, data: Sequence[dict], config: TraceConfig, pad_token_id: int) -> Trace:
+    """Trace ``model`` over (a seeded sample of) ``data``: one no-grad pass, then the lens's deviations."""
+    started = time.perf_counter()
+    parts = find_parts(model)
+    kind = label_kind(data)
+    lens_name = choose_lens(parts, kind, config.lens)
+    indices = sample_indices(data, kind, config)
+    sample = [data[i] for i in indices]
+    lens = LENSES.get(lens_name)(parts, config, sample)
+    # The base model runs the blocks without the head, so no [tokens, vocab] logits are ever built.
+    base = getattr(model, "base_model", model)
+    extra = _forward_kwargs(base)
+    device = _device(model)
+    bar = tqdm(total=len(sample), desc=f"trace ({lens_name})", unit="datum", disable=not config.show_progress)
+    with bar, _eval_mode(model), torch.no_grad(), _latent_hooks(parts, lens):
+        for rows, batch in _batches(sample, config.batch_size, pad_token_id, device):
+            lens.begin_batch(rows, batch)
+            base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+            bar.update(len(rows))
+    per_datum = lens.result()
+    return Trace(
+        lens=lens_name,
+        pooling=lens.pooling,
+        num_layers=parts.num_layers,
+        per_datum=per_datum,
+        indices=indices,
+        n_tokens=sum(len(d["input_ids"]) for d in sample),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from salf.errors import SalfError
+from salf.plan import POLICIES, Plan, benefit_curve, choose_boundary, parse_policy
+
+L = 8
+LINEAR_COST = np.linspace(1.0, 0.35, L + 1)  # full fine-tuning .. head only
+
+
+def test_benefit_curve_is_tail_share():
+    b = benefit_curve(np.array([1.0, 1.0, 2.0]))
+    assert np.allclose(b, [1.0, 0.75, 0.5, 0.0])
+
+
+def test_flat_gains_mean_uniform_benefit():
+    assert np.allclose(benefit_curve(np.zeros(4)), [1, 0.75, 0.5, 0.25, 0])
+
+
+def test_knee_trains_where_the_gain_is():
+    gains = np.array([0, 0, 0, 0, 0, 1, 1, 1], dtype=float)
+    assert choose_boundary(gains, LINEAR_COST, "knee") == 5
+    gains = np.array([1, 1, 1, 0, 0, 0, 0, 0], dtype=float)
+    assert choose_boundary(gains, LINEAR_COST, "knee") == 0
+
+
+def test_knee_flat_trace_is_full_finetuning():
+    assert choose_boundary(np.ones(L), LINEAR_COST, "knee") == 0
+
+
+def test_budget_respects_cost_and_picks_most_benefit():
+    gains = np.arange(1, L + 1, dtype=float)
+    for c in (0.4, 0.6, 0.8, 1.0):
+        k = choose_boundary(gains, LINEAR_COST, f"budget={c}")
+        assert LINEAR_COST[k] <= c + 1e-12
+        assert k == min(j for j in range(L + 1) if LINEAR_COST[j] <= c + 1e-12)
+
+
+def test_coverage_is_cheapest_with_enough_gain():
+    gains = np.ones(L)
+    assert choose_boundary(gains, LINEAR_COST, "coverage=0.5") == 4
+    assert choose_boundary(gains, LINEAR_COST, "coverage=1") == 0
+
+
+@pytest.mark.parametrize("bad", ["budget=0", "budget=1.5", "coverage=-0.1", "budget", "coverage=nan", "budget=abc"])
+def test_out_of_range_values_are_clear_errors(bad):
+    with pytest.raises(SalfError) as err:
+        choose_boundary(np.ones(L), LINEAR_COST, bad)
+    assert "budget" in str(err.value) or "coverage" in str(err.value)
+
+
+def test_budget_below_forward_cost_says_the_minimum():
+    with pytest.raises(SalfError, match="cheapest plan"):
+        choose_boundary(np.ones(L), LINEAR_COST, "budget=0.1")
+
+
+def test_unknown_policy_lists_known_ones():
+    with pytest.raises(SalfError) as err:
+        parse_policy("elbow")
+    for name in POLICIES.names():
+        assert name in str(err.value)
+
+
+def test_baselines():
+    assert choose_boundary(np.ones(L), LINEAR_COST, "full") == 0
+    assert choose_boundary(np.ones(L), LINEAR_COST, "freeze-first-half") == 4
+    assert choose_boundary(np.ones(L), LINEAR_COST, "train-last-quarter") == 6
+    ks = {choose_boundary(np.ones(L), LINEAR_COST, "random", seed=s) for s in range(20)}
+    assert ks <= set(range(1, L)) and len(ks) > 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 10, allow_nan=False), min_size=2, max_size=12), st.sampled_from(["knee", "budget=0.7", "coverage=0.8"]))
+def test_every_policy_returns_a_valid_boundary(gains, policy):
+    n = len(gains)
+    cost = np.linspace(1.0, 0.3, n + 1)
+    k = choose_boundary(np.array(gains), cost, policy)
+    assert 0 <= k <= n
+
+
+def _plan(**over):
+    d = dict(boundary=2, num_layers=4, trainable={"blocks": [2, 3], "embeddings": False, "norm": True, "head": True},
+             trace=[3, 2, 1.5, 1.2, 1.1], trace_std=[0.1] * 5, gains=[1, 0.5, 0.3, 0.1],
+             fit={"e_inf": 1.0, "a": 2.0, "alpha": 1.0, "r2": 0.9}, lens="logit-lens", estimator="transition",
+             policy="knee", benefit=[1, 0.6, 0.3, 0.1, 0], cost=[1, 0.8, 0.6, 0.45, 0.35],
+             predicted={"step_flops_ratio": 0.6}, model={"model_type": "llama", "num_layers": 4, "fingerprint": "abc"},
+             data={"fingerprint": "d"})
+    d.update(over)
+    return d
+
+
+def test_plan_round_trips_through_file(tmp_path):
+    plan = Plan.from_dict(_plan())
+    path = plan.save(tmp_path / "plan.json")
+    again = Plan.load(path)
+    assert again.to_dict() == plan.to_dict()
+    spec = again.freeze_spec()
+    assert spec.trainable_blocks == (2, 3) and not spec.embeddings
+
+
+def test_plan_for_another_model_is_refused():
+    plan = Plan.from_dict(_plan())
+    with pytest.raises(SalfError, match="another model"):
+        plan.check_model({"model_type": "llama", "num_layers": 6, "fingerprint": "abc"})
+    plan.check_model({"model_type": "llama", "num_layers": 4, "fingerprint": "abc"})
+
+
+@pytest.mark.parametrize("broken", ["[]", "{}", "{\"boundary\": 9, \"num_layers\": 4, \"trainable\": {}, \"trace\": [], \"gains\": []}", "not json"])
+def test_damaged_plan_files_are_clear_errors(tmp_path, broken):
+    path = tmp_path / "plan.json"
+    path.write_text(broken)
+    with pytest.raises(SalfError):
+        Plan.load(path)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.sampled_from(list(_plan()) + ["junk"]), st.one_of(st.integers(-3, 10), st.text(max_size=3), st.lists(st.floats(allow_nan=False), max_size=6))))
+def test_plan_parser_never_crashes_unexpectedly(partial):
+    d = {**_plan(), **partial}
+    try:
+        Plan.from_dict(json.loads(json.dumps(d)))
+    except SalfError:
+        pass
