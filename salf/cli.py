@@ -8,13 +8,23 @@ message and a non-zero exit code (the traceback only with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from salf import __version__
 from salf.errors import SalfError
+
+# Subcommand -> the library function that does the work (keyword arguments = the flags' dests).
+HANDLERS = {
+    "trace": "salf.pipeline:trace",
+    "plan": "salf.pipeline:plan",
+    "train": "salf.pipeline:train",
+    "demo": "salf.demo:demo",
+}
 
 EXAMPLES = {
     "trace": "salf trace --model gpt2 --data train.jsonl --out trace.json",
@@ -123,10 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
 
-    from salf import commands
-
-    for name in commands.EXTRA_COMMANDS:
-        commands.EXTRA_COMMANDS[name].add_arguments(add(name, commands.EXTRA_COMMANDS[name].help))
     return parser
 
 
@@ -142,11 +148,13 @@ def _print_result(result: Any, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from salf import commands
-
-    handler: Callable[[argparse.Namespace], Any] = commands.handler(args.command)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    module, _, function = HANDLERS[args.command].partition(":")
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "json")}
     try:
-        result = handler(args)
+        # Imported here so `salf --help` answers without loading torch and transformers.
+        handler: Callable[..., Any] = getattr(importlib.import_module(module), function)
+        result = handler(**options)
     except SalfError as e:
         if args.debug:
             raise
