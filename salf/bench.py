@@ -1,0 +1,1212 @@
+"""``salf bench``: does the plan land on the oracle's cost-quality frontier? (METHOD.md, "How we know it works")
+
+A **suite** (JSON under ``bench/``) is a list of tasks; a task is a model, data, a training recipe and
+seeds. For every task and seed the benchmark runs
+
+1. the **oracle sweep**: one fine-tuning per boundary k = 0..L (embeddings frozen for k > 0), same data,
+   steps, recipe and seed; eval loss, accuracy and macro-F1 (classification) or exact match of greedy
+   generations (completion), measured train FLOPs, wall time, median step time and memory;
+2. **salf plans**: one trace per applicable lens, then every estimator x policy picks a boundary; the
+   profiling time (trace + cost profile + plan) is timed. A plan's quality is the oracle run at its
+   boundary: the same recipe, seed and data, so the run would be identical; nothing is retrained;
+3. **baselines** (``salf.bench_baselines.BASELINES``): depth-only policies, gradient-norm and
+   hidden-state variability give boundaries (reusing the oracle runs); LoRA and LISA get their own runs;
+4. optionally a **ceiling** (full fine-tuning for ``ceiling_steps``) and **equal-compute** runs (each
+   planned boundary trained for as many steps as fit in the full run's FLOPs).
+
+Everything lands in ``out_dir``: ``runs.json`` (every run and plan, rewritten atomically after each),
+``results.md`` (tables: oracle, plans and baselines with regret, predicted vs measured savings,
+profiling share, mean ± std over seeds), ``frontier.png`` and ``progress.log``. A finished run is
+never repeated: its key (task, seed, variant) and the task's recipe fingerprint are looked up in
+``runs.json`` on restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import gc
+import io
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from salf.bench_baselines import BASELINES, BaselineContext, BaselineSettings, TrainVariant
+from salf.errors import SalfError
+from salf.fileio import fingerprint, write_atomic, write_json
+from salf.freeze import FreezeSpec
+from salf.registry import Registry
+
+BENCH_FORMAT = 1
+POLICIES_DEFAULT = ("knee", "budget=0.5", "coverage=0.9")
+SUITE_DIRS = (Path("bench"), Path(__file__).resolve().parent.parent / "bench")
+"""Where suite names are looked up (``<dir>/<name>.json``): the working directory's ``bench/``, then the repo's."""
+FIXTURE_BUILD = "python -m salf.fixtures --out {dir} --minutes 40"
+
+QUALITY: dict[str, tuple[str, bool]] = {
+    "classification": ("eval_accuracy", True),
+    "completion": ("exact_match", True),
+    "lm": ("eval_loss", False),
+}
+"""The quality metric of each data task, and whether higher is better."""
+LOSS = ("eval_loss", False)
+
+
+# --------------------------------------------------------------------------------------------- suite
+
+
+@dataclass
+class BenchTask:
+    """One model on one dataset with one training recipe, repeated over ``seeds``."""
+
+    name: str
+    """Short unique name (used in keys and folder names)."""
+    model: str
+    """A model folder or hub id, 'minilm' (all-MiniLM-L6-v2), 'fixture:gpt-debian' (the pretrained
+    causal fixture, see ``salf.fixtures``) or 'tiny:<type>' (a tiny random model of ``salf.tiny``)."""
+    corpus: str | None = None
+    """A built-in corpus (``salf.corpora``); or give ``train_file`` and ``eval_file``."""
+    corpus_limit: int | None = None
+    """Rows of the corpus to build (train + eval), balanced over classes; None: all."""
+    train_file: str | None = None
+    eval_file: str | None = None
+    label_mode: str = "head"
+    """Classification by a head, or by label 'words' (completion data, for causal LMs)."""
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-4
+    """Learning rate of the pretrained blocks."""
+    head_lr: float | None = None
+    """Learning rate of the head (None: salf.train's default, larger for a fresh classification head)."""
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_length: int = 64
+    train_limit: int | None = None
+    """Training rows used at most (seeded subset); None: all."""
+    eval_limit: int | None = 500
+    """Evaluation rows used at most (seeded subset); None: all."""
+    em_limit: int = 200
+    """Completion tasks: evaluation rows whose greedy generations are checked for exact match."""
+    generation_batch: int = 32
+    trace_sample: int = 256
+    """Data traced by each lens."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data_seed: int = 0
+    """Seed of the corpus split and data subsets (the same for every training seed)."""
+    ceiling_steps: int | None = None
+    """Also run full fine-tuning for this many steps (the ceiling)."""
+    equal_compute: bool = False
+    """Also train every planned boundary for as many steps as fit in the full run's measured FLOPs."""
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/|\\ "):
+            raise SalfError(f"task name {self.name!r} must be non-empty, without spaces, '/', '|'",
+                            "use e.g. 'minilm-docstring-module'")
+        if (self.corpus is None) == (self.train_file is None):
+            raise SalfError(f"task {self.name}: give either a corpus or a train_file (not both)",
+                            "e.g. \"corpus\": \"docstring-module\"")
+        if self.train_file is not None and self.eval_file is None:
+            raise SalfError(f"task {self.name}: train_file needs an eval_file", "add \"eval_file\"")
+        for name in ("steps", "batch_size", "max_length", "em_limit", "generation_batch", "trace_sample"):
+            if getattr(self, name) < 1:
+                raise SalfError(f"task {self.name}: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("corpus_limit", "train_limit", "eval_limit", "ceiling_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SalfError(f"task {self.name}: {name} must be at least 1 (or null), got {value}")
+        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
+            raise SalfError(f"task {self.name}: learning rates must be positive")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise SalfError(f"task {self.name}: seeds must be a non-empty list without repeats, got {self.seeds}")
+        if isinstance(self.baselines, dict):
+            self.baselines = _construct(BaselineSettings, self.baselines, f"task {self.name} baselines")
+
+    def recipe_fingerprint(self) -> str:
+        """Hash of everything that changes a run's result (not the seed list or the ceiling/extras)."""
+        d = asdict(self)
+        for volatile in ("seeds", "ceiling_steps", "equal_compute"):
+            d.pop(volatile)
+        return fingerprint(d)
+
+
+@dataclass
+class BenchSuite:
+    """Tasks, and which lenses, estimators, policies and baselines to compare on them."""
+
+    name: str
+    tasks: list[BenchTask]
+    policies: list[str] = field(default_factory=lambda: list(POLICIES_DEFAULT))
+    estimators: list[str] | None = None
+    """None: every registered estimator."""
+    lenses: list[str] | None = None
+    """None: every registered lens that fits the task's labels and model."""
+    baselines: list[str] | None = None
+    """None: every registered baseline."""
+    threads: int | None = None
+    """torch CPU threads (None: leave torch's default)."""
+    keep_models: bool = False
+    """Keep each run's fine-tuned weights (off: only metrics and history stay, to save disk)."""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        from salf.gain import ESTIMATORS
+        from salf.plan import parse_policy
+        from salf.trace import LENSES
+
+        self.tasks = [t if isinstance(t, BenchTask) else _construct(BenchTask, t, "task") for t in self.tasks]
+        if not self.tasks:
+            raise SalfError(f"suite {self.name!r} has no tasks", "add at least one task")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise SalfError(f"suite {self.name!r} repeats task names: {names}", "give every task its own name")
+        for policy in self.policies:
+            parse_policy(policy)
+        for registry, chosen in ((ESTIMATORS, self.estimators), (LENSES, self.lenses), (BASELINES, self.baselines)):
+            for name in chosen or ():
+                registry.get(name)
+        if self.threads is not None and self.threads < 1:
+            raise SalfError(f"threads must be at least 1, got {self.threads}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "suite") -> BenchSuite:
+        d = dict(d)
+        included = d.pop("include", [])
+        tasks = list(d.pop("tasks", []))
+        for other in included:
+            tasks += [asdict(t) for t in cls.load(other).tasks]
+        return _construct(cls, {**d, "tasks": tasks}, where)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> BenchSuite:
+        """A suite file, or a suite name looked up as ``bench/<name>.json``."""
+        path = Path(name_or_path)
+        if not path.is_file():
+            candidates = [d / f"{name_or_path}.json" for d in SUITE_DIRS]
+            found = [c for c in candidates if c.is_file()]
+            if not found:
+                known = sorted({p.stem for d in SUITE_DIRS if d.is_dir() for p in d.glob("*.json")})
+                raise SalfError(f"no benchmark suite {str(name_or_path)!r}",
+                                f"give a suite file, or one of: {', '.join(known) or '(none found in bench/)'}")
+            path = found[0]
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SalfError(f"suite {path} is not valid JSON (line {e.lineno}: {e.msg})", "fix the file") from None
+        raw.setdefault("name", path.stem)
+        return cls.from_dict(raw, str(path))
+
+    def with_seeds(self, seeds: Sequence[int]) -> BenchSuite:
+        return dataclasses.replace(self, tasks=[dataclasses.replace(t, seeds=list(seeds)) for t in self.tasks])
+
+
+def _construct(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise SalfError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise SalfError(f"{where}: unknown field(s) {', '.join(unknown)}", f"known fields: {', '.join(sorted(known))}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise SalfError(f"{where}: {e}", "check the suite file against salf.bench.BenchTask / BenchSuite") from None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-2' -> [0, 1, 2]."""
+    try:
+        if "-" in text.strip().lstrip("-"):
+            lo, hi = text.split("-", 1)
+            return list(range(int(lo), int(hi) + 1))
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SalfError(f"seeds {text!r} are not integers", "write e.g. --seeds 0,1,2 or --seeds 0-2") from None
+
+
+# --------------------------------------------------------------------------------------------- models and data
+
+ModelSource = Callable[[str, "PreparedTask"], str]
+MODEL_SOURCES: Registry[ModelSource] = Registry("model source")
+"""'<source>:<argument>' model names -> a local model folder ('minilm' takes no argument)."""
+
+
+def cache_dirs() -> list[Path]:
+    """Where cached fixtures are looked for: $SALF_CACHE, ./.salf-cache, the repo's .salf-cache."""
+    env = os.environ.get("SALF_CACHE")
+    dirs = [Path(env)] if env else []
+    return dirs + [Path(".salf-cache"), Path(__file__).resolve().parent.parent / ".salf-cache"]
+
+
+@MODEL_SOURCES.register("minilm")
+def _minilm(arg: str, prepared: PreparedTask) -> str:
+    from salf.models import minilm_path
+
+    return minilm_path()
+
+
+@MODEL_SOURCES.register("fixture")
+def _fixture(arg: str, prepared: PreparedTask) -> str:
+    for d in cache_dirs():
+        if (d / arg / "model" / "config.json").is_file():
+            return str((d / arg / "model").resolve())
+    where = cache_dirs()[-1] / arg
+    raise SalfError(f"the benchmark fixture {arg!r} is not built (looked in {', '.join(str(d) for d in cache_dirs())})",
+                    f"build it once (about 45 minutes, in the background): {FIXTURE_BUILD.format(dir=where)}")
+
+
+@MODEL_SOURCES.register("tiny")
+def _tiny(arg: str, prepared: PreparedTask) -> str:
+    """A tiny random model with a word-level tokenizer built from the task's training texts."""
+    from salf.data import records_from_file
+    from salf.models import tiny_tokenizer
+    from salf.tiny import TINY_CONFIGS, tiny_model
+
+    if arg not in TINY_CONFIGS:
+        raise SalfError(f"unknown tiny model type {arg!r}", f"choose one of: {', '.join(TINY_CONFIGS)}")
+    classify = prepared.data_task == "classification"
+    folder = prepared.out_dir / "models" / f"tiny-{arg}-{prepared.task.name}"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    rows = records_from_file(prepared.train_file)
+    texts = [str(r.get("text", "")) + " " + str(r.get("prompt", "")) + str(r.get("completion", "")) for r in rows]
+    tokenizer = tiny_tokenizer(texts)
+    if classify:
+        labels = sorted({str(r["label"]) for r in rows})
+        model = tiny_model(arg, "classification", num_labels=len(labels), id2label=dict(enumerate(labels)),
+                           label2id={n: i for i, n in enumerate(labels)})
+    elif arg == "bert":
+        raise SalfError("tiny:bert is an encoder and cannot do completion tasks", "use tiny:gpt2 or tiny:llama")
+    else:
+        model = tiny_model(arg, "causal-lm")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+    return str(folder)
+
+
+@dataclass
+class PreparedTask:
+    """A task with its data files on disk and its model resolved to a folder."""
+
+    task: BenchTask
+    out_dir: Path
+    train_file: Path
+    eval_file: Path
+    data_task: str
+    """'classification', 'completion' or 'lm', as the training file will be read."""
+    model_path: str = ""
+    num_layers: int = 0
+    encoder: bool = False
+
+    @classmethod
+    def prepare(cls, task: BenchTask, out_dir: Path) -> PreparedTask:
+        from transformers import AutoConfig
+
+        from salf.arch import ARCHITECTURES
+        from salf.data import DataConfig, detect_task, records_from_file
+
+        train_file, eval_file = _data_files(task, out_dir)
+        first = records_from_file(train_file)[0]
+        data_task = detect_task(list(first), DataConfig(label_mode=task.label_mode))
+        if task.label_mode == "words" and data_task == "classification":
+            data_task = "completion"
+        prepared = cls(task, out_dir, train_file, eval_file, data_task)
+        source, sep, arg = task.model.partition(":")
+        if source in MODEL_SOURCES and (sep or source == "minilm"):
+            prepared.model_path = MODEL_SOURCES.get(source)(arg, prepared)
+        else:
+            prepared.model_path = task.model
+        config = AutoConfig.from_pretrained(prepared.model_path)
+        prepared.num_layers = int(config.num_hidden_layers)
+        spec = ARCHITECTURES.get(config.model_type)
+        prepared.encoder = bool(spec and spec.encoder)
+        return prepared
+
+    def lenses(self, chosen: list[str] | None) -> list[str]:
+        """The lenses that can read this task's labels with this model."""
+        from salf.trace import CLASS_LABELS, LENSES, TOKEN_LABELS
+
+        kind = CLASS_LABELS if self.data_task == "classification" else TOKEN_LABELS
+        fits = []
+        for name in chosen or LENSES.names():
+            lens = LENSES.get(name)
+            if lens.label_kind == kind and not (lens.needs_head and self.encoder):
+                fits.append(name)
+        return fits
+
+
+def _data_files(task: BenchTask, out_dir: Path) -> tuple[Path, Path]:
+    if task.corpus is None:
+        files = (Path(task.train_file), Path(task.eval_file))
+        for f in files:
+            if not f.is_file():
+                raise SalfError(f"task {task.name}: data file {f} not found", "fix the path in the suite file")
+        return files
+    from salf.corpora import build_corpus
+
+    key = task.corpus.replace("_", "-")
+    folder = out_dir / "data" / f"{key}-n{task.corpus_limit or 'all'}-s{task.data_seed}"
+    train, held = folder / f"{key}-train.jsonl", folder / f"{key}-eval.jsonl"
+    if not (train.is_file() and held.is_file()):
+        built = build_corpus(key, folder, seed=task.data_seed, limit=task.corpus_limit)
+        train, held = built.train_path, built.eval_path
+    return train, held
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread while a run lasts.
+
+    The process's own peak (``ru_maxrss``) never comes down between runs, so it cannot tell runs apart;
+    this reports the peak during the run and its growth over the start. Freed memory the allocator
+    keeps makes later runs' growth an underestimate; the cost model's memory is the exact comparison.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self._process = psutil.Process()
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+@torch.no_grad()
+def exact_match(model: torch.nn.Module, tokenizer: Any, data: Sequence[dict], batch_size: int = 32) -> dict[str, Any]:
+    """Share of completion data whose greedy generation equals the completion (stripped strings).
+
+    The prompt is every token before the first target; generation runs (batched, left-padded) for as
+    many tokens as the completion has and stops at EOS; both token lists are cut at the first EOS and
+    decoded with special tokens kept (so an unknown-token target is matched only by an unknown token,
+    never by an empty string), then compared stripped.
+    """
+    from salf.batch import IGNORE_INDEX
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    items = []
+    for d in data:
+        targets = [t for t, label in enumerate(d["labels"]) if t > 0 and label != IGNORE_INDEX]
+        if targets:
+            start = targets[0]
+            items.append((d["input_ids"][:start], d["input_ids"][start:]))
+    if not items:
+        raise SalfError("no evaluation datum has a completion to generate", "check the completion data")
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    correct = 0
+    examples = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(items[i][0]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            prompt = items[i][0]
+            ids[r, width - len(prompt):] = torch.as_tensor(prompt)
+            mask[r, width - len(prompt):] = 1
+        new = max(len(items[i][1]) for i in rows)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                             min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
+        for r, i in enumerate(rows):
+            got = tokenizer.decode(_until(out[r, width : width + len(items[i][1])].tolist(), eos)).strip()
+            want = tokenizer.decode(_until(items[i][1], eos)).strip()
+            correct += got == want
+            if len(examples) < 5:
+                examples.append({"want": want, "got": got})
+    return {"exact_match": correct / len(items), "exact_match_n": len(items), "exact_match_examples": examples}
+
+
+def _until(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+
+
+# --------------------------------------------------------------------------------------------- run store
+
+
+class RunStore:
+    """``runs.json``: every finished run, plan and baseline decision, keyed by (task, seed, variant)."""
+
+    def __init__(self, path: Path, suite: BenchSuite, resume: bool):
+        self.path = path
+        self.suite = suite
+        self.records: dict[str, dict[str, Any]] = {}
+        if resume and path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raise SalfError(f"{path} is damaged (not JSON)", "move it away to start over, or rerun without resume") from None
+            self.records = {r["key"]: r for r in stored.get("runs", [])}
+
+    @staticmethod
+    def key(task: str, seed: int | None, variant: str) -> str:
+        return f"{task}|seed={seed}|{variant}" if seed is not None else f"{task}|{variant}"
+
+    def get(self, key: str, recipe: str) -> dict[str, Any] | None:
+        record = self.records.get(key)
+        return record if record is not None and record.get("recipe") == recipe else None
+
+    def add(self, *records: dict[str, Any]) -> None:
+        for record in records:
+            self.records[record["key"]] = record
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, {"format": BENCH_FORMAT, "suite": self.suite.name,
+                               "updated": _now(), "runs": list(self.records.values())})
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Progress:
+    """A tqdm bar over the work (weighted: a training step is 1) and one ``progress.log`` line per unit."""
+
+    def __init__(self, path: Path, total: float, show: bool):
+        from tqdm.auto import tqdm
+
+        self.path = path
+        self.total = total
+        self.done = 0.0
+        self.worked = 0.0
+        self.seconds = 0.0
+        self.bar = tqdm(total=round(total), desc="bench", unit="step", disable=not show)
+
+    def grow(self, weight: float) -> None:
+        self.total += weight
+        self.bar.total = round(self.total)
+        self.bar.refresh()
+
+    def finish(self, key: str, weight: float, seconds: float | None, status: str) -> None:
+        self.done += weight
+        if seconds is not None:
+            self.worked += weight
+            self.seconds += seconds
+        self.bar.update(round(self.done) - self.bar.n)
+        rate = self.seconds / self.worked if self.worked else float("nan")
+        eta = (self.total - self.done) * rate
+        line = (f"{_now()} [{self.done:.0f}/{self.total:.0f}] {status} {key}"
+                + (f" in {seconds:.1f}s" if seconds is not None else "")
+                + (f"; ETA {_duration(eta)}" if math.isfinite(eta) else ""))
+        self.bar.set_postfix_str(key[-40:])
+        with open(self.path, "a") as log:
+            log.write(line + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+# --------------------------------------------------------------------------------------------- one task
+
+
+class TaskBench:
+    """Runs every unit of one task for one seed at a time, loading the model and data only when needed."""
+
+    def __init__(self, prepared: PreparedTask, suite: BenchSuite, store: RunStore, progress: Progress):
+        self.p = prepared
+        self.t = prepared.task
+        self.suite = suite
+        self.store = store
+        self.progress = progress
+        self.recipe = self.t.recipe_fingerprint()
+        self.trained = 0
+        self.skipped = 0
+
+    # -- resources ----------------------------------------------------------------------------
+    @cached_property
+    def loaded(self):
+        from salf.pipeline import load
+
+        return load(self.p.model_path, str(self.p.train_file), label_mode=self.t.label_mode,
+                    max_length=self.t.max_length, limit=self.t.train_limit, seed=self.t.data_seed)
+
+    @cached_property
+    def eval_data(self):
+        from salf.data import DataConfig, load_task_data
+
+        data = self.loaded.data
+        names = data.label_names if data.label_names is not None else None
+        config = DataConfig(max_length=self.t.max_length, limit=self.t.eval_limit, seed=self.t.data_seed,
+                            label_mode=self.t.label_mode)
+        return load_task_data(self.p.eval_file, self.loaded.model.tokenizer, config, label_names=names)
+
+    @cached_property
+    def costs(self) -> dict[str, Any]:
+        """The cost model's step cost of every boundary, timed (it is part of every plan's profiling time)."""
+        from salf.cost import boundary_costs, profile_cost
+
+        model = self.fresh_model(0).model
+        seq = max(2, round(float(np.mean([len(d["input_ids"]) for d in self.loaded.data.data]))))
+        started = time.perf_counter()
+        per_k = boundary_costs(profile_cost(model, self.t.batch_size, seq))
+        seconds = time.perf_counter() - started
+        full = per_k[0].total
+        return {"step_costs": per_k, "ratio": np.array([c.total / full for c in per_k]), "seconds": seconds,
+                "seq_len": seq,
+                "memory_ratio": [c.memory_bytes / per_k[0].memory_bytes for c in per_k]}
+
+    def fresh_model(self, seed: int):
+        """The pretrained model again, with its fresh head drawn from ``seed`` (the same for every boundary)."""
+        from salf.models import load_model
+
+        data = self.loaded.data
+        torch.manual_seed(seed)
+        lm = load_model(self.p.model_path, data.task,
+                        label_names=data.label_names if data.task == "classification" else None)
+        # Eager attention: its matmuls are what FlopCounterMode counts on every backend (CPU sdpa counts 0).
+        if hasattr(lm.model, "set_attn_implementation"):
+            lm.model.set_attn_implementation("eager")
+        return lm
+
+    # -- units --------------------------------------------------------------------------------
+    def _unit(self, seed: int | None, variant: str, weight: float, make: Callable[[], dict[str, Any]]) -> dict:
+        key = RunStore.key(self.t.name, seed, variant)
+        found = self.store.get(key, self.recipe)
+        if found is not None:
+            self.skipped += 1
+            self.progress.finish(key, weight, None, "skip")
+            return found
+        started = time.perf_counter()
+        body = make()
+        seconds = time.perf_counter() - started
+        record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
+                  **body, "seconds": seconds, "finished": _now()}
+        self.store.add(record)
+        self.progress.finish(key, weight, seconds, body.get("status", "done"))
+        return record
+
+    def units_weight(self) -> float:
+        """Progress weight of the planned work of one seed (a training step weighs 1)."""
+        t, n = self.t, self.p.num_layers
+        runs = (n + 1) * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
+        profiling = len(self.p.lenses(self.suite.lenses)) * self._trace_weight() + len(self._baselines())
+        return runs + profiling + (t.ceiling_steps or 0)
+
+    def _trace_weight(self) -> float:
+        return max(1.0, self.t.trace_sample / (3 * self.t.batch_size))
+
+    def _baselines(self) -> list[str]:
+        return list(self.suite.baselines) if self.suite.baselines is not None else BASELINES.names()
+
+    def meta(self) -> dict:
+        def make() -> dict[str, Any]:
+            c, data = self.costs, self.loaded.data
+            return {"kind": "meta", "data_task": data.task, "num_layers": self.p.num_layers,
+                    "model_path": self.p.model_path, "model": self.t.model, "n_train": len(data.data),
+                    "n_eval": len(self.eval_data.data), "label_names": data.label_names,
+                    "train_file": str(self.p.train_file), "eval_file": str(self.p.eval_file),
+                    "predicted_step_flops_ratio": c["ratio"].tolist(), "predicted_memory_ratio": c["memory_ratio"],
+                    "cost_profile_seconds": c["seconds"],
+                    "cost_seq_len": c["seq_len"], "task_config": asdict(self.t)}
+
+        return self._unit(None, "meta", 0.0, make)
+
+    def run_seed(self, seed: int) -> None:
+        n = self.p.num_layers
+        self.meta()
+        oracle = {0: self._train(seed, "oracle/k=0", "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
+        plans = self._plans(seed)
+        baselines = self._run_baselines(seed)
+        for k in range(1, n + 1):
+            oracle[k] = self._train(seed, f"oracle/k={k}", "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
+        if self.t.ceiling_steps:
+            self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.t.ceiling_steps)
+        if self.t.equal_compute:
+            self._equal_compute(seed, oracle, [*plans, *baselines])
+
+    def _train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None = None,
+               steps: int | None = None, run: TrainVariant | None = None, extra: dict | None = None) -> dict:
+        steps = steps or self.t.steps
+        return self._unit(seed, variant, steps, lambda: self._do_train(seed, variant, kind, spec, boundary, steps,
+                                                                       run, extra or {}))
+
+    def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
+                  run: TrainVariant | None, extra: dict) -> dict[str, Any]:
+        from salf.train import TrainConfig, TrainingInterrupted
+        from salf.train import train as run_training
+
+        t = self.t
+        lm = self.fresh_model(seed)
+        config = TrainConfig(
+            max_steps=steps, batch_size=t.batch_size, learning_rate=(run.learning_rate if run and run.learning_rate
+                                                                     else t.lr),
+            head_learning_rate=t.head_lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, save_steps=None,
+            seed=seed, lora=bool(run and run.lora), lora_rank=run.lora_rank if run else 8, overwrite=True,
+            logging_steps=max(1, steps // 10), show_progress=False)
+        callbacks = list(run.callbacks()) if run else []
+        run_dir = self.p.out_dir / "runs" / t.name / f"seed{seed}" / variant.replace("/", "_").replace("=", "")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        status, error = "done", None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # The Trainer prints its log lines when its progress bar is off: they go to the run's train.log.
+        with PeakRSS() as rss, open(run_dir / "train.log", "w") as log, \
+                contextlib.redirect_stdout(log):
+            try:
+                metrics = run_training(lm.model, lm.tokenizer, self.loaded.data.data, self.eval_data.data, spec,
+                                       config, run_dir, task=self.loaded.data.task, callbacks=callbacks)
+            except TrainingInterrupted:
+                raise
+            except SalfError as e:  # a diverged run is a result (recorded, not retried), not a crash
+                metrics, status, error = {}, "failed", str(e)
+        metrics.pop("model_dir", None)
+        metrics["process_peak_rss_bytes"] = metrics.pop("peak_rss_bytes", None)
+        metrics.update(run_peak_rss_bytes=rss.peak, run_rss_growth_bytes=rss.peak - rss.start)
+        if status == "done" and self.loaded.data.task == "completion":
+            started = time.perf_counter()
+            metrics.update(exact_match(lm.model, lm.tokenizer, self.eval_data.data[: t.em_limit], t.generation_batch))
+            metrics["exact_match_seconds"] = time.perf_counter() - started
+        if not self.suite.keep_models:
+            shutil.rmtree(run_dir / "model", ignore_errors=True)
+        self.trained += 1
+        details = dict(extra)
+        if run is not None:
+            details.update(run.describe(callbacks))
+        del lm
+        return {"kind": kind, "boundary": boundary, "status": status, "error": error, "steps": steps,
+                "spec": spec.to_dict(), "metrics": metrics, "details": details}
+
+    def _plans(self, seed: int) -> list[dict]:
+        from salf.gain import ESTIMATORS
+
+        estimators = self.suite.estimators or ESTIMATORS.names()
+        records = []
+        for lens in self.p.lenses(self.suite.lenses):
+            variants = [f"salf/{lens}/{e}/{p}" for e in estimators for p in self.suite.policies]
+            keys = [RunStore.key(self.t.name, seed, v) for v in variants]
+            if all(self.store.get(k, self.recipe) for k in keys):
+                self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(), None, "skip")
+                records += [self.store.get(k, self.recipe) for k in keys]
+                self.skipped += len(keys)
+                continue
+            records += self._trace_and_plan(seed, lens, estimators)
+        return records
+
+    def _trace_and_plan(self, seed: int, lens: str, estimators: list[str]) -> list[dict]:
+        from salf.gain import estimate_gains
+        from salf.pipeline import data_info, model_info
+        from salf.plan import make_plan
+        from salf.trace import TraceConfig, trace_model
+
+        costs = self.costs
+        lm = self.fresh_model(seed)
+        config = TraceConfig(lens=lens, sample_size=self.t.trace_sample, batch_size=self.t.batch_size, seed=seed,
+                             show_progress=False)
+        began = started = time.perf_counter()
+        trace = trace_model(lm.model, self.loaded.data.data, config, lm.pad_token_id)
+        trace_seconds = time.perf_counter() - started
+        info_model, info_data = model_info(lm), data_info(self.loaded.data)
+        out = []
+        for estimator in estimators:
+            started = time.perf_counter()
+            gains = estimate_gains(trace.mean, estimator)  # the same for every policy
+            gain_seconds = time.perf_counter() - started
+            for policy in self.suite.policies:
+                variant = f"salf/{lens}/{estimator}/{policy}"
+                key = RunStore.key(self.t.name, seed, variant)
+                started = time.perf_counter()
+                plan = make_plan(trace, gains, costs["step_costs"], policy, info_model, info_data, seed=seed)
+                plan_seconds = gain_seconds + time.perf_counter() - started
+                profiling = trace_seconds + costs["seconds"] + plan_seconds
+                record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
+                          "kind": "plan", "boundary": plan.boundary, "status": "done", "lens": lens,
+                          "estimator": estimator, "policy": policy, "profiling_seconds": profiling,
+                          "trace_seconds": trace_seconds, "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
+                          "details": {"trace": plan.trace, "gains": plan.gains, "fit": plan.fit,
+                                      "predicted": plan.predicted, "note": gains.note},
+                          "seconds": profiling, "finished": _now()}
+                out.append(record)
+        self.store.add(*out)
+        self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(),
+                             time.perf_counter() - began, f"traced and planned ({len(out)} plans)")
+        del lm
+        return out
+
+    def _run_baselines(self, seed: int) -> list[dict]:
+        out = []
+        for name in self._baselines():
+            baseline = BASELINES.get(name)
+            variant = f"baseline/{name}"
+            if baseline.trains:
+                key = RunStore.key(self.t.name, seed, variant)
+                if self.store.get(key, self.recipe) is None:
+                    choice = baseline.decide(self._baseline_context(seed))
+                    out.append(self._train(seed, variant, "baseline", choice.variant.spec, run=choice.variant,
+                                           extra=choice.details))
+                else:
+                    out.append(self._train(seed, variant, "baseline", FreezeSpec.full(self.p.num_layers)))
+                continue
+
+            def decide(baseline=baseline) -> dict[str, Any]:
+                ctx = self._baseline_context(seed)
+                started = time.perf_counter()
+                try:
+                    choice = baseline.decide(ctx)
+                except SalfError as e:  # e.g. too few classes for the variability ratio: reported, not fatal
+                    return {"kind": "baseline", "boundary": None, "status": "unavailable", "error": str(e)}
+                profiling = time.perf_counter() - started - ctx.load_seconds
+                return {"kind": "baseline", "boundary": choice.boundary, "status": "done",
+                        "profiling_seconds": profiling, "details": choice.details}
+
+            out.append(self._unit(seed, variant, 1.0, decide))
+        return out
+
+    def _baseline_context(self, seed: int) -> BaselineContext:
+        return BaselineContext(load=lambda: self.fresh_model(seed), data=self.loaded.data, num_layers=self.p.num_layers,
+                               cost=self.costs["ratio"], seed=seed, batch_size=self.t.batch_size,
+                               learning_rate=self.t.lr, settings=self.t.baselines)
+
+    def _equal_compute(self, seed: int, oracle: dict[int, dict], chosen: list[dict]) -> None:
+        full = oracle[0].get("metrics", {}).get("flops_per_padded_token")
+        boundaries = sorted({r["boundary"] for r in chosen if r.get("boundary") not in (None, 0)})
+        for k in boundaries:
+            per = oracle[k].get("metrics", {}).get("flops_per_padded_token")
+            if not full or not per:
+                continue
+            steps = max(1, round(self.t.steps * full / per))
+            self.progress.grow(steps)
+            self._train(seed, f"equal-compute/k={k}", "equal-compute", FreezeSpec.from_boundary(k, self.p.num_layers),
+                        boundary=k, steps=steps, extra={"steps_for_full_flops": steps})
+
+
+# --------------------------------------------------------------------------------------------- analysis
+
+
+def pareto_frontier(costs: Sequence[float], qualities: Sequence[float], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points on the cost-quality frontier, cheapest first.
+
+    A point is on it when no other point is at most as costly and at least as good with one of the two
+    strictly; of several identical points the first is kept. Non-finite points are ignored.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    points = [(float(c), sign * float(q), i) for i, (c, q) in enumerate(zip(costs, qualities))
+              if c is not None and q is not None and math.isfinite(c) and math.isfinite(q)]
+    points.sort(key=lambda p: (p[0], -p[1], p[2]))
+    best, frontier = -math.inf, []
+    for _, q, i in points:
+        if q > best:
+            frontier.append(i)
+            best = q
+    return frontier
+
+
+def regret(plan_cost: float, plan_quality: float, oracle_costs: Sequence[float], oracle_qualities: Sequence[float],
+           higher_is_better: bool = True, rtol: float = 1e-9) -> float | None:
+    """Quality of the best oracle boundary costing no more than the plan, minus the plan's quality,
+    signed so that positive is worse (for a loss: the plan's loss minus the best oracle loss).
+
+    None when every oracle boundary costs more than the plan (nothing to compare with).
+    """
+    if plan_cost is None or plan_quality is None:
+        return None
+    affordable = [float(q) for c, q in zip(oracle_costs, oracle_qualities)
+                  if c is not None and q is not None and math.isfinite(q) and c <= plan_cost * (1 + rtol)]
+    if not affordable:
+        return None
+    return max(affordable) - plan_quality if higher_is_better else plan_quality - min(affordable)
+
+
+def _stats(values: Iterable[float | None]) -> dict[str, Any]:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def analyze(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per task: the oracle per boundary, and plans / baselines with quality, cost and regret, over seeds."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    return {task: _analyze_task(rs) for task, rs in by_task.items()}
+
+
+def _analyze_task(records: list[dict]) -> dict[str, Any]:
+    meta = next((r for r in records if r["variant"] == "meta"), None)
+    if meta is None:
+        return {}
+    n, data_task = meta["num_layers"], meta["data_task"]
+    q_name, q_high = QUALITY[data_task]
+    seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
+    oracle: dict[int, dict[int, dict]] = {s: {} for s in seeds}
+    for r in records:
+        if r.get("kind") == "oracle" and r.get("status") == "done":
+            oracle[r["seed"]][r["boundary"]] = r["metrics"]
+
+    def point(seed: int, metrics: dict) -> dict[str, Any]:
+        full = oracle[seed].get(0, {})
+        ks = sorted(oracle[seed])
+        costs = [oracle[seed][k].get("train_flops") for k in ks]
+        cost = metrics.get("train_flops")
+        quality, loss = metrics.get(q_name), metrics.get(LOSS[0])
+        return {
+            "quality": quality, "loss": loss,
+            "flops_ratio": _ratio(cost, full.get("train_flops")),
+            "step_time_ratio": _ratio(metrics.get("step_seconds_median"), full.get("step_seconds_median")),
+            "regret": regret(cost, quality, costs, [oracle[seed][k].get(q_name) for k in ks], q_high),
+            "regret_loss": regret(cost, loss, costs, [oracle[seed][k].get(LOSS[0]) for k in ks], LOSS[1]),
+            "full_train_seconds": full.get("train_seconds"),
+        }
+
+    rows: dict[str, list[dict]] = {}
+    for r in records:
+        kind = r.get("kind")
+        if kind not in ("plan", "baseline", "ceiling", "equal-compute") or r.get("status") != "done":
+            continue
+        if r.get("metrics"):  # its own run
+            metrics = r["metrics"]
+        elif r.get("boundary") is not None and r["boundary"] in oracle.get(r["seed"], {}):
+            metrics = oracle[r["seed"]][r["boundary"]]  # the oracle run at its boundary: identical by construction
+        else:
+            continue
+        p = point(r["seed"], metrics)
+        p.update(seed=r["seed"], boundary=r.get("boundary"), kind=kind,
+                 profiling_seconds=r.get("profiling_seconds"), reuses_oracle=not r.get("metrics"),
+                 profiling_fraction=_ratio(r.get("profiling_seconds"), p["full_train_seconds"]))
+        rows.setdefault(r["variant"], []).append(p)
+
+    unavailable = [{"variant": r["variant"], "seed": r["seed"], "status": r.get("status"), "error": r.get("error")}
+                   for r in records if r.get("status") not in (None, "done")]
+    fields = ("quality", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss", "profiling_seconds",
+              "profiling_fraction", "boundary")
+    variants = {}
+    for variant, ps in sorted(rows.items()):
+        variants[variant] = {"kind": ps[0]["kind"], "boundaries": [p["boundary"] for p in ps],
+                             "seeds": [p["seed"] for p in ps], "reuses_oracle": ps[0]["reuses_oracle"],
+                             **{f: _stats(p[f] for p in ps) for f in fields}}
+
+    predicted = meta["predicted_step_flops_ratio"]
+    per_k = []
+    for k in range(n + 1):
+        ms = [oracle[s][k] for s in seeds if k in oracle[s]]
+        pts = [point(s, oracle[s][k]) for s in seeds if k in oracle[s]]
+        per_k.append({
+            "k": k, "predicted_flops_ratio": predicted[k], "predicted_memory_ratio": meta["predicted_memory_ratio"][k],
+            "n": len(ms), **{f: _stats(p[f] for p in pts) for f in ("quality", "loss", "flops_ratio", "step_time_ratio")},
+            "train_seconds": _stats(m.get("train_seconds") for m in ms),
+            "run_rss_growth_bytes": _stats(m.get("run_rss_growth_bytes") for m in ms),
+        })
+    mean_cost = [row["flops_ratio"]["mean"] for row in per_k]
+    mean_quality = [row["quality"]["mean"] for row in per_k]
+    on_frontier = set(pareto_frontier(mean_cost, mean_quality, q_high))
+    for row in per_k:
+        row["on_frontier"] = row["k"] in on_frontier
+    return {"data_task": data_task, "num_layers": n, "quality_metric": q_name, "higher_is_better": q_high,
+            "seeds": seeds, "oracle": per_k, "variants": variants, "model": meta.get("model"),
+            "unavailable": unavailable, "plan_regret": _plan_regret(rows),
+            "n_train": meta.get("n_train"), "n_eval": meta.get("n_eval"),
+            "recipe": meta.get("task_config", {})}
+
+
+def _plan_regret(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Regret of salf plans by '<lens>/<estimator>' (rows) and policy (columns), over seeds."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, ps in rows.items():
+        if ps[0]["kind"] != "plan":
+            continue
+        _, lens, estimator, policy = variant.split("/", 3)
+        table.setdefault(f"{lens}/{estimator}", {})[policy] = {
+            "regret": _stats(p["regret"] for p in ps), "regret_loss": _stats(p["regret_loss"] for p in ps)}
+    return table
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 3, pct: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    scale, suffix = (100.0, "%") if pct else (1.0, "")
+    text = f"{stat['mean'] * scale:.{digits}f}{suffix}"
+    if stat.get("n", 0) > 1:
+        text += f" ± {stat['std'] * scale:.{digits}f}"
+    return text
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _variant_rows(task: dict[str, Any], kinds: tuple[str, ...]) -> list[list[Any]]:
+    rows = []
+    for name, v in task["variants"].items():
+        if v["kind"] not in kinds:
+            continue
+        rows.append([name, ",".join(str(b) for b in v["boundaries"]), _fmt(v["quality"]), _fmt(v["loss"]),
+                     _fmt(v["flops_ratio"]), _fmt(v["step_time_ratio"]), _fmt(v["regret"]), _fmt(v["regret_loss"]),
+                     _fmt(v["profiling_seconds"], 1), _fmt(v["profiling_fraction"], 1, pct=True),
+                     "oracle run" if v["reuses_oracle"] else "own run"])
+    return rows
+
+
+VARIANT_HEADERS = ("variant", "boundary per seed", "quality", "eval loss", "FLOPs x full", "step time x full",
+                   "regret (quality)", "regret (loss)", "profiling s", "profiling / full train", "quality from")
+
+
+def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) -> str:
+    parts = [f"# salf bench: suite `{suite.name}`", "",
+             f"{suite.description}".strip(), "",
+             f"Generated {_now()} on {os.cpu_count()} CPU core(s), torch {torch.__version__}, "
+             f"{torch.get_num_threads()} torch thread(s). Records: `{out_dir / 'runs.json'}`; figure: `frontier.png`.",
+             "",
+             "**How to read this.** Every salf plan and every boundary baseline is scored with the oracle run at "
+             "its boundary: the same recipe, seed and data, so that run is exactly what training the plan would "
+             "give (identical by construction; nothing is retrained). LoRA, LISA, ceiling and equal-compute rows are "
+             "runs of their own. Cost is the measured training FLOPs (FlopCounterMode) relative to full fine-tuning "
+             "(k=0) of the same seed. Regret = quality of the best oracle boundary whose measured FLOPs are at most the "
+             "row's, minus the row's quality (for the loss: the row's loss minus the best oracle loss); positive is "
+             "worse, 0 means on the frontier, negative (own runs only) means better than every affordable boundary; "
+             "'-' when every boundary costs more. Mean ± std over seeds (std with n-1). Step times are wall-clock on a "
+             "shared machine and noisier than FLOPs; memory is the cost model's prediction (measured RSS growth in "
+             "runs.json is a lower bound once the allocator keeps freed memory).", ""]
+    for name, task in analysis.items():
+        if not task:
+            continue
+        q = task["quality_metric"]
+        recipe = task["recipe"]
+        parts += [f"## {name}", "",
+                  f"Model `{task['model']}`, {task['num_layers']} blocks, {task['data_task']} "
+                  f"({task['n_train']} train / {task['n_eval']} eval rows); quality = `{q}` "
+                  f"({'higher' if task['higher_is_better'] else 'lower'} is better); seeds {task['seeds']}; "
+                  f"{recipe.get('steps')} steps, batch {recipe.get('batch_size')}, lr {recipe.get('lr')}, "
+                  f"head lr {recipe.get('head_lr')}, max length {recipe.get('max_length')}.", "",
+                  "### Oracle sweep (k = first trained block; k = L trains the head only: the frozen-features floor)", ""]
+        rows = [[row["k"], _fmt(row["quality"]), _fmt(row["loss"]), f"{row['predicted_flops_ratio']:.3f}",
+                 _fmt(row["flops_ratio"]), _fmt(row["step_time_ratio"]), f"{row['predicted_memory_ratio']:.3f}",
+                 _fmt(row["train_seconds"], 1), "yes" if row["on_frontier"] else ""] for row in task["oracle"]]
+        parts += [_md_table(["k", q, "eval loss", "predicted step FLOPs x full", "measured FLOPs x full",
+                             "measured step time x full", "predicted memory x full", "train s", "on frontier"], rows), ""]
+        if task["plan_regret"]:
+            policies = sorted({p for row in task["plan_regret"].values() for p in row})
+            rows = [[name, *(f"{_fmt(row[p]['regret'])} / {_fmt(row[p]['regret_loss'])}" if p in row else "-"
+                             for p in policies)] for name, row in sorted(task["plan_regret"].items())]
+            parts += ["### Regret of salf plans by lens/estimator and policy (quality / loss; 0 = on the frontier)", "",
+                      _md_table(["lens/estimator", *policies], rows), ""]
+        for title, kinds in (("salf plans", ("plan",)), ("Baselines", ("baseline",)),
+                             ("Ceiling and equal compute", ("ceiling", "equal-compute"))):
+            rows = _variant_rows(task, kinds)
+            if rows:
+                parts += [f"### {title}", "", _md_table(VARIANT_HEADERS, rows), ""]
+        if task["unavailable"]:
+            parts += ["### Not available", "", *(f"- `{u['variant']}` seed {u['seed']}: {u['status']}: "
+                                                 f"{(u['error'] or '').splitlines()[0]}" for u in task["unavailable"]), ""]
+    return "\n".join(parts) + "\n"
+
+
+def frontier_png(analysis: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [(n, t) for n, t in analysis.items() if t]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7.5 * max(1, len(tasks)), 5.5), squeeze=False)
+    markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D"}
+    for ax, (name, task) in zip(axes[0], tasks):
+        ks = task["oracle"]
+        xs = [r["flops_ratio"]["mean"] for r in ks]
+        ys = [r["quality"]["mean"] for r in ks]
+        err = [r["quality"]["std"] or 0.0 for r in ks]
+        good = [i for i in range(len(ks)) if xs[i] is not None and ys[i] is not None]
+        ax.errorbar([xs[i] for i in good], [ys[i] for i in good], yerr=[err[i] for i in good], fmt="o", color="0.55",
+                    label="oracle boundary k", zorder=2)
+        for i in good:
+            ax.annotate(f"k={ks[i]['k']}", (xs[i], ys[i]), fontsize=7, xytext=(3, -10), textcoords="offset points")
+        front = [i for i in range(len(ks)) if ks[i]["on_frontier"]]
+        front.sort(key=lambda i: xs[i])
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="0.3", lw=1.2, label="oracle frontier")
+        colors: dict[str, str] = {}
+        for j, (variant, v) in enumerate(sorted(task["variants"].items())):
+            x, y = v["flops_ratio"]["mean"], v["quality"]["mean"]
+            if x is None or y is None:
+                continue
+            jitter = 0.004 * ((j % 7) - 3)
+            if v["kind"] == "plan":
+                _, lens, estimator, policy = variant.split("/", 3)
+                color = colors.setdefault(f"{lens}/{estimator}", f"C{len(colors) % 10}")
+                ax.plot(x + jitter, y, markers.get(policy, "P"), color=color, ms=8, alpha=0.85, zorder=3,
+                        label=f"salf {lens}/{estimator}" if policy == "knee" else None)
+            else:
+                ax.plot(x, y, "x" if v["reuses_oracle"] else "^", color="k", ms=7, zorder=4)
+                ax.annotate(variant.split("/", 1)[1], (x, y), fontsize=6, xytext=(3, 4), textcoords="offset points")
+        ax.set_xlabel("measured training FLOPs / full fine-tuning")
+        ax.set_ylabel(task["quality_metric"] + ("" if task["higher_is_better"] else " (lower is better)"))
+        ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9; "
+                     "x/▲ baselines", fontsize=9)
+        ax.legend(fontsize=6, loc="best")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@dataclass
+class BenchResult:
+    """What ``run_bench`` did and found."""
+
+    suite: BenchSuite
+    out_dir: Path
+    analysis: dict[str, Any]
+    trained: int
+    """Training runs done by this call (0 when everything was already in runs.json)."""
+    skipped: int
+    """Units found finished in runs.json and not repeated."""
+    seconds: float
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def render(self) -> str:
+        from salf.table import render_table
+
+        out = []
+        for name, task in self.analysis.items():
+            if not task:
+                continue
+            rows = []
+            for variant, v in task["variants"].items():
+                rows.append([variant, ",".join(str(b) for b in v["boundaries"]), v["quality"]["mean"],
+                             v["flops_ratio"]["mean"], v["regret"]["mean"], v["regret_loss"]["mean"]])
+            title = f"{name}: quality = {task['quality_metric']}, cost = measured FLOPs x full, mean over {len(task['seeds'])} seed(s)"
+            out.append(render_table(["variant", "k", "quality", "cost", "regret", "regret (loss)"], rows, title))
+        out.append(f"\n{self.trained} training run(s) now, {self.skipped} unit(s) reused from runs.json, "
+                   f"{_duration(self.seconds)}; " + ", ".join(f"{k}: {v}" for k, v in self.paths.items()))
+        return "\n\n".join(out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"suite": self.suite.name, "out_dir": str(self.out_dir), "trained": self.trained,
+                "skipped": self.skipped, "seconds": self.seconds, "analysis": self.analysis,
+                "paths": {k: str(v) for k, v in self.paths.items()}}
+
+
+def write_reports(suite: BenchSuite, records: Iterable[dict], out_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    analysis = analyze(records)
+    paths = {"runs": out_dir / "runs.json",
+             "results": write_atomic(out_dir / "results.md", render_markdown(suite, analysis, out_dir)),
+             "frontier": write_atomic(out_dir / "frontier.png", frontier_png(analysis)),
+             "summary": write_json(out_dir / "summary.json", analysis),
+             "progress": out_dir / "progress.log"}
+    return analysis, paths
+
+
+# --------------------------------------------------------------------------------------------- entry points
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No per-load progress bars or info lines from transformers during hours of runs (restored after)."""
+    from datasets.utils import logging as ds_logging
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    ds_bars = ds_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if ds_bars:
+            ds_logging.enable_progress_bar()
+
+
+def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_progress: bool = True) -> BenchResult:
+    """Run (or resume) ``suite`` into ``out_dir``; finished runs in ``out_dir/runs.json`` are not repeated."""
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if suite.threads:
+        torch.set_num_threads(suite.threads)
+    store = RunStore(out / "runs.json", suite, resume)
+    if not resume:
+        (out / "progress.log").unlink(missing_ok=True)
+    with _quiet_transformers():
+        prepared = [PreparedTask.prepare(t, out) for t in suite.tasks]
+        progress = Progress(out / "progress.log", 0.0, show_progress)
+        benches = [TaskBench(p, suite, store, progress) for p in prepared]
+        progress.grow(sum(b.units_weight() * len(b.t.seeds) for b in benches))
+        # The Trainer runs a full garbage collection after every run (accelerate's free_memory); with torch,
+        # transformers and the data loaded that scans some 500 000 objects (about a second). Freezing
+        # them leaves it only what the run made.
+        gc.freeze()
+        try:
+            for b in benches:
+                for seed in b.t.seeds:
+                    b.run_seed(seed)
+                for name in ("loaded", "eval_data", "costs"):
+                    b.__dict__.pop(name, None)
+                gc.collect()
+        finally:
+            gc.unfreeze()
+            torch.set_num_threads(threads)
+            progress.close()
+            store.save()
+    analysis, paths = write_reports(suite, store.records.values(), out)
+    return BenchResult(suite, out, analysis, sum(b.trained for b in benches), sum(b.skipped for b in benches),
+                       time.perf_counter() - started, paths)
+
+
+def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None, resume: bool = True,
+          no_progress: bool = False, threads: int | None = None, **_: Any) -> BenchResult:
+    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--threads N] [--no-resume]``.
+
+    ``suite``: a name in ``bench/`` (smoke, minilm, causal, full) or a suite file; ``out`` defaults to
+    ``bench_out/<suite>``; ``seeds`` replaces every task's seeds; ``threads`` the suite's torch threads.
+    """
+    loaded = BenchSuite.load(suite)
+    if seeds:
+        loaded = loaded.with_seeds(parse_seeds(seeds))
+    if threads is not None:
+        loaded = dataclasses.replace(loaded, threads=threads)
+    return run_bench(loaded, out or f"bench_out/{loaded.name}", resume=resume, show_progress=not no_progress)

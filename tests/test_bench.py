@@ -1,0 +1,264 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import salf.train
+from salf.bench import (
+    BenchSuite,
+    BenchTask,
+    RunStore,
+    analyze,
+    exact_match,
+    pareto_frontier,
+    parse_seeds,
+    regret,
+    run_bench,
+)
+from salf.bench_baselines import (
+    BASELINES,
+    BaselineContext,
+    LisaCallback,
+    gradient_norm_boundary,
+    variability_boundary,
+    variability_ratio,
+)
+from salf.errors import SalfError
+from salf.freeze import FreezeSpec
+from salf.models import tiny_tokenizer
+from salf.tiny import tiny_model
+from salf.train import TrainConfig, train
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def test_frontier_on_synthetic_points():
+    costs = [1.0, 0.8, 0.6, 0.4, 0.7, 0.9]
+    quality = [0.90, 0.92, 0.85, 0.60, 0.80, 0.92]
+    # 0.4 (0.60) -> 0.6 (0.85) -> 0.8 (0.92); 0.7 is beaten by 0.6, 0.9 and 1.0 by 0.8
+    assert pareto_frontier(costs, quality) == [3, 2, 1]
+    loss = [1.0, 0.9, 1.1, 1.5, 1.2, 0.9]
+    assert pareto_frontier(costs, loss, higher_is_better=False) == [3, 2, 1]
+    assert pareto_frontier([0.5, 0.5, 0.2], [0.7, 0.7, float("nan")]) == [0]
+
+
+def test_regret_is_zero_on_the_frontier_and_positive_off_it():
+    costs = [1.0, 0.8, 0.6, 0.4]
+    quality = [0.90, 0.92, 0.85, 0.60]
+    for k in (1, 2, 3):  # on the frontier
+        assert regret(costs[k], quality[k], costs, quality) == 0.0
+    assert regret(costs[0], quality[0], costs, quality) == pytest.approx(0.02)  # k=1 is cheaper and better
+    loss = [1.0, 0.9, 1.1, 1.5]
+    assert regret(costs[1], loss[1], costs, loss, higher_is_better=False) == 0.0
+    assert regret(costs[0], loss[0], costs, loss, higher_is_better=False) == pytest.approx(0.1)  # sign: worse > 0
+    assert regret(0.3, 0.5, costs, quality) is None  # cheaper than every boundary: nothing to compare
+    assert regret(0.85, 0.95, costs, quality) == pytest.approx(-0.03)  # an own run can beat the frontier
+
+
+def _record(task, seed, variant, kind, boundary=None, metrics=None, **extra):
+    return {"key": RunStore.key(task, seed, variant), "task": task, "seed": seed, "variant": variant, "kind": kind,
+            "boundary": boundary, "status": "done", "metrics": metrics, **extra}
+
+
+def test_analysis_scores_plans_with_the_oracle_run_at_their_boundary():
+    accuracy = {0: [0.8, 0.7], 1: [0.9, 0.8], 2: [0.5, 0.6]}
+    records = [_record("t", None, "meta", "meta", num_layers=2, data_task="classification",
+                       predicted_step_flops_ratio=[1.0, 0.7, 0.4], predicted_memory_ratio=[1.0, 0.6, 0.2])]
+    for seed in (0, 1):
+        for k in range(3):
+            records.append(_record("t", seed, f"oracle/k={k}", "oracle", k, {
+                "eval_accuracy": accuracy[k][seed], "eval_loss": 1.0 - accuracy[k][seed],
+                "train_flops": 100.0 * (1 - 0.3 * k), "step_seconds_median": 1.0 - 0.2 * k, "train_seconds": 10.0}))
+        records.append(_record("t", seed, "salf/probe/observed/knee", "plan", boundary=0, profiling_seconds=1.0))
+        records.append(_record("t", seed, "baseline/lora", "baseline", metrics={
+            "eval_accuracy": 0.95, "eval_loss": 0.1, "train_flops": 80.0, "step_seconds_median": 0.9}))
+    task = analyze(records)["t"]
+    plan = task["variants"]["salf/probe/observed/knee"]
+    assert plan["reuses_oracle"] and plan["boundaries"] == [0, 0]
+    assert plan["quality"]["mean"] == pytest.approx(0.75)  # the k=0 oracle runs
+    assert plan["regret"]["mean"] == pytest.approx(0.1)  # k=1 is cheaper and 0.1 better in both seeds
+    assert plan["regret_loss"]["mean"] == pytest.approx(0.1)
+    assert plan["quality"]["std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
+    assert plan["profiling_fraction"]["mean"] == pytest.approx(0.1)
+    lora = task["variants"]["baseline/lora"]
+    assert not lora["reuses_oracle"] and lora["flops_ratio"]["mean"] == pytest.approx(0.8)
+    # affordable at 80 FLOPs: k=1 (70) and k=2 (40); the best of them is k=1 in both seeds
+    assert lora["regret"]["mean"] == pytest.approx(np.mean([0.9 - 0.95, 0.8 - 0.95]))
+    assert [row["on_frontier"] for row in task["oracle"]] == [False, True, True]
+    assert task["plan_regret"]["probe/observed"]["knee"]["regret"]["mean"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+
+def test_depth_policy_baselines():
+    ctx = BaselineContext(load=lambda: None, data=None, num_layers=8, cost=np.linspace(1, 0.3, 9), seed=3,
+                          batch_size=4, learning_rate=1e-4)
+    assert BASELINES.get("full").decide(ctx).boundary == 0
+    assert BASELINES.get("freeze-first-half").decide(ctx).boundary == 4
+    assert BASELINES.get("train-last-quarter").decide(ctx).boundary == 6
+    assert 1 <= BASELINES.get("random").decide(ctx).boundary <= 7
+    assert BASELINES.get("lora").trains and BASELINES.get("lisa").trains
+    assert not BASELINES.get("gradient-norm").trains and not BASELINES.get("variability").trains
+
+
+def test_gradient_norm_boundary_freezes_the_low_gradient_prefix():
+    assert gradient_norm_boundary([0.01, 0.02, 0.5, 0.47], 0.1) == 2
+    assert gradient_norm_boundary([1, 1, 1, 1], 0.1) == 0
+    assert gradient_norm_boundary([0, 0, 0], 0.1) == 0
+
+
+def test_variability_ratio_and_boundary():
+    rng = np.random.default_rng(0)
+    classes = np.repeat([0, 1, 2], 20)
+    centers = np.eye(3)[classes] * 10.0
+    noise = rng.normal(size=(60, 3))
+    # latent 0: pure noise (no class structure); latent 1: clear clusters
+    features = np.stack([noise, centers + 0.1 * noise], axis=1)
+    ratio = variability_ratio(features, classes)
+    assert ratio[0] > 10 and ratio[1] < 0.01
+    assert variability_boundary([10, 5, 1, 0.9, 0.95], 0.1) == 2
+    assert variability_boundary([1, 1, 1], 0.1) == 0
+    with pytest.raises(SalfError):
+        variability_ratio(features[:5], [0] * 5)
+
+
+def _tiny_causal(tmp_path):
+    texts = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot", "a cat is on a mat"] * 4
+    tok = tiny_tokenizer(texts)
+    data = []
+    for t in texts:
+        ids = tok(t)["input_ids"]
+        data.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return tiny_model("gpt2"), tok, data
+
+
+def test_lisa_trains_only_the_drawn_blocks(tmp_path):
+    model, tok, data = _tiny_causal(tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lisa = LisaCallback(n_active=1, interval=100, seed=0)
+    config = TrainConfig(max_steps=3, batch_size=4, learning_rate=1e-2, save_steps=None, flop_sample_steps=0)
+    train(model, tok, data, None, FreezeSpec.full(4), config, tmp_path / "run", task="completion", callbacks=[lisa])
+    (drawn,) = lisa.draws[0]["blocks"]
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        if ".h." in n:
+            assert changed == (int(n.split(".h.")[1].split(".")[0]) == drawn), n
+    assert not torch.equal(before["transformer.wte.weight"], model.transformer.wte.weight)
+
+
+def test_exact_match_batched_agrees_with_greedy_generation():
+    model, tok, data = _tiny_causal(None)
+    prompts = [d["input_ids"][:3] if i % 2 else d["input_ids"][:4] for i, d in enumerate(data[:6])]
+    rows = []
+    for p in prompts:  # the model's own greedy continuation, one prompt at a time (no padding)
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+        made = out[0, len(p):].tolist()
+        rows.append({"input_ids": p + made, "labels": [-100] * len(p) + made})
+    assert exact_match(model, tok, rows, batch_size=4)["exact_match"] == 1.0
+    wrong = [{"input_ids": r["input_ids"][:-1] + [(r["input_ids"][-1] + 1) % 128], "labels": r["labels"]} for r in rows]
+    wrong = [{**w, "labels": [-100] * (len(w["input_ids"]) - 3) + w["input_ids"][-3:]} for w in wrong]
+    assert exact_match(model, tok, wrong, batch_size=4)["exact_match"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- suites
+
+
+def test_suites_load_and_validate(tmp_path):
+    smoke = BenchSuite.load("smoke")
+    assert {t.model.split(":")[0] for t in smoke.tasks} == {"tiny"}
+    full = BenchSuite.load("full")
+    names = {t.name for t in full.tasks}
+    assert names == {t.name for t in BenchSuite.load("minilm").tasks} | {t.name for t in BenchSuite.load("causal").tasks}
+    assert BenchSuite.load("minilm").tasks[0].model == "minilm"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"tasks": [{"name": "x", "model": "tiny:gpt2", "corpus": "docstring-function",
+                                          "stepz": 3}]}))
+    with pytest.raises(SalfError, match="stepz"):
+        BenchSuite.load(bad)
+    with pytest.raises(SalfError):
+        BenchSuite.load("no-such-suite")
+    with pytest.raises(SalfError):
+        BenchTask(name="x", model="m")  # no data
+    assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5]
+
+
+def test_fresh_models_share_their_fresh_head_within_a_seed(tmp_path):
+    from types import SimpleNamespace
+
+    from salf.bench import PreparedTask, TaskBench
+    from salf.models import minilm_path
+
+    task = BenchTask(name="t", model="minilm", corpus="docstring-module")
+    prepared = PreparedTask(task, tmp_path, tmp_path / "a", tmp_path / "b", "classification", minilm_path(), 6)
+    bench = TaskBench(prepared, BenchSuite.load("smoke"), None, None)
+    bench.__dict__["loaded"] = SimpleNamespace(data=SimpleNamespace(task="classification", label_names=["a", "b", "c"]))
+
+    def head(seed):
+        return bench.fresh_model(seed).model.classifier.weight.detach()
+
+    first = head(0)
+    assert torch.equal(first, head(0))  # every boundary of one seed starts from the same head
+    assert not torch.equal(first, head(1))
+
+
+def test_run_store_reuses_only_the_same_recipe(tmp_path):
+    suite = BenchSuite.load("smoke")
+    store = RunStore(tmp_path / "runs.json", suite, resume=True)
+    store.add({"key": "a|seed=0|oracle/k=0", "recipe": "r1"})
+    again = RunStore(tmp_path / "runs.json", suite, resume=True)
+    assert again.get("a|seed=0|oracle/k=0", "r1") is not None
+    assert again.get("a|seed=0|oracle/k=0", "r2") is None
+    assert RunStore(tmp_path / "runs.json", suite, resume=False).records == {}
+
+
+def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
+    suite = BenchSuite.load("smoke")
+    out = tmp_path / "bench"
+    first = run_bench(suite, out, show_progress=False)
+    for name in ("runs.json", "results.md", "frontier.png", "progress.log", "summary.json"):
+        assert (out / name).is_file(), name
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    keys = {r["key"] for r in runs}
+    n_oracle = 0
+    for task in suite.tasks:
+        for k in range(5):  # the tiny models have 4 blocks
+            assert f"{task.name}|seed=0|oracle/k={k}" in keys
+            n_oracle += 1
+        assert f"{task.name}|seed=0|baseline/lisa" in keys and f"{task.name}|seed=0|baseline/lora" in keys
+    assert first.trained == n_oracle + 2 * len(suite.tasks)  # oracle sweep + LoRA + LISA per task
+
+    done = [r for r in runs if r.get("kind") == "oracle"]
+    assert all(r["status"] == "done" for r in done)
+    flops = {r["boundary"]: r["metrics"]["train_flops"] for r in done if r["task"] == suite.tasks[0].name}
+    assert all(flops[k] > flops[k + 1] for k in range(4))  # freezing more is measured cheaper
+    gpt = first.analysis[suite.tasks[1].name]
+    assert gpt["quality_metric"] == "exact_match"
+    assert {v.split("/")[1] for v in gpt["variants"] if v.startswith("salf/")} == {"logit-lens", "basis-cosine"}
+    bert = first.analysis[suite.tasks[0].name]
+    assert {v.split("/")[1] for v in bert["variants"] if v.startswith("salf/")} == {"probe"}
+    oracle_quality = {row["k"]: row["quality"]["mean"] for row in bert["oracle"]}
+    for variant, v in bert["variants"].items():
+        if v["reuses_oracle"]:
+            assert v["quality"]["mean"] == oracle_quality[v["boundaries"][0]], variant
+            assert v["regret"]["mean"] >= 0
+    lines = (out / "progress.log").read_text().splitlines()
+    assert lines and "ETA" in lines[-1]
+    results = (out / "results.md").read_text()
+    assert "identical by construction" in results and "Oracle sweep" in results
+
+    # Resume: everything is in runs.json, so nothing trains again.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(salf.train, "train", no_training)
+    again = run_bench(suite, out, show_progress=False)
+    assert again.trained == 0 and again.skipped >= len(keys) - len(suite.tasks)
+    assert json.loads((out / "runs.json").read_text())["runs"] == runs
+    assert again.render()
+    assert math.isclose(again.analysis[suite.tasks[0].name]["oracle"][0]["quality"]["mean"],
+                        first.analysis[suite.tasks[0].name]["oracle"][0]["quality"]["mean"])
