@@ -8,6 +8,7 @@ message and a non-zero exit code (the traceback only with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -154,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Imported here so `salf --help` answers without loading torch and transformers.
         handler: Callable[..., Any] = getattr(importlib.import_module(module), function)
-        result = handler(**options)
+        # With --json, stdout carries the JSON alone: what libraries print meanwhile (the Trainer's
+        # log dicts) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = handler(**options)
     except SalfError as e:
         if args.debug:
             raise

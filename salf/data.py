@@ -334,10 +334,10 @@ def _special_affixes(tokenizer, probes: list[str]) -> tuple[list[int], list[int]
     and completion data gets the prefix (BOS) but not an end marker in the middle of the sequence.
     """
     for probe in [*probes, "hello world", "a"]:
-        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        plain = tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"]
         if not plain:
             continue
-        full = tokenizer(probe)["input_ids"]
+        full = tokenizer(probe, verbose=False)["input_ids"]
         for start in range(len(full) - len(plain) + 1):
             if full[start : start + len(plain)] == plain:
                 return list(full[:start]), list(full[start + len(plain) :])

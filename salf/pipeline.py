@@ -20,7 +20,7 @@ from salf.data import DataConfig, TaskData, load_task_data, split_holdout
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.gain import estimate_gains
-from salf.models import LoadedModel, load_model, load_tokenizer
+from salf.models import LoadedModel, _cap_max_length, _load_config, load_model, load_tokenizer
 from salf.plan import Plan, make_plan, model_fingerprint
 from salf.table import render_table
 from salf.trace import Trace, TraceConfig, trace_model
@@ -44,6 +44,9 @@ def load(model: str, data: str, task: str | None = None, label_mode: str = "head
     """Tokenize ``data`` with the model's tokenizer, then load the model with a head for its task."""
     config = DataConfig(task=task, label_mode=label_mode, max_length=max_length, limit=limit, seed=seed)
     tokenizer = load_tokenizer(model)
+    # Truncate to the model's positions, as load_model caps its own tokenizer: a saved tokenizer may
+    # carry no limit (GPT-2 style), and longer sequences would overrun learned position embeddings.
+    _cap_max_length(_load_config(model, {}), tokenizer)
     task_data = load_task_data(data, tokenizer, config, label_names=label_names)
     loaded = load_model(model, task_data.task, label_names=task_data.label_names if task_data.task == "classification" else None)
     return Loaded(loaded, task_data)
@@ -150,12 +153,7 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
     loaded = load(model, data, task, label_mode, max_length, limit, seed)
     t0 = time.perf_counter()
     if trace_file:
-        import json
-
-        stored = json.loads(Path(trace_file).read_text())
-        if stored.get("data", {}).get("fingerprint") not in (None, loaded.data.fingerprint):
-            raise SalfError(f"{trace_file} was traced on other data", "trace again, or pass the data it was traced on")
-        trace_result = Trace.from_dict(stored)
+        trace_result = _load_trace_file(trace_file, loaded)
     else:
         trace_result = run_trace(loaded, lens, sample_size, trace_batch_size, pooling, seed, not no_progress)
     t1 = time.perf_counter()
@@ -164,6 +162,27 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
     out_path = result.save(out)
     fig_path = plot_plan(result, figure or Path(out).with_suffix(".png"))
     return PlanResult(result, out_path, fig_path, t1 - t0, t2 - t1)
+
+
+def _load_trace_file(trace_file: str, loaded: Loaded) -> Trace:
+    """A trace written by ``salf trace``, checked against the data and the model it is reused for."""
+    import json
+
+    path = Path(trace_file)
+    fix = f"write it with `salf trace --model M --data D --out {trace_file}`, or leave --trace-file out"
+    if not path.is_file():
+        raise SalfError(f"trace file {trace_file} not found", fix)
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("data", {}).get("fingerprint") not in (None, loaded.data.fingerprint):
+            raise SalfError(f"{trace_file} was traced on other data", "trace again, or pass the data it was traced on")
+        trace = Trace.from_dict(stored)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise SalfError(f"{trace_file} is not a trace written by `salf trace` ({type(e).__name__}: {e})", fix) from None
+    want = stored.get("model", {}).get("fingerprint")
+    if want not in (None, model_fingerprint(loaded.model.model)["fingerprint"]):
+        raise SalfError(f"{trace_file} was traced with another model", "trace again, or pass the model it was traced with")
+    return trace
 
 
 @dataclass
