@@ -25,6 +25,9 @@ HANDLERS = {
     "plan": "salf.pipeline:plan",
     "train": "salf.pipeline:train",
     "demo": "salf.demo:demo",
+    "report": "salf.report:report",
+    "bench": "salf.bench:bench",
+    "cost": "salf.projection:cost",
 }
 
 EXAMPLES = {
@@ -134,6 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
 
+    p = add("report", "One self-contained HTML page: the plan, training curves, predicted vs measured savings, runs compared.")
+    p.add_argument("run_dir", help="run directory of `salf train` (or a `salf demo` folder holding full/ and planned/)")
+    p.add_argument("--compare", dest="others", nargs="+", action="extend", default=None, metavar="OTHER_RUN",
+                   help="more run directories to compare with, e.g. the full fine-tuning run (repeatable)")
+    p.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+
+    p = add("bench", "Oracle sweep over every boundary, salf's policies and the baselines; regret, frontier, savings.")
+    p.add_argument("--suite", default="smoke", help="suite name in bench/ (smoke, minilm, causal, full) or a suite JSON file")
+    p.add_argument("--out", default=None, help="output directory (default: bench_out/<suite>); rerunning resumes")
+    p.add_argument("--seeds", default=None, help="replace every task's seeds, e.g. 0,1,2 or 0-2")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the suite's)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="rerun finished runs instead of skipping them")
+
+    p = add("cost", "Per-boundary step FLOPs, memory and projected step time of a model, from its config alone.")
+    p.add_argument("--config", required=True, help="a config.json file or folder, or a hub name (needs network)")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (per device)")
+    p.add_argument("--lora", action="store_true", help="cost LoRA adapters on the trained blocks instead of full weights")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--boundaries", default="all", help="all, or block indices k to show, e.g. 0,8,16,24")
+    p.add_argument("--accelerator", default="h100", help="peak table entry for the projected step time (h100, h200, a100, ...)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of another accelerator")
+    p.add_argument("--utilisation", type=float, default=0.4, help="assumed fraction of peak reached (model FLOPs utilisation)")
+    p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm", help="model head to cost")
+    p.add_argument("--optimizer", default="adamw", help="adamw | sgd-momentum | sgd (optimizer state bytes)")
     return parser
 
 

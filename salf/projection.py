@@ -278,3 +278,34 @@ def render_table(projection: Projection) -> str:
 
 
 __all__ = ["ACCELERATORS", "BoundaryProjection", "Projection", "load_config", "project", "render_table"]
+
+
+@dataclass
+class CostResult:
+    """``salf cost`` output: the projection, printable as a table or JSON."""
+
+    projection: Projection
+
+    def render(self) -> str:
+        return render_table(self.projection)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.projection.to_dict()
+
+
+def parse_boundaries(text: str | None) -> list[int] | None:
+    if text in (None, "", "all"):
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise SalfError(f"--boundaries {text!r} is not a list of block indices", "write e.g. --boundaries 0,8,16 or all") from None
+
+
+def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_rank: int = 16,
+         boundaries: str | None = None, accelerator: str = "h100", peak_tflops: float | None = None,
+         utilisation: float = 0.4, task: str = "causal-lm", optimizer: str = "adamw", **_: Any) -> CostResult:
+    """``salf cost``: per-boundary FLOPs, memory and projected step time from a config alone."""
+    return CostResult(project(config, seq_len=seq, batch_size=batch, lora_rank=lora_rank if lora else None,
+                              boundaries=parse_boundaries(boundaries), accelerator=accelerator,
+                              peak_tflops=peak_tflops, utilisation=utilisation, task=task, optimizer=optimizer))
