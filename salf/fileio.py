@@ -15,6 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# mkstemp creates files readable by the owner only; results should get the usual permissions.
+# The umask can only be read by setting it, so read it once, at import, before any threads start.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     path = Path(path)
@@ -23,6 +29,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         data = data.encode("utf-8")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
