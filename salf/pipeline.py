@@ -21,7 +21,7 @@ from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.gain import estimate_gains
 from salf.models import LoadedModel, _cap_max_length, _load_config, load_model, load_tokenizer
-from salf.plan import Plan, make_plan, model_fingerprint
+from salf.plan import Plan, check_policy, make_plan, model_fingerprint
 from salf.table import render_table
 from salf.trace import Trace, TraceConfig, trace_model
 from salf.train import TrainConfig
@@ -149,7 +149,10 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
          trace_file: str | None = None, figure: str | None = None, no_progress: bool = False, **_: Any) -> PlanResult:
     from salf.figures import plot_plan
+    from salf.gain import ESTIMATORS
 
+    check_policy(policy)  # fail in a second, not after a long trace
+    ESTIMATORS.get(estimator)
     loaded = load(model, data, task, label_mode, max_length, limit, seed)
     t0 = time.perf_counter()
     if trace_file:

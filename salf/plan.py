@@ -140,6 +140,12 @@ def parse_policy(text: str) -> tuple[str, float | None]:
         raise SalfError(f"policy value {raw!r} is not a number", f"write e.g. {name}=0.5") from None
 
 
+def check_policy(text: str) -> None:
+    """Reject a bad policy before any expensive work: run it on a trivial one-block curve."""
+    name, value = parse_policy(text)
+    POLICIES.get(name)(PolicyContext(benefit=np.array([1.0, 0.0]), cost=np.array([1.0, 0.0])), value)
+
+
 def benefit_curve(gains: np.ndarray) -> np.ndarray:
     """benefit[k] for k = 0..L: share of the total gain held by blocks k..L-1."""
     gains = np.clip(np.asarray(gains, dtype=float), 0.0, None)
