@@ -44,6 +44,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get
 
 from salf.arch import find_parts
 from salf.batch import Collator
+from salf.distributed import is_distributed, is_main_process, rank_and_world, reduce_step
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.freeze import FreezeReport, FreezeSpec, applied_report, apply_plan
@@ -121,6 +122,16 @@ class TrainConfig:
     """Show the Trainer's progress bar."""
     nan_check: bool = True
     """Stop at the first non-finite loss and report the step and the last good checkpoint."""
+    prefix_cache: str | None = None
+    """Directory of a frozen-prefix activation cache (``salf.cache``): built there on first use (reused
+    when its keys match, refused when stale), then training feeds it to the first trainable block."""
+    prefix_cache_dtype: str = "float32"
+    """Storage dtype of a new prefix cache: 'float32' or 'bfloat16' (half the disk, rounded states)."""
+    prefix_cache_rebuild: bool = False
+    """Rebuild the prefix cache even when one is there (stale or not)."""
+    ddp_find_unused_parameters: bool | None = None
+    """DDP's ``find_unused_parameters`` under torchrun/accelerate (None: the Trainer's default). Frozen
+    parameters never need it (see docs/DISTRIBUTED.md); per-datum boundaries do."""
 
     def __post_init__(self) -> None:
         def positive(name: str, value: float | None, allow_none: bool = True) -> None:
@@ -165,6 +176,12 @@ class TrainConfig:
             )
         if isinstance(self.lora_target_modules, list):
             self.lora_target_modules = tuple(self.lora_target_modules)
+        if self.prefix_cache_dtype not in ("float32", "bfloat16"):
+            raise SalfError(
+                f"prefix_cache_dtype must be 'float32' or 'bfloat16', got {self.prefix_cache_dtype!r}"
+            )
+        if self.prefix_cache is not None:
+            self.prefix_cache = str(self.prefix_cache)
 
 
 class TrainingInterrupted(SalfError):
@@ -254,6 +271,7 @@ class SalfCallback(TrainerCallback):
         self._step_cpu_start = 0.0
         self._step_losses: list[torch.Tensor] = []
         self._step_tokens = 0
+        self._normalized = False
         self._flop_mode: FlopCounterMode | None = None
         self._hook = None
         self._signal_received: int | None = None
@@ -315,11 +333,16 @@ class SalfCallback(TrainerCallback):
             self._step_tokens += ids.numel()
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
-            self._step_losses.append(loss.detach().float())
+            # A copy: the Trainer may scale the returned loss in place (by the world size) after this hook.
+            self._step_losses.append(loss.detach().float().clone())
+            # A loss divided by the token count of *all* ranks is each rank's share (the Trainer scales it
+            # back by the world size): see salf.distributed.reduce_step.
+            self._normalized = kwargs.get("num_items_in_batch") is not None
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_losses = []
         self._step_tokens = 0
+        self._normalized = False
         if self._steps_run < self.flop_sample_steps:
             self._flop_mode = FlopCounterMode(display=False)
             self._flop_mode.__enter__()
@@ -347,8 +370,19 @@ class SalfCallback(TrainerCallback):
         elif self._steps_run > self.timing_warmup_steps:
             self.step_seconds.append(seconds)
             self.step_cpu_seconds.append(cpu_seconds)
+        loss_tensor = (
+            torch.stack(self._step_losses).mean() if self._step_losses else torch.tensor(float("nan"))
+        )
+        if is_distributed():  # one global loss and token count on every rank, so all stop together on NaN
+            scale = (
+                rank_and_world()[1]
+                if self._normalized and getattr(args, "average_tokens_across_devices", False)
+                else 1
+            )
+            loss, self._step_tokens = reduce_step(loss_tensor, self._step_tokens, scale)
+        else:
+            loss = loss_tensor.item()
         self.padded_tokens += self._step_tokens
-        loss = torch.stack(self._step_losses).mean().item() if self._step_losses else float("nan")
         self.history.append(
             {
                 "step": state.global_step,
@@ -452,11 +486,29 @@ class _SalfTrainer(Trainer):
     """A ``Trainer`` whose AdamW gets the trainable parameters only, the head in its own group."""
 
     def __init__(
-        self, *args, head_param_ids: frozenset[int] = frozenset(), head_learning_rate: float, **kwargs
+        self,
+        *args,
+        head_param_ids: frozenset[int] = frozenset(),
+        head_learning_rate: float,
+        train_batch_sampler: torch.utils.data.Sampler | None = None,
+        **kwargs,
     ):
         self.head_param_ids = head_param_ids
         self.head_learning_rate = head_learning_rate
+        self.train_batch_sampler = train_batch_sampler
         super().__init__(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -540,8 +592,10 @@ def _pad_id(tokenizer_or_pad_id: Any, model: nn.Module) -> tuple[int, Any]:
     )
 
 
-def _prepare_out_dir(out: Path, config: TrainConfig) -> str | None:
-    """Refuse to clobber a previous run; returns the checkpoint to resume from (or None)."""
+def _prepare_out_dir(out: Path, config: TrainConfig, main: bool = True) -> str | None:
+    """Refuse to clobber a previous run; returns the checkpoint to resume from (or None).
+
+    Under torchrun only the main process (``main``) checks and cleans: the others would race with it."""
     ckpt_dir = out / "checkpoints"
     if config.resume:
         if isinstance(config.resume, (str, os.PathLike)) and not isinstance(config.resume, bool):
@@ -558,6 +612,8 @@ def _prepare_out_dir(out: Path, config: TrainConfig) -> str | None:
                 f"nothing to resume: no checkpoint in {ckpt_dir}", "run without resume to start training"
             )
         return last
+    if not main:
+        return None
     if out.exists() and not out.is_dir():
         raise SalfError(f"the output path {out} is a file", "give a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -645,9 +701,12 @@ def _training_arguments(config: TrainConfig, ckpt_dir: Path, task: str, has_eval
         logging_nan_inf_filter=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=config.ddp_find_unused_parameters,
     )
     if config.bf16 and not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # the Trainer refuses bf16 without a GPU unless told to autocast on the CPU
+    if rank_and_world()[1] > 1 and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # accelerate sets up DDP on CPUs (gloo) only when told the run is on the CPU
     if config.gradient_checkpointing:
         if "activation_checkpointing" in names:  # transformers >= 5.x
             kwargs.update(
@@ -680,12 +739,18 @@ def train(
     task: str = "lm",
     *,
     callbacks: Sequence[TrainerCallback] = (),
+    boundaries: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` with ``spec`` (None: full fine-tuning); returns the metrics written to metrics.json.
 
     The model is trained in place (with LoRA, adapters are injected into it). Raises ``SalfError`` on
     a non-finite loss (naming the step and the last good checkpoint) and ``TrainingInterrupted`` after
     SIGINT/SIGTERM (a checkpoint is saved first).
+
+    ``boundaries``: one boundary per training datum (``salf.perdatum``); batches then group data of one
+    boundary and each step trains from its batch's boundary up (``spec`` must be None or the boundary
+    of the smallest). ``config.prefix_cache`` trains from a frozen-prefix cache (``salf.cache``).
+    Under torchrun/accelerate only the main process writes files (docs/DISTRIBUTED.md).
     """
     if task not in TASKS:
         raise SalfError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
@@ -696,17 +761,52 @@ def train(
         _check_data(eval_data, task, "evaluation")
     pad_id, tokenizer = _pad_id(tokenizer_or_pad_id, model)
     out = Path(out_dir)
-    resume_from = _prepare_out_dir(out, config)
+    main = is_main_process()
+    resume_from = _prepare_out_dir(out, config, main)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
 
     num_layers = find_parts(model).num_layers
+    if boundaries is not None:
+        from salf.perdatum import base_spec
+
+        spec = base_spec(boundaries, len(train_data), num_layers, spec, config.prefix_cache)
     spec = spec if spec is not None else FreezeSpec.full(num_layers)
     if config.lora:
         model = _add_lora(model, spec, config, task)
     report = apply_plan(model, spec)
     callback: SalfCallback | None = None
+    batching: Any = None  # salf.cache.CachedTraining | salf.perdatum.PerDatumTraining
     try:
+        train_dataset: torch.utils.data.Dataset = _ListDataset(train_data)
+        collator: Any = Collator(pad_id)
+        batch_sampler = None
+        args = _training_arguments(config, ckpt_dir, task, eval_data is not None)
+        if config.prefix_cache is not None:
+            from salf.cache import prepare_cached_training
+
+            batching = prepare_cached_training(
+                model,
+                train_data,
+                report.prefix_blocks,
+                config.prefix_cache,
+                pad_id,
+                tokenizer=tokenizer,
+                dtype=config.prefix_cache_dtype,
+                rebuild=config.prefix_cache_rebuild,
+                batch_size=config.eval_batch_size or config.batch_size,
+                show_progress=config.show_progress,
+                device=args.device,  # build on the training device, where the Trainer puts the model anyway
+            )
+        elif boundaries is not None:
+            from salf.perdatum import prepare_per_datum_training
+
+            batching = prepare_per_datum_training(
+                model, train_data, boundaries, pad_id, batch_size=config.batch_size, seed=config.seed
+            )
+            batch_sampler = batching.sampler
+        if batching is not None:
+            train_dataset, collator = batching.dataset, batching.collator
         inner = model.get_base_model() if config.lora else model
         parts = find_parts(inner)
         head_ids = frozenset(id(p) for n, p in inner.named_parameters() if parts.group_of(n) == "head")
@@ -721,18 +821,18 @@ def train(
             nan_check=config.nan_check,
             raise_on_nan=False,
         )
-        args = _training_arguments(config, ckpt_dir, task, eval_data is not None)
         trainer = _SalfTrainer(
             model=model,
             args=args,
-            data_collator=Collator(pad_id),
-            train_dataset=_ListDataset(train_data),
+            data_collator=collator,
+            train_dataset=train_dataset,
             eval_dataset=_ListDataset(eval_data) if eval_data is not None else None,
             processing_class=tokenizer,
             compute_metrics=_classification_metrics if task == "classification" else None,
             callbacks=[callback, *callbacks],
             head_param_ids=head_ids,
             head_learning_rate=head_lr,
+            train_batch_sampler=batch_sampler,
         )
         resumed_step = None
         if resume_from is not None:
@@ -748,7 +848,8 @@ def train(
         finally:
             train_seconds = time.perf_counter() - start
             history = _merge_history(out / "history.json", resumed_step, callback.history)
-            write_json(out / "history.json", history)
+            if main:
+                write_json(out / "history.json", history)
         if callback.nan_step is not None:
             raise callback.nan_error(config.learning_rate)
         if callback.interrupted_step is not None and trainer.state.global_step < trainer.state.max_steps:
@@ -772,15 +873,15 @@ def train(
         report.remove()  # the saved model and the caller's model carry no hooks
 
         model_dir = out / "model"
-        if config.lora:
+        if main and config.lora:
             model.save_pretrained(str(model_dir), safe_serialization=True)
             if config.lora_save_merged:
                 model.merge_and_unload().save_pretrained(str(out / "model-merged"))
-        else:
+        elif main:
             model.save_pretrained(str(model_dir))
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        if main and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(model_dir))
-        if plan_dict is not None:
+        if main and plan_dict is not None:
             write_json(out / "plan.json", plan_dict)
 
         padded_tokens = sum(int(h.get("tokens", 0)) for h in history)
@@ -811,13 +912,18 @@ def train(
                 "config": asdict(config),
             }
         )
+        if batching is not None:
+            metrics.update(batching.metrics())
     finally:
         if callback is not None:
             callback.close()
+        if batching is not None:
+            batching.remove()
         report.remove()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    write_json(out / "metrics.json", metrics)
+    if main:
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
