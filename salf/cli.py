@@ -74,6 +74,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank used by the cost model")
     g.add_argument("--trace-file", default=None, help="reuse a trace written by `salf trace` instead of tracing again")
     g.add_argument("--figure", default=None, help="also write the plan figure (PNG) here (default: beside --out)")
+    g.add_argument("--per-datum", action="store_true",
+                   help="also give each traced datum its own boundary from its own trace (train with --per-datum)")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -94,6 +96,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     g.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     g.add_argument("--bf16", action="store_true", help="train in bf16 mixed precision")
+    g.add_argument("--prefix-cache", default=None, metavar="DIR",
+                   help="compute the frozen prefix's output once into DIR and train the suffix from it (refused if stale)")
+    g.add_argument("--per-datum", action="store_true",
+                   help="train each batch at its data's own boundary (needs a plan made with --per-datum)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -147,7 +147,8 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
          limit: int | None = None, seed: int = 0, lens: str | None = None, sample_size: int = 256,
          trace_batch_size: int = 8, pooling: str = "auto", policy: str = "knee", estimator: str = "transition",
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
-         trace_file: str | None = None, figure: str | None = None, no_progress: bool = False, **_: Any) -> PlanResult:
+         trace_file: str | None = None, figure: str | None = None, per_datum: bool = False, no_progress: bool = False,
+         **_: Any) -> PlanResult:
     from salf.figures import plot_plan
     from salf.gain import ESTIMATORS
 
@@ -160,7 +161,7 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
     else:
         trace_result = run_trace(loaded, lens, sample_size, trace_batch_size, pooling, seed, not no_progress)
     t1 = time.perf_counter()
-    result = run_plan(loaded, trace_result, policy, estimator, cost_seq, cost_batch, lora, lora_rank, seed)
+    result = run_plan(loaded, trace_result, policy, estimator, cost_seq, cost_batch, lora, lora_rank, seed, per_datum)
     t2 = time.perf_counter()
     out_path = result.save(out)
     fig_path = plot_plan(result, figure or Path(out).with_suffix(".png"))
@@ -210,8 +211,8 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
           plan: str | None = None, max_steps: int | None = None, epochs: float = 1.0, batch_size: int = 8,
           lr: float = 5e-5, head_lr: float | None = None, lora: bool = False, lora_rank: int = 8,
           gradient_checkpointing: bool = False, eval_steps: int | None = None, save_steps: int = 200,
-          resume: bool = False, overwrite: bool = False, bf16: bool = False, no_progress: bool = False,
-          **_: Any) -> TrainResult:
+          resume: bool = False, overwrite: bool = False, bf16: bool = False, prefix_cache: str | None = None,
+          per_datum: bool = False, no_progress: bool = False, **_: Any) -> TrainResult:
     loaded = load(model, data, task, label_mode, max_length, limit, seed)
     train_data, held_out = (loaded.data, None) if eval_data else split_holdout(loaded.data, eval_fraction, seed)
     if eval_data:
@@ -224,8 +225,26 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     config = TrainConfig(max_steps=max_steps, epochs=epochs, batch_size=batch_size, learning_rate=lr,
                          head_learning_rate=head_lr, lora=lora, lora_rank=lora_rank,
                          gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps,
-                         resume=resume, overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress)
+                         resume=resume, overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress,
+                         prefix_cache=prefix_cache)
+    boundaries = None
+    if per_datum:
+        if plan_obj is None or plan_obj.per_datum_boundaries is None:
+            raise SalfError("--per-datum needs a plan with per-datum boundaries", "make the plan with `salf plan --per-datum`")
+        boundaries = datum_boundaries_for(plan_obj, loaded.data, train_data)
     metrics = run_training(loaded.model.model, loaded.model.tokenizer, train_data.data, held_out.data,
                            plan_obj.freeze_spec() if plan_obj else None, config, out,
-                           plan_dict=plan_obj.to_dict() if plan_obj else None, task=loaded.data.task)
+                           plan_dict=plan_obj.to_dict() if plan_obj else None, task=loaded.data.task,
+                           boundaries=boundaries)
     return TrainResult(metrics, Path(out))
+
+
+def datum_boundaries_for(plan_obj: Plan, planned: TaskData, train_data: TaskData) -> list[int]:
+    """Each training datum's own boundary, matched by token ids to the data the plan traced.
+
+    The training data may be a held-out split of the planned file, so positions do not carry over;
+    token ids do. Data the trace did not sample get the plan's global boundary.
+    """
+    by_ids = {tuple(planned.data[i]["input_ids"]): k
+              for i, k in zip(plan_obj.per_datum_indices or [], plan_obj.per_datum_boundaries or [])}
+    return [int(by_ids.get(tuple(d["input_ids"]), plan_obj.boundary)) for d in train_data.data]

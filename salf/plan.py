@@ -184,6 +184,9 @@ class Plan:
     model: dict[str, Any]
     data: dict[str, Any]
     per_datum_boundaries: list[int] | None = None
+    """Per-datum policy: one boundary per traced datum (from its own deviation trace)."""
+    per_datum_indices: list[int] | None = None
+    """Positions, in the planned data file, of the data ``per_datum_boundaries`` belong to."""
     format: int = PLAN_FORMAT
     salf_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -307,6 +310,7 @@ def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any]
         model=model_info,
         data=data_info,
         per_datum_boundaries=per_datum_boundaries(trace, cost, policy, seed) if per_datum else None,
+        per_datum_indices=[int(i) for i in trace.indices] if per_datum else None,
     )
 
 

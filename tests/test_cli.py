@@ -283,3 +283,36 @@ def test_sequences_longer_than_the_model_are_truncated_counted_and_warned(tmp_pa
                            "--json", *FAST_TRAIN)
     assert rc == 0, err
     assert json.loads(out)["padded_tokens"] <= 3 * 4 * 16  # no batch longer than the model's 16 positions
+
+
+# --------------------------------------------------------------------- beyond the paper, from the CLI
+
+
+def test_per_datum_plan_and_training(tmp_path, capsys, llama, text_file):
+    plan_path = tmp_path / "plan.json"
+    rc, _, err = run(capsys, "plan", "--model", llama, "--data", text_file, "--out", plan_path, "--per-datum",
+                     "--policy", "budget=0.8", *FAST_TRACE)
+    assert rc == 0, err
+    plan = json.loads(plan_path.read_text())
+    assert len(plan["per_datum_boundaries"]) == len(plan["per_datum_indices"]) == 16
+    assert all(0 <= k <= plan["num_layers"] for k in plan["per_datum_boundaries"])
+    rc, out, err = run(capsys, "train", "--model", llama, "--data", text_file, "--plan", plan_path, "--per-datum",
+                       "--out", tmp_path / "run", "--json", *FAST_TRAIN)
+    assert rc == 0, err
+    assert json.loads(out)["steps"] == 3
+
+
+def test_per_datum_training_needs_a_per_datum_plan(tmp_path, capsys, lm_plan, llama, text_file):
+    rc, _, err = run(capsys, "train", "--model", llama, "--data", text_file, "--plan", lm_plan, "--per-datum",
+                     "--out", tmp_path / "run", *FAST_TRAIN)
+    assert_clear_error(rc, err, "per-datum")
+
+
+def test_prefix_cache_from_the_cli(tmp_path, capsys, llama, text_file):
+    plan_path = tmp_path / "plan.json"
+    assert run(capsys, "plan", "--model", llama, "--data", text_file, "--out", plan_path, "--policy", "budget=0.7", *FAST_TRACE)[0] == 0
+    rc, out, err = run(capsys, "train", "--model", llama, "--data", text_file, "--plan", plan_path,
+                       "--prefix-cache", tmp_path / "cache", "--out", tmp_path / "run", "--json", *FAST_TRAIN)
+    assert rc == 0, err
+    assert (tmp_path / "cache" / "manifest.json").exists()
+    assert json.loads(out)["steps"] == 3
