@@ -34,6 +34,7 @@ import os
 import shutil
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -1160,6 +1161,32 @@ def _quiet_transformers() -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
+def complete_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of every (task, seed) whose oracle sweep finished (all boundaries 0..L), plus task records.
+
+    A benchmark stopped mid-seed leaves a partial sweep, which would make regret and the frontier lie.
+    """
+    records = list(records)
+    layers = {r["task"]: r["num_layers"] for r in records if r.get("kind") == "meta"}
+    oracle: dict[tuple[str, Any], set[str]] = defaultdict(set)
+    for r in records:
+        if r.get("variant", "").startswith("oracle/"):
+            oracle[(r["task"], r["seed"])].add(r["variant"])
+    done = {key for key, variants in oracle.items() if len(variants) >= layers.get(key[0], 0) + 1}
+    return [r for r in records if r.get("seed") is None or (r["task"], r["seed"]) in done]
+
+
+def report_bench(suite: BenchSuite, out_dir: str | Path) -> BenchResult:
+    """Write the reports of the finished seeds in ``out_dir/runs.json`` without training anything."""
+    started = time.perf_counter()
+    out = Path(out_dir)
+    store = RunStore(out / "runs.json", suite, resume=True)
+    if not store.records:
+        raise SalfError(f"{out / 'runs.json'} holds no runs", f"run `salf bench --suite {suite.name} --out {out}` first")
+    analysis, paths = write_reports(suite, complete_records(store.records.values()), out)
+    return BenchResult(suite, out, analysis, 0, len(store.records), time.perf_counter() - started, paths)
+
+
 def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_progress: bool = True) -> BenchResult:
     """Run (or resume) ``suite`` into ``out_dir``; finished runs in ``out_dir/runs.json`` are not repeated."""
     started = time.perf_counter()
@@ -1198,8 +1225,8 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
 
 
 def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None, resume: bool = True,
-          no_progress: bool = False, threads: int | None = None, **_: Any) -> BenchResult:
-    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--threads N] [--no-resume]``.
+          no_progress: bool = False, threads: int | None = None, report_only: bool = False, **_: Any) -> BenchResult:
+    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--threads N] [--no-resume] [--report-only]``.
 
     ``suite``: a name in ``bench/`` (smoke, minilm, causal, full) or a suite file; ``out`` defaults to
     ``bench_out/<suite>``; ``seeds`` replaces every task's seeds; ``threads`` the suite's torch threads.
@@ -1209,4 +1236,6 @@ def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None
         loaded = loaded.with_seeds(parse_seeds(seeds))
     if threads is not None:
         loaded = dataclasses.replace(loaded, threads=threads)
+    if report_only:
+        return report_bench(loaded, out or f"bench_out/{loaded.name}")
     return run_bench(loaded, out or f"bench_out/{loaded.name}", resume=resume, show_progress=not no_progress)

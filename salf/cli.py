@@ -67,7 +67,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan")
     g.add_argument("--policy", default="knee",
                    help="knee | budget=C (step cost <= C x full) | coverage=T (>= T of the gain) | full | freeze-first-half | train-last-quarter | random")
-    g.add_argument("--estimator", default="transition", help="transition | headroom | observed | best-layer")
+    g.add_argument("--estimator", default="headroom",
+                   help="headroom (default, chosen by the benchmark) | transition | observed | best-layer")
     g.add_argument("--cost-seq", type=int, default=None, help="sequence length for the cost model (default: the data's mean length)")
     g.add_argument("--cost-batch", type=int, default=8, help="batch size for the cost model")
     g.add_argument("--lora", action="store_true", help="cost the plan for LoRA instead of full fine-tuning of the suffix")
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="replace every task's seeds, e.g. 0,1,2 or 0-2")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the suite's)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="rerun finished runs instead of skipping them")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite results.md, frontier.png and summary.json from the seeds finished so far")
 
     p = add("cost", "Per-boundary step FLOPs, memory and projected step time of a model, from its config alone.")
     p.add_argument("--config", required=True, help="a config.json file or folder, or a hub name (needs network)")

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from salf.corpora import build_corpus
+from salf.data import DataConfig, load_task_data
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.models import minilm_path
-from salf.pipeline import Loaded, load, run_plan, run_trace
+from salf.pipeline import load, run_plan, run_trace
 from salf.plan import Plan
 from salf.table import render_table
 from salf.train import TrainConfig
@@ -69,11 +70,6 @@ class DemoResult:
                 "table": self.rows()}
 
 
-def _fresh(loaded_args: dict[str, Any]) -> Loaded:
-    """Reload the pretrained model so each run starts from the same weights."""
-    return load(**loaded_args)
-
-
 def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: int = 0, overwrite: bool = False,
          no_progress: bool = False, **_: Any) -> DemoResult:
     from salf.figures import plot_plan
@@ -87,7 +83,7 @@ def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: i
     args = dict(model=minilm_path(), data=str(files.train_path), max_length=DEMO_MAX_LENGTH, seed=seed)
 
     t0 = time.perf_counter()
-    loaded = _fresh(args)
+    loaded = load(**args)
     trace = run_trace(loaded, seed=seed, show_progress=not no_progress)
     plan = run_plan(loaded, trace, policy=policy, cost_batch=DEMO_BATCH, seed=seed)
     profiling = time.perf_counter() - t0
@@ -98,18 +94,12 @@ def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: i
                          warmup_ratio=0.06, save_steps=None, seed=seed, show_progress=not no_progress)
     runs = {}
     for name, spec in (("full", None), ("planned", plan.freeze_spec())):
-        run = _fresh(args)
-        from salf.data import load_task_data
-
-        eval_data = load_task_data(files.eval_path, run.model.tokenizer, _eval_config(), label_names=run.data.label_names)
+        run = load(**args)  # each run starts from the pretrained weights
+        eval_data = load_task_data(files.eval_path, run.model.tokenizer, DataConfig(max_length=DEMO_MAX_LENGTH),
+                                   label_names=run.data.label_names)
         runs[name] = run_training(run.model.model, run.model.tokenizer, run.data.data, eval_data.data, spec, config,
                                   out_dir / name, plan_dict=plan.to_dict() if spec else None, task=run.data.task)
     result = DemoResult(plan, runs, profiling, out_dir)
     write_json(out_dir / "demo.json", result.to_json())
     return result
 
-
-def _eval_config():
-    from salf.data import DataConfig
-
-    return DataConfig(max_length=DEMO_MAX_LENGTH)

@@ -19,6 +19,10 @@ from salf.registry import Registry
 
 Estimator = Callable[[np.ndarray, "DepthFit"], np.ndarray]
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
+# Chosen by the benchmark's regret table (BENCHMARKS.md, "Choosing the defaults"): 'transition'
+# planned full fine-tuning on every real task (no saving); 'headroom' saved 24-35% of the step FLOPs
+# with the smallest regret of the estimators that saved anything.
+DEFAULT_ESTIMATOR = "headroom"
 
 # Starting exponents for the fit: the cost surface has several basins on short or noisy traces
 # (a sharp early drop wants a large alpha, a slow decline a small one), so a few starts are tried.
@@ -179,7 +183,7 @@ def best_layer_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
     return gains
 
 
-def estimate_gains(trace_mean: np.ndarray, estimator: str = "transition") -> Gains:
+def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR) -> Gains:
     """Fit the depth law to the trace and turn it into per-block gains with the named estimator.
 
     A trace with no gain anywhere (flat, or rising everywhere) gets uniform gains, with a note.
