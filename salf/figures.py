@@ -58,6 +58,8 @@ def plan_figure_png(plan: Plan) -> bytes:
     _draw_gains(axes[1], plan)
     _draw_tradeoff(axes[2], plan)
     name = plan.model.get("name_or_path") or plan.model.get("model_type", "model")
+    if "/" in name and Path(name).is_absolute():  # a local folder: its last two parts say enough
+        name = "/".join(Path(name).parts[-2:])
     fig.suptitle(f"salf plan for {name}: train blocks {plan.boundary}..{plan.num_layers - 1}, "
                  f"predicted step cost {plan.predicted.get('step_flops_ratio', float('nan')):.2f}x full")
     fig.tight_layout()
