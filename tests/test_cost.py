@@ -284,3 +284,18 @@ def test_mistakes_raise_salf_errors():
         CostProfile.from_dict({**p.to_dict(), "forward_blocks": p.forward_blocks[:2]})
     with pytest.raises(ValueError, match="modes"):
         CostProfile.from_dict({**p.to_dict(), "backward_blocks": {m: p.backward_blocks[m] for m in MODES[:2]}})
+
+
+def test_lora_on_planned_blocks_saves_what_the_cost_model_predicts():
+    """LoRA placed only at and above the boundary (the planned blocks) against LoRA on every block:
+    the measured saving of a real peft step equals the predicted one."""
+    from peft import get_peft_model
+
+    costs = boundary_costs(_lora_profile("llama", "causal-lm"), train_head=False)
+    batch = _batch("causal-lm", seed=3)
+    measured = {}
+    for k in (0, 2):
+        base = _model("llama", "causal-lm")
+        measured[k] = measure_step_flops(get_peft_model(base, lora_config_for(base, 4, range(k, 4))), batch).total
+    assert measured[2] < measured[0]
+    assert measured[2] / measured[0] == pytest.approx(costs[2].total / costs[0].total, rel=1e-6)
