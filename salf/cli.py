@@ -88,7 +88,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is absent")
     g.add_argument("--batch-size", type=int, default=8, help="per-device training batch size")
     g.add_argument("--lr", type=float, default=5e-5, help="learning rate of the pretrained weights")
-    g.add_argument("--head-lr", type=float, default=None, help="learning rate of a freshly initialised head (default 20 x --lr)")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the head (default: 1e-3 for a freshly initialised classification head, else --lr)")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the planned blocks instead of full weights")
     g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
