@@ -75,7 +75,7 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     _check_local(name)
     label_kwargs = _label_kwargs(task, num_labels, label_names)
-    config = _load_config(name, label_kwargs)
+    config = load_config(name, label_kwargs)
     model_type = config.model_type
     spec = ARCHITECTURES.get(model_type)
     if task != "classification" and spec is not None and spec.encoder:
@@ -162,7 +162,7 @@ def _declared_type(name: str) -> str | None:
         return None
 
 
-def _load_config(name: str, kwargs: dict):
+def load_config(name: str, kwargs: dict):
     from transformers import AutoConfig
 
     try:
@@ -200,11 +200,15 @@ def _not_found(name: str, error: Exception) -> SalfError:
     )
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, config=None):
+    """The model's tokenizer, its ``model_max_length`` capped at the model's positions when ``config`` is given."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if config is not None:
+            _cap_max_length(config, tokenizer)
+        return tokenizer
     except (OSError, ValueError, TypeError) as e:
         raise SalfError(
             f"cannot load the tokenizer of {name!r}: {_first_line(e)}",

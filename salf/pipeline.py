@@ -7,7 +7,6 @@ code. Results carry ``render()`` (terminal table) and ``to_json()``.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +19,12 @@ from salf.data import DataConfig, TaskData, load_task_data, split_holdout
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.gain import DEFAULT_ESTIMATOR, estimate_gains
-from salf.models import LoadedModel, _cap_max_length, _load_config, load_model, load_tokenizer
+from salf.models import LoadedModel, load_config, load_model, load_tokenizer
 from salf.plan import Plan, check_policy, make_plan, model_fingerprint
 from salf.table import render_table
 from salf.trace import Trace, TraceConfig, trace_model
 from salf.train import TrainConfig
 from salf.train import train as run_training
-
-log = logging.getLogger(__name__)
-MODEL_TASK = {"lm": "lm", "completion": "completion", "classification": "classification"}
 
 
 @dataclass
@@ -43,10 +39,9 @@ def load(model: str, data: str, task: str | None = None, label_mode: str = "head
          limit: int | None = None, seed: int = 0, label_names: list[str] | None = None) -> Loaded:
     """Tokenize ``data`` with the model's tokenizer, then load the model with a head for its task."""
     config = DataConfig(task=task, label_mode=label_mode, max_length=max_length, limit=limit, seed=seed)
-    tokenizer = load_tokenizer(model)
     # Truncate to the model's positions, as load_model caps its own tokenizer: a saved tokenizer may
     # carry no limit (GPT-2 style), and longer sequences would overrun learned position embeddings.
-    _cap_max_length(_load_config(model, {}), tokenizer)
+    tokenizer = load_tokenizer(model, load_config(model, {}))
     task_data = load_task_data(data, tokenizer, config, label_names=label_names)
     loaded = load_model(model, task_data.task, label_names=task_data.label_names if task_data.task == "classification" else None)
     return Loaded(loaded, task_data)
@@ -232,8 +227,9 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
         if plan_obj is None or plan_obj.per_datum_boundaries is None:
             raise SalfError("--per-datum needs a plan with per-datum boundaries", "make the plan with `salf plan --per-datum`")
         boundaries = datum_boundaries_for(plan_obj, loaded.data, train_data)
-    metrics = run_training(loaded.model.model, loaded.model.tokenizer, train_data.data, held_out.data,
-                           plan_obj.freeze_spec() if plan_obj else None, config, out,
+    # With per-datum boundaries each batch gets its own spec; train() derives the widest one itself.
+    spec = plan_obj.freeze_spec() if plan_obj is not None and boundaries is None else None
+    metrics = run_training(loaded.model.model, loaded.model.tokenizer, train_data.data, held_out.data, spec, config, out,
                            plan_dict=plan_obj.to_dict() if plan_obj else None, task=loaded.data.task,
                            boundaries=boundaries)
     return TrainResult(metrics, Path(out))
