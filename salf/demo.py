@@ -20,6 +20,7 @@ from salf.fileio import write_json
 from salf.models import minilm_path
 from salf.pipeline import load, run_plan, run_trace
 from salf.plan import Plan
+from salf.report import write_report
 from salf.table import render_table
 from salf.train import TrainConfig
 from salf.train import train as run_training
@@ -63,7 +64,7 @@ class DemoResult:
         return (f"{table}\n\nmeasured step-time saving {saving:.1%} (predicted {self.plan.predicted['step_flops_saving']:.1%}); "
                 f"profiling took {self.profiling_seconds:.1f}s = {self.profiling_seconds / planned['train_seconds']:.1%} "
                 f"of the planned fine-tuning\nplan: {self.out / 'plan.json'}  figure: {self.out / 'plan.png'}  "
-                f"results: {self.out / 'demo.json'}")
+                f"results: {self.out / 'demo.json'}  report: {self.out / 'report.html'}")
 
     def to_json(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "runs": self.runs, "profiling_seconds": self.profiling_seconds,
@@ -101,5 +102,6 @@ def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: i
                                   out_dir / name, plan_dict=plan.to_dict() if spec else None, task=run.data.task)
     result = DemoResult(plan, runs, profiling, out_dir)
     write_json(out_dir / "demo.json", result.to_json())
+    write_report(out_dir, out_dir / "report.html")
     return result
 
