@@ -11,7 +11,13 @@ seeds. For every task and seed the benchmark runs
    boundary: the same recipe, seed and data, so the run would be identical; nothing is retrained;
 3. **baselines** (``salf.bench_baselines.BASELINES``): depth-only policies, gradient-norm and
    hidden-state variability give boundaries (reusing the oracle runs); LoRA and LISA get their own runs;
-4. optionally a **ceiling** (full fine-tuning for ``ceiling_steps``) and **equal-compute** runs (each
+4. **per-datum** (METHOD §4, ``BenchSuite.per_datum``): the default lens's trace (the one the plans
+   above already made; not traced again), the default estimator and ``knee`` give every traced datum its
+   own boundary and every other datum the plan's global boundary; one run of its own trains each batch
+   at its data's boundary (``salf.train.train(..., boundaries=...)``) with the oracle's recipe, steps and
+   seed, and is compared with the single-boundary plan. Its FLOPs are every boundary's measured FLOPs per
+   padded token (the oracle run at that boundary) times the padded tokens it trained at that boundary;
+5. optionally a **ceiling** (full fine-tuning for ``ceiling_steps``) and **equal-compute** runs (each
    planned boundary trained for as many steps as fit in the full run's FLOPs).
 
 Everything lands in ``out_dir``: ``runs.json`` (every run and plan, rewritten atomically after each),
@@ -52,6 +58,17 @@ from salf.registry import Registry
 
 BENCH_FORMAT = 1
 POLICIES_DEFAULT = ("knee", "budget=0.5", "coverage=0.9")
+PER_DATUM_POLICY = "knee"
+"""Policy of the per-datum variant (its estimator is ``salf.gain.DEFAULT_ESTIMATOR``)."""
+PER_DATUM_FILL = "global"
+"""Boundary of the data the trace did not read (``salf.perdatum.datum_boundaries``)."""
+PER_DATUM_FLOPS_METHOD = (
+    "sum over boundaries k of (FLOPs per padded token at k x padded tokens this run trained at k); FLOPs per "
+    "padded token at k = the oracle run at k of the same seed (FlopCounterMode over its first step: same "
+    "model, recipe and instrument as every oracle cost), or, where that run has none, the cost model's "
+    "predicted step-FLOPs ratio of k times the measured k=0 value; padded tokens per boundary counted by the "
+    "boundary switcher on every training forward"
+)
 SUITE_DIRS = (Path("bench"), Path(__file__).resolve().parent.parent / "bench")
 """Where suite names are looked up (``<dir>/<name>.json``): the working directory's ``bench/``, then the repo's."""
 FIXTURE_BUILD = "python -m salf.fixtures --out {dir} --minutes 40"
@@ -160,6 +177,9 @@ class BenchSuite:
     """torch CPU threads (None: leave torch's default)."""
     keep_models: bool = False
     """Keep each run's fine-tuned weights (off: only metrics and history stay, to save disk)."""
+    per_datum: bool = True
+    """Also train the per-datum variant (one run per task and seed, from the default lens's trace); needs
+    the default lens among the traced ones. Not part of the recipe, so turning it on reuses finished runs."""
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -337,6 +357,13 @@ class PreparedTask:
         spec = ARCHITECTURES.get(config.model_type)
         prepared.encoder = bool(spec and spec.encoder)
         return prepared
+
+    def default_lens(self, chosen: list[str] | None) -> str | None:
+        """The lens ``salf plan`` uses for this task's labels, if it is among the traced ones."""
+        from salf.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+
+        lens = DEFAULT_LENS[CLASS_LABELS if self.data_task == "classification" else TOKEN_LABELS]
+        return lens if lens in self.lenses(chosen) else None
 
     def lenses(self, chosen: list[str] | None) -> list[str]:
         """The lenses that can read this task's labels with this model."""
@@ -621,6 +648,7 @@ class TaskBench:
         """Progress weight of the planned work of one seed (a training step weighs 1)."""
         t, n = self.t, self.p.num_layers
         runs = (n + 1) * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
+        runs += t.steps if self._per_datum_lens() else 0
         profiling = len(self.p.lenses(self.suite.lenses)) * self._trace_weight() + len(self._baselines())
         return runs + profiling + (t.ceiling_steps or 0)
 
@@ -629,6 +657,18 @@ class TaskBench:
 
     def _baselines(self) -> list[str]:
         return list(self.suite.baselines) if self.suite.baselines is not None else BASELINES.names()
+
+    def _per_datum_lens(self) -> str | None:
+        """The lens whose trace the per-datum variant uses (None: no per-datum variant)."""
+        return self.p.default_lens(self.suite.lenses) if self.suite.per_datum else None
+
+    @staticmethod
+    def per_datum_variants(lens: str) -> tuple[str, str]:
+        """(its boundaries, its run): the record names of the per-datum variant from ``lens``."""
+        from salf.gain import DEFAULT_ESTIMATOR
+
+        name = f"{lens}/{DEFAULT_ESTIMATOR}/{PER_DATUM_POLICY}"
+        return f"salf-per-datum-plan/{name}", f"salf-per-datum/{name}"
 
     def meta(self) -> dict:
         def make() -> dict[str, Any]:
@@ -651,6 +691,8 @@ class TaskBench:
         baselines = self._run_baselines(seed)
         for k in range(1, n + 1):
             oracle[k] = self._train(seed, f"oracle/k={k}", "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
+        if self._per_datum_lens():
+            self._per_datum(seed, oracle)
         if self.t.ceiling_steps:
             self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.t.ceiling_steps)
         if self.t.equal_compute:
@@ -663,7 +705,7 @@ class TaskBench:
                                                                        run, extra or {}))
 
     def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
-                  run: TrainVariant | None, extra: dict) -> dict[str, Any]:
+                  run: TrainVariant | None, extra: dict, boundaries: Sequence[int] | None = None) -> dict[str, Any]:
         from salf.train import TrainConfig, TrainingInterrupted
         from salf.train import train as run_training
 
@@ -686,7 +728,8 @@ class TaskBench:
                 contextlib.redirect_stdout(log):
             try:
                 metrics = run_training(lm.model, lm.tokenizer, self.loaded.data.data, self.eval_data.data, spec,
-                                       config, run_dir, task=self.loaded.data.task, callbacks=callbacks)
+                                       config, run_dir, task=self.loaded.data.task, callbacks=callbacks,
+                                       boundaries=boundaries)
             except TrainingInterrupted:
                 raise
             except SalfError as e:  # a diverged run is a result (recorded, not retried), not a crash
@@ -712,20 +755,30 @@ class TaskBench:
         from salf.gain import ESTIMATORS
 
         estimators = self.suite.estimators or ESTIMATORS.names()
+        per_datum_lens = self._per_datum_lens()
         records = []
         for lens in self.p.lenses(self.suite.lenses):
             variants = [f"salf/{lens}/{e}/{p}" for e in estimators for p in self.suite.policies]
             keys = [RunStore.key(self.t.name, seed, v) for v in variants]
-            if all(self.store.get(k, self.recipe) for k in keys):
+            planned = all(self.store.get(k, self.recipe) for k in keys)
+            # The per-datum boundaries come from this lens's trace: trace again only when they are lost
+            # (a runs.json from before the per-datum variant, whose plans are all finished).
+            per_datum = lens == per_datum_lens and not any(
+                self.store.get(RunStore.key(self.t.name, seed, v), self.recipe) for v in self.per_datum_variants(lens))
+            if planned and not per_datum:
                 self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(), None, "skip")
                 records += [self.store.get(k, self.recipe) for k in keys]
                 self.skipped += len(keys)
                 continue
-            records += self._trace_and_plan(seed, lens, estimators)
+            if planned:
+                records += [self.store.get(k, self.recipe) for k in keys]
+                self.skipped += len(keys)
+            records += self._trace_and_plan(seed, lens, [] if planned else estimators, per_datum)
         return records
 
-    def _trace_and_plan(self, seed: int, lens: str, estimators: list[str]) -> list[dict]:
-        from salf.gain import estimate_gains
+    def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
+        """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
+        from salf.gain import DEFAULT_ESTIMATOR, estimate_gains
         from salf.pipeline import data_info, model_info
         from salf.plan import make_plan
         from salf.trace import TraceConfig, trace_model
@@ -739,16 +792,17 @@ class TaskBench:
         trace_seconds = time.perf_counter() - started
         info_model, info_data = model_info(lm), data_info(self.loaded.data)
         out = []
+        gains_of: dict[str, tuple[Any, float]] = {}
         for estimator in estimators:
             started = time.perf_counter()
             gains = estimate_gains(trace.mean, estimator)  # the same for every policy
-            gain_seconds = time.perf_counter() - started
+            gains_of[estimator] = gains, time.perf_counter() - started
             for policy in self.suite.policies:
                 variant = f"salf/{lens}/{estimator}/{policy}"
                 key = RunStore.key(self.t.name, seed, variant)
                 started = time.perf_counter()
                 plan = make_plan(trace, gains, costs["step_costs"], policy, info_model, info_data, seed=seed)
-                plan_seconds = gain_seconds + time.perf_counter() - started
+                plan_seconds = gains_of[estimator][1] + time.perf_counter() - started
                 profiling = trace_seconds + costs["seconds"] + plan_seconds
                 record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
                           "kind": "plan", "boundary": plan.boundary, "status": "done", "lens": lens,
@@ -758,11 +812,74 @@ class TaskBench:
                                       "predicted": plan.predicted, "note": gains.note},
                           "seconds": profiling, "finished": _now()}
                 out.append(record)
+        if per_datum:
+            started = time.perf_counter()
+            if DEFAULT_ESTIMATOR in gains_of:
+                gains, gain_seconds = gains_of[DEFAULT_ESTIMATOR]
+            else:
+                gains = estimate_gains(trace.mean, DEFAULT_ESTIMATOR)
+                gain_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            plan = make_plan(trace, gains, costs["step_costs"], PER_DATUM_POLICY, info_model, info_data, seed=seed,
+                             per_datum=True)
+            plan_seconds = gain_seconds + time.perf_counter() - started
+            profiling = trace_seconds + costs["seconds"] + plan_seconds
+            variant = self.per_datum_variants(lens)[0]
+            out.append({"key": RunStore.key(self.t.name, seed, variant), "task": self.t.name, "seed": seed,
+                        "variant": variant, "recipe": self.recipe, "kind": "per-datum-plan", "status": "done",
+                        "lens": lens, "estimator": DEFAULT_ESTIMATOR, "policy": PER_DATUM_POLICY,
+                        "boundary": plan.boundary, "n_train": len(self.loaded.data.data),
+                        # rows of the trace are positions in the training data (trace_model read that list)
+                        "traced_indices": plan.per_datum_indices, "traced_boundaries": plan.per_datum_boundaries,
+                        "profiling_seconds": profiling, "trace_seconds": trace_seconds,
+                        "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
+                        "details": {"trace": plan.trace, "gains": plan.gains, "predicted": plan.predicted,
+                                    "note": gains.note},
+                        "seconds": profiling, "finished": _now()})
         self.store.add(*out)
+        plans = [r for r in out if r["kind"] == "plan"]
         self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(),
-                             time.perf_counter() - began, f"traced and planned ({len(out)} plans)")
+                             time.perf_counter() - began, f"traced and planned ({len(plans)} plans"
+                             + (", per-datum boundaries)" if per_datum else ")"))
         del lm
-        return out
+        return plans
+
+    def _per_datum(self, seed: int, oracle: dict[int, dict]) -> dict:
+        """The per-datum variant's own run: every batch trained from its data's boundary."""
+        lens = self._per_datum_lens()
+        assert lens is not None
+        plan_variant, variant = self.per_datum_variants(lens)
+
+        def make() -> dict[str, Any]:
+            from salf.perdatum import datum_boundaries
+
+            plan = self.store.get(RunStore.key(self.t.name, seed, plan_variant), self.recipe)
+            if plan is None:
+                raise SalfError(f"{self.t.name} seed {seed}: the per-datum boundaries of lens {lens} are missing",
+                                "rerun the benchmark with resume: the trace is redone")
+            n, data = self.p.num_layers, self.loaded.data.data
+            if plan["n_train"] != len(data):
+                raise SalfError(f"the per-datum boundaries were made for {plan['n_train']} training data, "
+                                f"the task has {len(data)}", "rerun without resume")
+            boundaries = datum_boundaries(plan["traced_boundaries"], plan["traced_indices"], len(data),
+                                          plan["boundary"], n, fill=PER_DATUM_FILL)
+            counts = np.bincount(boundaries, minlength=n + 1)
+            histogram = {str(k): int(c) for k, c in enumerate(counts) if c}
+            body = self._do_train(seed, variant, "per-datum", FreezeSpec.from_boundary(int(boundaries.min()), n),
+                                  None, self.t.steps, None, {}, boundaries=boundaries.tolist())
+            body.update(lens=lens, estimator=plan["estimator"], policy=plan["policy"], fill=PER_DATUM_FILL,
+                        global_boundary=plan["boundary"], boundary_histogram=histogram,
+                        mean_boundary=float(boundaries.mean()), n_traced=len(plan["traced_indices"]),
+                        traced_boundary_histogram=_histogram(plan["traced_boundaries"]),
+                        profiling_seconds=plan["profiling_seconds"])
+            if body["status"] == "done":
+                body["metrics"].update(per_datum_flops(body["metrics"], oracle, self.costs["ratio"]))
+                tokens = body["metrics"]["per_datum"]["padded_tokens_per_boundary"]
+                total = sum(tokens.values())
+                body["mean_boundary_trained"] = sum(int(k) * v for k, v in tokens.items()) / total if total else None
+            return body
+
+        return self._unit(seed, variant, self.t.steps, make)
 
     def _run_baselines(self, seed: int) -> list[dict]:
         out = []
@@ -809,6 +926,55 @@ class TaskBench:
             self.progress.grow(steps)
             self._train(seed, f"equal-compute/k={k}", "equal-compute", FreezeSpec.from_boundary(k, self.p.num_layers),
                         boundary=k, steps=steps, extra={"steps_for_full_flops": steps})
+
+
+def _histogram(boundaries: Iterable[int]) -> dict[str, int]:
+    counts: dict[int, int] = defaultdict(int)
+    for k in boundaries:
+        counts[int(k)] += 1
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
+def per_datum_flops(metrics: dict[str, Any], oracle: dict[int, dict], predicted_ratio: Sequence[float]) -> dict:
+    """The measured training FLOPs of a per-datum run (``PER_DATUM_FLOPS_METHOD``), to update its metrics.
+
+    ``salf.train`` counts FLOPs over the first step only, which trained from one boundary; here each
+    boundary's padded tokens are weighed by that boundary's measured FLOPs per padded token. The
+    first-step figures stay under ``*_first_step``; ``first_step_check`` compares the run's own count
+    with the oracle's at the boundary of its first step (same instrument; batch widths differ).
+    """
+
+    def measured(k: int) -> float | None:
+        record = oracle.get(k) or {}
+        return (record.get("metrics") or {}).get("flops_per_padded_token") if record.get("status") == "done" else None
+
+    per_datum = metrics.get("per_datum") or {}
+    tokens = {int(k): int(v) for k, v in (per_datum.get("padded_tokens_per_boundary") or {}).items()}
+    out: dict[str, Any] = {
+        "train_flops_first_step": metrics.get("train_flops"),
+        "train_flops_first_step_method": metrics.get("train_flops_method"),
+        "flops_per_padded_token_first_step": metrics.get("flops_per_padded_token"),
+        "train_flops_method": PER_DATUM_FLOPS_METHOD,
+    }
+    first = per_datum.get("first_boundary")
+    if first is not None:
+        out["first_step_check"] = {"boundary": first, "this_run": metrics.get("flops_per_padded_token"),
+                                   "oracle": measured(int(first))}
+    by_boundary, total = {}, 0.0
+    full = measured(0)
+    for k, count in sorted(tokens.items()):
+        per_token, source = measured(k), f"oracle/k={k}"
+        if per_token is None and full:
+            per_token, source = float(predicted_ratio[k]) * full, "predicted ratio x oracle/k=0"
+        if per_token is None:
+            return {**out, "train_flops": None, "flops_per_padded_token": None, "flops_by_boundary": None}
+        by_boundary[str(k)] = {"flops_per_padded_token": per_token, "padded_tokens": count,
+                               "flops": per_token * count, "source": source}
+        total += per_token * count
+    trained = sum(tokens.values())
+    return {**out, "train_flops": total if trained else None, "flops_by_boundary": by_boundary,
+            "flops_per_padded_token": total / trained if trained else None,
+            "padded_tokens_agree": trained == metrics.get("padded_tokens")}
 
 
 # --------------------------------------------------------------------------------------------- analysis
@@ -897,7 +1063,7 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
     rows: dict[str, list[dict]] = {}
     for r in records:
         kind = r.get("kind")
-        if kind not in ("plan", "baseline", "ceiling", "equal-compute") or r.get("status") != "done":
+        if kind not in ("plan", "per-datum", "baseline", "ceiling", "equal-compute") or r.get("status") != "done":
             continue
         if r.get("metrics"):  # its own run
             metrics = r["metrics"]
@@ -906,7 +1072,8 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
         else:
             continue
         p = point(r["seed"], metrics)
-        p.update(seed=r["seed"], boundary=r.get("boundary"), kind=kind,
+        boundary = r.get("mean_boundary") if kind == "per-datum" else r.get("boundary")
+        p.update(seed=r["seed"], boundary=boundary, kind=kind,
                  profiling_seconds=r.get("profiling_seconds"), reuses_oracle=not r.get("metrics"),
                  profiling_fraction=_ratio(r.get("profiling_seconds"), p["full_train_seconds"]))
         rows.setdefault(r["variant"], []).append(p)
@@ -940,8 +1107,37 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
     return {"data_task": data_task, "num_layers": n, "quality_metric": q_name, "higher_is_better": q_high,
             "seeds": seeds, "oracle": per_k, "variants": variants, "model": meta.get("model"),
             "unavailable": unavailable, "plan_regret": _plan_regret(rows),
+            "per_datum": _per_datum_comparison(records, oracle, point),
             "n_train": meta.get("n_train"), "n_eval": meta.get("n_eval"),
             "recipe": meta.get("task_config", {})}
+
+
+def _per_datum_comparison(records: list[dict], oracle: dict[int, dict[int, dict]],
+                          point: Callable[[int, dict], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each per-datum variant against its single-boundary plan (the oracle run at the global boundary)."""
+    fields = ("quality", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss")
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for r in records if r.get("kind") == "per-datum" and r.get("status") == "done"),
+                    key=lambda r: (r["variant"], r["seed"])):
+        seed, k = r["seed"], r.get("global_boundary")
+        single = point(seed, oracle[seed][k]) if k in oracle.get(seed, {}) else {}
+        entry = out.setdefault(r["variant"], {
+            "lens": r.get("lens"), "estimator": r.get("estimator"), "policy": r.get("policy"),
+            "single_variant": f"salf/{r.get('lens')}/{r.get('estimator')}/{r.get('policy')}", "per_seed": []})
+        entry["per_seed"].append({
+            "seed": seed, "global_boundary": k, "mean_boundary": r.get("mean_boundary"),
+            "mean_boundary_trained": r.get("mean_boundary_trained"), "boundary_histogram": r.get("boundary_histogram"),
+            "per_datum": {f: point(seed, r["metrics"])[f] for f in fields},
+            "single": {f: single.get(f) for f in fields}})
+    for entry in out.values():
+        seeds = entry["per_seed"]
+        entry["per_datum"] = {f: _stats(s["per_datum"][f] for s in seeds) for f in fields}
+        entry["single"] = {f: _stats(s["single"][f] for s in seeds) for f in fields}
+        entry["quality_gain"] = _stats(None if s["per_datum"]["quality"] is None or s["single"]["quality"] is None
+                                       else s["per_datum"]["quality"] - s["single"]["quality"] for s in seeds)
+        entry["mean_boundary"] = _stats(s["mean_boundary"] for s in seeds)
+        entry["global_boundary"] = _stats(s["global_boundary"] for s in seeds)
+    return out
 
 
 def _plan_regret(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -975,12 +1171,18 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _boundaries_text(v: dict[str, Any]) -> str:
+    if v["kind"] == "per-datum":  # the mean boundary of the training data, per seed
+        return "per datum, mean " + ",".join(f"{b:.2f}" for b in v["boundaries"])
+    return ",".join(str(b) for b in v["boundaries"])
+
+
 def _variant_rows(task: dict[str, Any], kinds: tuple[str, ...]) -> list[list[Any]]:
     rows = []
     for name, v in task["variants"].items():
         if v["kind"] not in kinds:
             continue
-        rows.append([name, ",".join(str(b) for b in v["boundaries"]), _fmt(v["quality"]), _fmt(v["loss"]),
+        rows.append([name, _boundaries_text(v), _fmt(v["quality"]), _fmt(v["loss"]),
                      _fmt(v["flops_ratio"]), _fmt(v["step_time_ratio"]), _fmt(v["regret"]), _fmt(v["regret_loss"]),
                      _fmt(v["profiling_seconds"], 1), _fmt(v["profiling_fraction"], 1, pct=True),
                      "oracle run" if v["reuses_oracle"] else "own run"])
@@ -991,6 +1193,31 @@ VARIANT_HEADERS = ("variant", "boundary per seed", "quality", "eval loss", "FLOP
                    "regret (quality)", "regret (loss)", "profiling s", "profiling / full train", "quality from")
 
 
+def _per_datum_section(comparison: dict[str, dict[str, Any]]) -> list[str]:
+    parts = ["### Per-datum vs single boundary", "",
+             "Per datum: every traced datum trained from its own boundary (its own deviation trace, the same "
+             "policy), every other datum from the plan's global boundary; one run of its own with the oracle "
+             "recipe, steps and seed, batches grouped by boundary. Single boundary: the plan from the same "
+             "trace, estimator and policy (the oracle run at its boundary). FLOPs of the per-datum run: "
+             "each boundary's measured FLOPs per padded token (its oracle run) times the padded tokens trained "
+             "there; step time is the median over its steps, which mix boundaries.", ""]
+    rows = []
+    for variant, e in comparison.items():
+        seeds = e["per_seed"]
+        single_k = ",".join(str(s["global_boundary"]) for s in seeds)
+        histogram = "; ".join(", ".join(f"k={k}: {n}" for k, n in (s["boundary_histogram"] or {}).items())
+                              for s in seeds)
+        for name, point, boundary, data in ((e["single_variant"], e["single"], single_k, f"all at k={single_k}"),
+                                            (variant, e["per_datum"], _fmt(e["mean_boundary"], 2), histogram)):
+            rows.append([name, boundary, _fmt(point["quality"]), _fmt(point["loss"]), _fmt(point["flops_ratio"]),
+                         _fmt(point["step_time_ratio"]), _fmt(point["regret"]), data])
+    parts += [_md_table(["variant", "mean boundary", "quality", "eval loss", "FLOPs x full", "step time x full",
+                         "regret (quality)", "training data per boundary"], rows), ""]
+    parts += [f"- `{variant}`: quality per datum minus single boundary {_fmt(e['quality_gain'])} "
+              f"over {len(e['per_seed'])} seed(s)" for variant, e in comparison.items()]
+    return [*parts, ""]
+
+
 def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) -> str:
     parts = [f"# salf bench: suite `{suite.name}`", "",
              f"{suite.description}".strip(), "",
@@ -999,8 +1226,8 @@ def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) 
              "",
              "**How to read this.** Every salf plan and every boundary baseline is scored with the oracle run at "
              "its boundary: the same recipe, seed and data, so that run is exactly what training the plan would "
-             "give (identical by construction; nothing is retrained). LoRA, LISA, ceiling and equal-compute rows are "
-             "runs of their own. Cost is the measured training FLOPs (FlopCounterMode) relative to full fine-tuning "
+             "give (identical by construction; nothing is retrained). LoRA, LISA, per-datum, ceiling and equal-compute "
+             "rows are runs of their own. Cost is the measured training FLOPs (FlopCounterMode) relative to full fine-tuning "
              "(k=0) of the same seed. Regret = quality of the best oracle boundary whose measured FLOPs are at most the "
              "row's, minus the row's quality (for the loss: the row's loss minus the best oracle loss); positive is "
              "worse, 0 means on the frontier, negative (own runs only) means better than every affordable boundary; "
@@ -1030,11 +1257,13 @@ def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) 
                              for p in policies)] for name, row in sorted(task["plan_regret"].items())]
             parts += ["### Regret of salf plans by lens/estimator and policy (quality / loss; 0 = on the frontier)", "",
                       _md_table(["lens/estimator", *policies], rows), ""]
-        for title, kinds in (("salf plans", ("plan",)), ("Baselines", ("baseline",)),
+        for title, kinds in (("salf plans", ("plan", "per-datum")), ("Baselines", ("baseline",)),
                              ("Ceiling and equal compute", ("ceiling", "equal-compute"))):
             rows = _variant_rows(task, kinds)
             if rows:
                 parts += [f"### {title}", "", _md_table(VARIANT_HEADERS, rows), ""]
+            if title == "salf plans" and task.get("per_datum"):
+                parts += _per_datum_section(task["per_datum"])
         if task["unavailable"]:
             parts += ["### Not available", "", *(f"- `{u['variant']}` seed {u['seed']}: {u['status']}: "
                                                  f"{(u['error'] or '').splitlines()[0]}" for u in task["unavailable"]), ""]
@@ -1074,13 +1303,15 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
                 color = colors.setdefault(f"{lens}/{estimator}", f"C{len(colors) % 10}")
                 ax.plot(x + jitter, y, markers.get(policy, "P"), color=color, ms=8, alpha=0.85, zorder=3,
                         label=f"salf {lens}/{estimator}" if policy == "knee" else None)
+            elif v["kind"] == "per-datum":
+                ax.plot(x, y, "P", color="crimson", ms=9, zorder=5, label=f"salf per datum ({variant.split('/', 1)[1]})")
             else:
                 ax.plot(x, y, "x" if v["reuses_oracle"] else "^", color="k", ms=7, zorder=4)
                 ax.annotate(variant.split("/", 1)[1], (x, y), fontsize=6, xytext=(3, 4), textcoords="offset points")
         ax.set_xlabel("measured training FLOPs / full fine-tuning")
         ax.set_ylabel(task["quality_metric"] + ("" if task["higher_is_better"] else " (lower is better)"))
-        ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9; "
-                     "x/▲ baselines", fontsize=9)
+        ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9, "
+                     "+ per datum; x/▲ baselines", fontsize=9)
         ax.legend(fontsize=6, loc="best")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -1113,7 +1344,7 @@ class BenchResult:
                 continue
             rows = []
             for variant, v in task["variants"].items():
-                rows.append([variant, ",".join(str(b) for b in v["boundaries"]), v["quality"]["mean"],
+                rows.append([variant, _boundaries_text(v), v["quality"]["mean"],
                              v["flops_ratio"]["mean"], v["regret"]["mean"], v["regret_loss"]["mean"]])
             title = f"{name}: quality = {task['quality_metric']}, cost = measured FLOPs x full, mean over {len(task['seeds'])} seed(s)"
             out.append(render_table(["variant", "k", "quality", "cost", "regret", "regret (loss)"], rows, title))

@@ -207,6 +207,10 @@ class BoundarySwitcher:
     """Wall time spent re-applying plans."""
     forwards: Counter = field(default_factory=Counter)
     """Training forwards per boundary."""
+    tokens: Counter = field(default_factory=Counter)
+    """Padded tokens (``input_ids.numel()``) of the training forwards per boundary."""
+    first: int | None = None
+    """Boundary of the first training forward (the step ``salf.train``'s FLOP counter samples)."""
     _model: nn.Module | None = field(repr=False, default=None)
     _parts: Any = field(repr=False, default=None)
     _handle: Any = field(repr=False, default=None)
@@ -254,6 +258,11 @@ def attach_per_datum(model: nn.Module) -> BoundarySwitcher:
             k = int(value.min().item())
             switcher.switch(k)
             switcher.forwards[k] += 1
+            if switcher.first is None:
+                switcher.first = k
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                switcher.tokens[k] += ids.numel()
         return args, kwargs
 
     switcher._handle = model.register_forward_pre_hook(take_boundary, with_kwargs=True)
@@ -306,6 +315,8 @@ class PerDatumTraining:
             "per_datum": {
                 "data_per_boundary": {str(k): counts[k] for k in sorted(counts)},
                 "forwards_per_boundary": {str(k): n for k, n in sorted(self.switcher.forwards.items())},
+                "padded_tokens_per_boundary": {str(k): n for k, n in sorted(self.switcher.tokens.items())},
+                "first_boundary": self.switcher.first,
                 "switches": self.switcher.switches,
                 "switch_seconds": self.switcher.switch_seconds,
             }

@@ -50,6 +50,8 @@ _LABEL_WORDS = {
     TOKEN_LABELS: "token labels (lists aligned with input_ids)",
     CLASS_LABELS: "class labels (one int)",
 }
+DEFAULT_LENS = {CLASS_LABELS: "probe", TOKEN_LABELS: "logit-lens"}
+"""The lens used when none is asked for, by label kind."""
 
 # Upper bound on the elements of one [tokens, vocab chunk] logit block: keeps the lens's own memory
 # small (64 MiB in float32) whatever the batch size and sequence length.
@@ -473,7 +475,7 @@ def _is_class_label(labels: Any) -> bool:
 def choose_lens(parts: ModelParts, kind: str, requested: str | None) -> str:
     """The lens to trace with: the requested one if it fits the labels and model, else the default."""
     if requested is None:
-        requested = "probe" if kind == CLASS_LABELS else "logit-lens"
+        requested = DEFAULT_LENS[kind]
         fix = "give token labels with a causal LM that has its language-model head, or class labels"
     else:
         fix = "use lens 'probe' with class labels" if kind == CLASS_LABELS else "use lens 'logit-lens'"

@@ -59,6 +59,11 @@ TRAIN_FLOPS_METHOD = (
     "first {n} training step(s) of this run, divided by the padded tokens of those steps, times the padded "
     "tokens of every step trained"
 )
+PER_DATUM_FLOPS_NOTE = (
+    "; with per-datum boundaries the sampled step trained from boundary {k} only, so this extrapolates that "
+    "boundary's cost to every step: weigh each boundary's FLOPs per padded token by "
+    "per_datum.padded_tokens_per_boundary for the run's cost"
+)
 _OUTPUTS = ("checkpoints", "model", "model-merged", "metrics.json", "history.json", "plan.json")
 
 
@@ -914,6 +919,9 @@ def train(
         )
         if batching is not None:
             metrics.update(batching.metrics())
+        per_datum = metrics.get("per_datum")
+        if per_datum and metrics["train_flops_method"] and len(per_datum["padded_tokens_per_boundary"]) > 1:
+            metrics["train_flops_method"] += PER_DATUM_FLOPS_NOTE.format(k=per_datum["first_boundary"])
     finally:
         if callback is not None:
             callback.close()

@@ -14,6 +14,7 @@ from salf.bench import (
     exact_match,
     pareto_frontier,
     parse_seeds,
+    per_datum_flops,
     regret,
     run_bench,
 )
@@ -88,6 +89,42 @@ def test_analysis_scores_plans_with_the_oracle_run_at_their_boundary():
     assert lora["regret"]["mean"] == pytest.approx(np.mean([0.9 - 0.95, 0.8 - 0.95]))
     assert [row["on_frontier"] for row in task["oracle"]] == [False, True, True]
     assert task["plan_regret"]["probe/observed"]["knee"]["regret"]["mean"] == pytest.approx(0.1)
+
+
+def test_per_datum_flops_weigh_each_boundary_by_its_own_cost():
+    oracle = {k: {"status": "done", "metrics": {"flops_per_padded_token": 10.0 - 3 * k}} for k in range(3)}
+    oracle[2] = {"status": "failed", "metrics": {}}  # no measurement at k=2: the cost model's ratio of k=0's
+    metrics = {"train_flops": 7.0 * 60, "train_flops_method": "first step", "flops_per_padded_token": 7.0,
+               "padded_tokens": 60, "per_datum": {"padded_tokens_per_boundary": {"1": 20, "2": 40}, "first_boundary": 1}}
+    out = per_datum_flops(metrics, oracle, [1.0, 0.7, 0.25])
+    assert out["train_flops"] == pytest.approx(7.0 * 20 + 2.5 * 40)
+    assert out["flops_by_boundary"]["1"]["source"] == "oracle/k=1"
+    assert out["flops_by_boundary"]["2"]["source"].startswith("predicted ratio")
+    assert out["train_flops_first_step"] == 7.0 * 60 and out["padded_tokens_agree"]
+    assert out["first_step_check"] == {"boundary": 1, "this_run": 7.0, "oracle": 7.0}
+    assert "sum over boundaries" in out["train_flops_method"]
+
+
+def test_per_datum_run_is_compared_with_its_single_boundary_plan():
+    records = [_record("t", None, "meta", "meta", num_layers=2, data_task="classification",
+                       predicted_step_flops_ratio=[1.0, 0.7, 0.4], predicted_memory_ratio=[1.0, 0.6, 0.2])]
+    for k, acc in enumerate([0.8, 0.9, 0.5]):
+        records.append(_record("t", 0, f"oracle/k={k}", "oracle", k, {
+            "eval_accuracy": acc, "eval_loss": 1 - acc, "train_flops": 100.0 * (1 - 0.3 * k),
+            "step_seconds_median": 1.0 - 0.2 * k}))
+    records.append(_record("t", 0, "salf-per-datum/probe/headroom/knee", "per-datum", None, {
+        "eval_accuracy": 0.85, "eval_loss": 0.15, "train_flops": 55.0, "step_seconds_median": 0.7},
+        global_boundary=2, mean_boundary=1.5, boundary_histogram={"1": 5, "2": 5}, lens="probe",
+        estimator="headroom", policy="knee"))
+    task = analyze(records)["t"]
+    v = task["variants"]["salf-per-datum/probe/headroom/knee"]
+    assert not v["reuses_oracle"] and v["boundaries"] == [1.5] and v["flops_ratio"]["mean"] == pytest.approx(0.55)
+    e = task["per_datum"]["salf-per-datum/probe/headroom/knee"]
+    assert e["single_variant"] == "salf/probe/headroom/knee"
+    assert e["single"]["quality"]["mean"] == pytest.approx(0.5)  # the oracle run at the global boundary 2
+    assert e["per_datum"]["quality"]["mean"] == pytest.approx(0.85)
+    assert e["quality_gain"]["mean"] == pytest.approx(0.35)
+    assert e["per_datum"]["step_time_ratio"]["mean"] == pytest.approx(0.7)
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -230,7 +267,26 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
             assert f"{task.name}|seed=0|oracle/k={k}" in keys
             n_oracle += 1
         assert f"{task.name}|seed=0|baseline/lisa" in keys and f"{task.name}|seed=0|baseline/lora" in keys
-    assert first.trained == n_oracle + 2 * len(suite.tasks)  # oracle sweep + LoRA + LISA per task
+    assert first.trained == n_oracle + 3 * len(suite.tasks)  # oracle sweep + LoRA + LISA + per datum per task
+    by_key = {r["key"]: r for r in runs}
+    for task, lens in zip(suite.tasks, ("probe", "logit-lens")):  # the default lens of each task
+        record = by_key[f"{task.name}|seed=0|salf-per-datum/{lens}/headroom/knee"]
+        plan = by_key[f"{task.name}|seed=0|salf-per-datum-plan/{lens}/headroom/knee"]
+        single = by_key[f"{task.name}|seed=0|salf/{lens}/headroom/knee"]
+        assert record["kind"] == "per-datum" and record["status"] == "done", record.get("error")
+        assert record["global_boundary"] == plan["boundary"] == single["boundary"]
+        histogram = record["boundary_histogram"]
+        assert sum(histogram.values()) == plan["n_train"] and all(0 <= int(k) <= 4 for k in histogram)
+        assert record["mean_boundary"] == pytest.approx(sum(int(k) * n for k, n in histogram.items()) / plan["n_train"])
+        metrics = record["metrics"]
+        assert metrics["steps"] == task.steps and metrics["eval_loss"] is not None
+        assert metrics["eval_accuracy" if lens == "probe" else "exact_match"] is not None
+        trained = metrics["per_datum"]["padded_tokens_per_boundary"]
+        assert sum(trained.values()) == metrics["padded_tokens"] and metrics["padded_tokens_agree"]
+        assert metrics["train_flops"] == pytest.approx(sum(b["flops"] for b in metrics["flops_by_boundary"].values()))
+        assert set(metrics["flops_by_boundary"]) == set(trained)
+        assert "sum over boundaries" in metrics["train_flops_method"]
+        assert record["profiling_seconds"] == plan["profiling_seconds"] > 0
 
     done = [r for r in runs if r.get("kind") == "oracle"]
     assert all(r["status"] == "done" for r in done)
@@ -250,6 +306,9 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert lines and "ETA" in lines[-1]
     results = (out / "results.md").read_text()
     assert "identical by construction" in results and "Oracle sweep" in results
+    assert "Per-datum vs single boundary" in results and "salf-per-datum/probe/headroom/knee" in results
+    assert first.analysis[suite.tasks[0].name]["per_datum"]["salf-per-datum/probe/headroom/knee"]["per_datum"][
+        "quality"]["mean"] is not None
 
     # Resume: everything is in runs.json, so nothing trains again.
     def no_training(*args, **kwargs):
@@ -262,3 +321,15 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again.render()
     assert math.isclose(again.analysis[suite.tasks[0].name]["oracle"][0]["quality"]["mean"],
                         first.analysis[suite.tasks[0].name]["oracle"][0]["quality"]["mean"])
+
+    # A runs.json from before the per-datum variant: its oracle runs and plans are reused (same recipe
+    # fingerprint); only the default lens is traced again and only the per-datum run trains.
+    monkeypatch.undo()
+    old = [r for r in runs if not r["variant"].startswith("salf-per-datum")]
+    (out / "runs.json").write_text(json.dumps({"format": 1, "suite": suite.name, "runs": old}))
+    later = run_bench(suite, out, show_progress=False)
+    assert later.trained == len(suite.tasks)
+    now = {r["key"]: r for r in json.loads((out / "runs.json").read_text())["runs"]}
+    assert all(now[r["key"]] == r for r in old)
+    assert all(now[k]["status"] == "done" for k in set(now) - {r["key"] for r in old})
+    assert later.analysis[suite.tasks[1].name]["per_datum"]["salf-per-datum/logit-lens/headroom/knee"]

@@ -213,6 +213,9 @@ def test_each_step_trains_from_its_batch_boundary_and_costs_less_when_higher(tmp
     info = metrics["per_datum"]
     assert info["data_per_boundary"] == {"1": 4, "2": 4, "3": 4}
     assert info["forwards_per_boundary"] == {"1": 2, "2": 2, "3": 2}
+    assert info["padded_tokens_per_boundary"] == {"1": 2 * 4 * 12, "2": 2 * 4 * 12, "3": 2 * 4 * 12}
+    assert sum(info["padded_tokens_per_boundary"].values()) == metrics["padded_tokens"]
+    assert info["first_boundary"] == order[0]
     assert metrics["boundary"] == 1 and metrics["spec"] == FreezeSpec.from_boundary(1, L).to_dict()
     # afterwards the caller's model carries no plan and every parameter is trainable again
     assert applied_report(model) is None and all(p.requires_grad for p in model.parameters())
