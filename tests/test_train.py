@@ -297,23 +297,7 @@ def test_salf_callback_in_a_users_trainer(tmp_path, late):
     model = tiny_model("gpt2")
     before = snapshot(model)
     callback = SalfCallback(FreezeSpec.from_boundary(3, L))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        remove_unused_columns=False,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        data_collator=Collator(0),
-        train_dataset=lm_data(),
-        callbacks=None if late else [callback],
-    )
+    trainer = _user_trainer(tmp_path, model, 3, None if late else [callback], learning_rate=1e-2)
     if late:  # added after the Trainer was built: the plan is applied when training begins
         trainer.add_callback(callback)
     trainer.train()
@@ -330,22 +314,7 @@ def test_salf_callback_in_a_users_trainer(tmp_path, late):
 def test_salf_callback_raises_on_nan_in_a_users_trainer(tmp_path):
     model = tiny_model("gpt2")
     callback = SalfCallback(FreezeSpec.from_boundary(2, L), flop_sample_steps=0)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=5,
-        per_device_train_batch_size=4,
-        report_to="none",
-        remove_unused_columns=False,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        data_collator=Collator(0),
-        train_dataset=lm_data(),
-        callbacks=[callback, PoisonAt(2)],
-    )
+    trainer = _user_trainer(tmp_path, model, 5, [callback, PoisonAt(2)])
     with pytest.raises(SalfError, match="at step 2.*no checkpoint was saved"):
         trainer.train()
     assert trainer.state.global_step == 2  # stopped at once
@@ -377,3 +346,13 @@ def test_refuses_non_empty_out_dir_and_bad_settings(tmp_path):
     assert metrics["steps"] == 1 and metrics["boundary"] == 0
     assert metrics["trainable_params"] == metrics["total_params"]  # no spec: full fine-tuning
     assert (out / "notes.txt").read_text() == "keep me"  # overwrite replaces salf's outputs only
+
+
+def _user_trainer(tmp_path, model, max_steps: int, callbacks, **args) -> Trainer:
+    """A Trainer built the way a user would, without salf.train."""
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, report_to="none",
+        remove_unused_columns=False, save_strategy="no", disable_tqdm=True, **args,
+    )
+    return Trainer(model=model, args=training_args, data_collator=Collator(0), train_dataset=lm_data(),
+                   callbacks=callbacks)
