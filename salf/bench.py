@@ -71,7 +71,7 @@ PER_DATUM_FLOPS_METHOD = (
 )
 SUITE_DIRS = (Path("bench"), Path(__file__).resolve().parent.parent / "bench")
 """Where suite names are looked up (``<dir>/<name>.json``): the working directory's ``bench/``, then the repo's."""
-FIXTURE_BUILD = "python -m salf.fixtures --out {dir} --minutes 40"
+FIXTURE_BUILD = "python -m salf.fixtures --out {dir} --minutes 45 --layers 8 --threads 1"
 
 QUALITY: dict[str, tuple[str, bool]] = {
     "classification": ("eval_accuracy", True),
