@@ -35,6 +35,19 @@ def collate(data: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+class ListDataset(torch.utils.data.Dataset):
+    """A list of datums as a ``Dataset`` (the Trainer wants one; ``datasets`` would copy to Arrow)."""
+
+    def __init__(self, data: Sequence[dict]):
+        self.data = list(data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.data[index]
+
+
 class Collator:
     """Picklable collate function for ``DataLoader`` / ``Trainer`` (datasets columns -> tensors)."""
 

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from salf import __version__
 from salf.arch import ModelParts, find_parts
-from salf.batch import collate
+from salf.batch import ListDataset, collate
 from salf.distributed import is_distributed, is_main_process
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_json
@@ -626,14 +626,8 @@ def _compute(
 # -- training from the cache ------------------------------------------------------------------------
 
 
-class IndexedDataset(torch.utils.data.Dataset):
+class IndexedDataset(ListDataset):
     """A list of data whose items carry their position under ``INDEX_KEY`` (for per-datum lookups)."""
-
-    def __init__(self, data: Sequence[dict]):
-        self.data = list(data)
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
         return {**self.data[index], INDEX_KEY: int(index)}

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from salf.corpora import build_corpus
-from salf.data import DataConfig, load_task_data
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.models import minilm_path
@@ -96,8 +95,7 @@ def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: i
     runs = {}
     for name, spec in (("full", None), ("planned", plan.freeze_spec())):
         run = load(**args)  # each run starts from the pretrained weights
-        eval_data = load_task_data(files.eval_path, run.model.tokenizer, DataConfig(max_length=DEMO_MAX_LENGTH),
-                                   label_names=run.data.label_names)
+        eval_data = run.load_eval(files.eval_path)
         runs[name] = run_training(run.model.model, run.model.tokenizer, run.data.data, eval_data.data, spec, config,
                                   out_dir / name, plan_dict=plan.to_dict() if spec else None, task=run.data.task)
     result = DemoResult(plan, runs, profiling, out_dir)

@@ -8,7 +8,7 @@ code. Results carry ``render()`` (terminal table) and ``to_json()``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,13 @@ class Loaded:
 
     model: LoadedModel
     data: TaskData
+    config: DataConfig
+    """How ``data`` was read; evaluation files are read the same way."""
+
+    def load_eval(self, path: str | Path) -> TaskData:
+        """Evaluation data read like the training data, with the training data's label mapping."""
+        names = self.data.label_names if self.data.task == "classification" else None
+        return load_task_data(path, self.model.tokenizer, replace(self.config, limit=None), label_names=names)
 
 
 def load(model: str, data: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
@@ -44,7 +51,7 @@ def load(model: str, data: str, task: str | None = None, label_mode: str = "head
     tokenizer = load_tokenizer(model, load_config(model, {}))
     task_data = load_task_data(data, tokenizer, config, label_names=label_names)
     loaded = load_model(model, task_data.task, label_names=task_data.label_names if task_data.task == "classification" else None)
-    return Loaded(loaded, task_data)
+    return Loaded(loaded, task_data, config)
 
 
 def data_info(task_data: TaskData) -> dict[str, Any]:
@@ -188,7 +195,6 @@ def _load_trace_file(trace_file: str, loaded: Loaded) -> Trace:
 class TrainResult:
     metrics: dict[str, Any]
     out: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
         m = self.metrics
@@ -211,9 +217,7 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     loaded = load(model, data, task, label_mode, max_length, limit, seed)
     train_data, held_out = (loaded.data, None) if eval_data else split_holdout(loaded.data, eval_fraction, seed)
     if eval_data:
-        held_out = load_task_data(eval_data, loaded.model.tokenizer,
-                                  DataConfig(task=task, label_mode=label_mode, max_length=max_length, seed=seed),
-                                  label_names=loaded.data.label_names if loaded.data.task == "classification" else None)
+        held_out = loaded.load_eval(eval_data)
     plan_obj = Plan.load(plan) if plan else None
     if plan_obj is not None:
         plan_obj.check_model(model_fingerprint(loaded.model.model))

@@ -43,7 +43,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
 
 from salf.arch import find_parts
-from salf.batch import Collator
+from salf.batch import Collator, ListDataset
 from salf.distributed import is_distributed, is_main_process, rank_and_world, reduce_step
 from salf.errors import SalfError
 from salf.fileio import write_json
@@ -476,17 +476,6 @@ class SalfCallback(TrainerCallback):
         return self.sampled_flops / self.sampled_tokens if self.sampled_tokens else None
 
 
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, data: Sequence[dict]):
-        self.data = list(data)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.data[index]
-
-
 class _SalfTrainer(Trainer):
     """A ``Trainer`` whose AdamW gets the trainable parameters only, the head in its own group."""
 
@@ -783,7 +772,7 @@ def train(
     callback: SalfCallback | None = None
     batching: Any = None  # salf.cache.CachedTraining | salf.perdatum.PerDatumTraining
     try:
-        train_dataset: torch.utils.data.Dataset = _ListDataset(train_data)
+        train_dataset: torch.utils.data.Dataset = ListDataset(train_data)
         collator: Any = Collator(pad_id)
         batch_sampler = None
         args = _training_arguments(config, ckpt_dir, task, eval_data is not None)
@@ -831,7 +820,7 @@ def train(
             args=args,
             data_collator=collator,
             train_dataset=train_dataset,
-            eval_dataset=_ListDataset(eval_data) if eval_data is not None else None,
+            eval_dataset=ListDataset(eval_data) if eval_data is not None else None,
             processing_class=tokenizer,
             compute_metrics=_classification_metrics if task == "classification" else None,
             callbacks=[callback, *callbacks],

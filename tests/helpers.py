@@ -14,6 +14,8 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
+
 from salf.models import tiny_tokenizer
 from salf.tiny import tiny_model
 
@@ -79,3 +81,13 @@ def label_data(path: Path, n: int = 24, seed: int = 0, labels: Sequence[str] = t
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     return write_jsonl(path, rows)
+
+
+def ragged_lm_data(n: int = 8, seq: int = 16, seed: int = 0) -> list[dict]:
+    """Tokenized language-modelling datums of lengths seq, seq-1, seq-2 (padding is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for i in range(n):
+        ids = torch.randint(3, 120, (seq - i % 3,), generator=g).tolist()
+        data.append({"input_ids": ids, "labels": ids})
+    return data

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ragged_lm_data as lm_data
 
 import salf.cache as cache_mod
 from salf.arch import find_parts
@@ -29,15 +30,6 @@ from salf.tiny import tiny_model
 from salf.train import TrainConfig, train
 
 L = 4
-
-
-def lm_data(n: int = 8, seq: int = 16, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(3, 120, (seq - i % 3,), generator=g).tolist()  # ragged: padding is exercised
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def class_data(n: int = 8, seed: int = 0) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ragged_lm_data as lm_data
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -20,15 +21,6 @@ from salf.tiny import tiny_model
 from salf.train import SalfCallback, TrainConfig, TrainingInterrupted, train
 
 L = 4
-
-
-def lm_data(n: int = 8, seq: int = 16, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for i in range(n):
-        ids = torch.randint(3, 120, (seq - i % 3,), generator=g).tolist()  # ragged: padding is exercised
-        data.append({"input_ids": ids, "labels": ids})
-    return data
 
 
 def class_data(n: int = 12, seed: int = 0) -> list[dict]:
