@@ -396,8 +396,3 @@ def apply_plan(
     )
     inner._salf_freeze = report
     return report
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The (name, parameter) pairs an optimizer should get: those with ``requires_grad``."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
