@@ -778,7 +778,7 @@ class TaskBench:
 
     def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
-        from salf.gain import DEFAULT_ESTIMATOR, estimate_gains
+        from salf.gain import DEFAULT_ESTIMATOR, estimate_gains, fit_depth_law
         from salf.pipeline import data_info, model_info
         from salf.plan import make_plan
         from salf.trace import TraceConfig, trace_model
@@ -793,10 +793,13 @@ class TaskBench:
         info_model, info_data = model_info(lm), data_info(self.loaded.data)
         out = []
         gains_of: dict[str, tuple[Any, float]] = {}
+        started = time.perf_counter()
+        fit = fit_depth_law(trace.mean)  # one fit per trace, shared by every estimator
+        fit_seconds = time.perf_counter() - started
         for estimator in estimators:
             started = time.perf_counter()
-            gains = estimate_gains(trace.mean, estimator)  # the same for every policy
-            gains_of[estimator] = gains, time.perf_counter() - started
+            gains = estimate_gains(trace.mean, estimator, fit)  # the same for every policy
+            gains_of[estimator] = gains, fit_seconds + time.perf_counter() - started
             for policy in self.suite.policies:
                 variant = f"salf/{lens}/{estimator}/{policy}"
                 key = RunStore.key(self.t.name, seed, variant)
@@ -817,8 +820,8 @@ class TaskBench:
             if DEFAULT_ESTIMATOR in gains_of:
                 gains, gain_seconds = gains_of[DEFAULT_ESTIMATOR]
             else:
-                gains = estimate_gains(trace.mean, DEFAULT_ESTIMATOR)
-                gain_seconds = time.perf_counter() - started
+                gains = estimate_gains(trace.mean, DEFAULT_ESTIMATOR, fit)
+                gain_seconds = fit_seconds + time.perf_counter() - started
             started = time.perf_counter()
             plan = make_plan(trace, gains, costs["step_costs"], PER_DATUM_POLICY, info_model, info_data, seed=seed,
                              per_datum=True)

@@ -183,14 +183,15 @@ def best_layer_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
     return gains
 
 
-def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR) -> Gains:
+def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR, fit: DepthFit | None = None) -> Gains:
     """Fit the depth law to the trace and turn it into per-block gains with the named estimator.
 
+    ``fit``: the law already fitted to this trace (sweeping estimators over one trace fits it once).
     A trace with no gain anywhere (flat, or rising everywhere) gets uniform gains, with a note.
     """
     compute = ESTIMATORS.get(estimator)
     trace = _as_trace(trace_mean)
-    fit = fit_depth_law(trace)
+    fit = fit if fit is not None else fit_depth_law(trace)
     values = np.asarray(compute(trace, fit), dtype=np.float64)
     num_blocks = trace.size - 1
     if values.shape != (num_blocks,) or not np.all(np.isfinite(values)):
