@@ -232,6 +232,15 @@ class BenchSuite:
     def with_seeds(self, seeds: Sequence[int]) -> BenchSuite:
         return dataclasses.replace(self, tasks=[dataclasses.replace(t, seeds=list(seeds)) for t in self.tasks])
 
+    def only_tasks(self, names: Sequence[str]) -> BenchSuite:
+        """The suite with just the named tasks, in the suite's order (to split it across processes)."""
+        known = [t.name for t in self.tasks]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise SalfError(f"suite {self.name} has no task {', '.join(unknown) or '(none named)'}",
+                            f"name some of: {', '.join(known)}")
+        return dataclasses.replace(self, tasks=[t for t in self.tasks if t.name in names])
+
 
 def _construct(cls: type, d: dict[str, Any], where: str) -> Any:
     if not isinstance(d, dict):
@@ -488,18 +497,34 @@ def _until(ids: list[int], eos: int | None) -> list[int]:
 
 
 class RunStore:
-    """``runs.json``: every finished run, plan and baseline decision, keyed by (task, seed, variant)."""
+    """``runs.json``: every finished run, plan and baseline decision, keyed by (task, seed, variant).
+
+    Several ``salf bench`` processes may share one ``out_dir`` (e.g. one per task with ``--tasks``, one per
+    GPU): every save takes an exclusive lock on ``runs.json.lock``, reads what the others wrote since and
+    writes the union, so no process drops another's runs. Each process only skips the runs it knew of
+    when it started or made itself; split the work by task or seed so two processes never train the same run.
+    """
 
     def __init__(self, path: Path, suite: BenchSuite, resume: bool):
         self.path = path
         self.suite = suite
         self.records: dict[str, dict[str, Any]] = {}
-        if resume and path.is_file():
-            try:
-                stored = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                raise SalfError(f"{path} is damaged (not JSON)", "move it away to start over, or rerun without resume") from None
-            self.records = {r["key"]: r for r in stored.get("runs", [])}
+        # --no-resume starts over: the runs on disk now are dropped at the first save, not merged back.
+        self._dropped: set[str] = set()
+        stored = self._read()
+        if resume:
+            self.records = stored
+        else:
+            self._dropped = set(stored)
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if not self.path.is_file():
+            return {}
+        try:
+            stored = json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            raise SalfError(f"{self.path} is damaged (not JSON)", "move it away to start over, or rerun without resume") from None
+        return {r["key"]: r for r in stored.get("runs", [])}
 
     @staticmethod
     def key(task: str, seed: int | None, variant: str) -> str:
@@ -514,9 +539,18 @@ class RunStore:
             self.records[record["key"]] = record
         self.save()
 
-    def save(self) -> None:
-        write_json(self.path, {"format": BENCH_FORMAT, "suite": self.suite.name,
-                               "updated": _now(), "runs": list(self.records.values())})
+    def save(self) -> dict[str, dict[str, Any]]:
+        """Write this process's records merged with the others' (under the lock); returns the union."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            union = {k: r for k, r in self._read().items() if k not in self._dropped}
+            union.update(self.records)
+            write_json(self.path, {"format": BENCH_FORMAT, "suite": self.suite.name,
+                                   "updated": _now(), "runs": list(union.values())})
+        return union
 
 
 def _now() -> str:
@@ -1421,8 +1455,13 @@ def report_bench(suite: BenchSuite, out_dir: str | Path) -> BenchResult:
     return BenchResult(suite, out, analysis, 0, len(store.records), time.perf_counter() - started, paths)
 
 
-def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_progress: bool = True) -> BenchResult:
-    """Run (or resume) ``suite`` into ``out_dir``; finished runs in ``out_dir/runs.json`` are not repeated."""
+def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_progress: bool = True,
+              report_suite: BenchSuite | None = None) -> BenchResult:
+    """Run (or resume) ``suite`` into ``out_dir``; finished runs in ``out_dir/runs.json`` are not repeated.
+
+    ``report_suite`` (default ``suite``): the suite the reports cover, e.g. the whole suite when this
+    process runs only some of its tasks.
+    """
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1452,24 +1491,32 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
             gc.unfreeze()
             torch.set_num_threads(threads)
             progress.close()
-            store.save()
-    analysis, paths = write_reports(suite, store.records.values(), out)
+            records = store.save()
+    # Complete seeds only: another process sharing out_dir may be mid-seed.
+    analysis, paths = write_reports(report_suite or suite, complete_records(records.values()), out)
     return BenchResult(suite, out, analysis, sum(b.trained for b in benches), sum(b.skipped for b in benches),
                        time.perf_counter() - started, paths)
 
 
 def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None, resume: bool = True,
-          no_progress: bool = False, threads: int | None = None, report_only: bool = False, **_: Any) -> BenchResult:
-    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--threads N] [--no-resume] [--report-only]``.
+          no_progress: bool = False, threads: int | None = None, report_only: bool = False, tasks: str | None = None,
+          **_: Any) -> BenchResult:
+    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--tasks A,B] [--threads N] [--no-resume] [--report-only]``.
 
     ``suite``: a name in ``bench/`` (smoke, minilm, causal, full) or a suite file; ``out`` defaults to
-    ``bench_out/<suite>``; ``seeds`` replaces every task's seeds; ``threads`` the suite's torch threads.
+    ``bench_out/<suite>``; ``seeds`` replaces every task's seeds; ``tasks`` runs only the named tasks
+    (processes running different tasks may share ``out``); ``threads`` the suite's torch threads. The
+    reports always cover the whole suite: every finished seed in ``out/runs.json``.
     """
     loaded = BenchSuite.load(suite)
     if seeds:
         loaded = loaded.with_seeds(parse_seeds(seeds))
+    report_suite = loaded
+    if tasks:
+        loaded = loaded.only_tasks([n.strip() for n in tasks.split(",") if n.strip()])
     if threads is not None:
         loaded = dataclasses.replace(loaded, threads=threads)
+    out = out or f"bench_out/{loaded.name}"
     if report_only:
-        return report_bench(loaded, out or f"bench_out/{loaded.name}")
-    return run_bench(loaded, out or f"bench_out/{loaded.name}", resume=resume, show_progress=not no_progress)
+        return report_bench(report_suite, out)
+    return run_bench(loaded, out, resume=resume, show_progress=not no_progress, report_suite=report_suite)

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="smoke", help="suite name in bench/ (smoke, minilm, causal, full) or a suite JSON file")
     p.add_argument("--out", default=None, help="output directory (default: bench_out/<suite>); rerunning resumes")
     p.add_argument("--seeds", default=None, help="replace every task's seeds, e.g. 0,1,2 or 0-2")
+    p.add_argument("--tasks", default=None,
+                   help="run only these tasks of the suite (comma-separated names); processes running different "
+                        "tasks may share --out")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the suite's)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="rerun finished runs instead of skipping them")
     p.add_argument("--report-only", action="store_true",

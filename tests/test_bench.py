@@ -252,6 +252,30 @@ def test_run_store_reuses_only_the_same_recipe(tmp_path):
     assert RunStore(tmp_path / "runs.json", suite, resume=False).records == {}
 
 
+def test_run_stores_sharing_a_file_keep_each_others_runs(tmp_path):
+    suite = BenchSuite.load("smoke")
+    path = tmp_path / "runs.json"
+    first, second = RunStore(path, suite, resume=True), RunStore(path, suite, resume=True)
+    first.add({"key": "a|seed=0|oracle/k=0", "recipe": "r"})
+    second.add({"key": "b|seed=0|oracle/k=0", "recipe": "r"})
+    first.add({"key": "a|seed=0|oracle/k=1", "recipe": "r"})
+    stored = {r["key"] for r in json.loads(path.read_text())["runs"]}
+    assert stored == {"a|seed=0|oracle/k=0", "b|seed=0|oracle/k=0", "a|seed=0|oracle/k=1"}
+    # --no-resume starts over: what was on disk is dropped, not merged back at its first save
+    fresh = RunStore(path, suite, resume=False)
+    fresh.add({"key": "c|seed=0|oracle/k=0", "recipe": "r"})
+    assert [r["key"] for r in json.loads(path.read_text())["runs"]] == ["c|seed=0|oracle/k=0"]
+
+
+def test_only_tasks_selects_by_name_and_names_the_choices():
+    suite = BenchSuite.load("minilm-quick")
+    names = [t.name for t in suite.tasks]
+    assert [t.name for t in suite.only_tasks([names[1]]).tasks] == [names[1]]
+    with pytest.raises(SalfError, match="no task nope") as err:
+        suite.only_tasks(["nope"])
+    assert names[0] in err.value.fix
+
+
 def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     suite = BenchSuite.load("smoke")
     out = tmp_path / "bench"
