@@ -81,7 +81,13 @@ def knee(ctx: PolicyContext, value: float | None) -> int:
 
 @POLICIES.register("budget")
 def budget(ctx: PolicyContext, value: float | None) -> int:
-    """Most benefit at cost[k] <= value; among equal benefit, the cheapest."""
+    """Most benefit at cost[k] <= value; among equal benefit, the one that trains the most (spends the budget).
+
+    An estimated gain of zero is not evidence that a block is useless: headroom-style estimators give many
+    blocks exactly zero, and the cheapest tie is then the head-only floor, which on a real task here
+    (MiniLM, Debian description -> section) lost 13 points of accuracy against the next boundary up.
+    The user granted the budget, so the tie goes to the most trainable boundary inside it.
+    """
     c = _fraction("budget", value)
     affordable = np.flatnonzero(ctx.cost <= c + 1e-12)
     if affordable.size == 0:
@@ -90,7 +96,7 @@ def budget(ctx: PolicyContext, value: float | None) -> int:
             f"raise the budget to at least {math.ceil(ctx.cost.min() * 100) / 100:.2f}",
         )
     best = ctx.benefit[affordable].max()
-    return int(max(k for k in affordable if ctx.benefit[k] >= best - 1e-12))
+    return int(min(k for k in affordable if ctx.benefit[k] >= best - 1e-12))
 
 
 @POLICIES.register("coverage")

@@ -40,6 +40,13 @@ def test_budget_respects_cost_and_picks_most_benefit():
         assert k == min(j for j in range(L + 1) if LINEAR_COST[j] <= c + 1e-12)
 
 
+def test_budget_ties_spend_the_budget_instead_of_dropping_to_the_floor():
+    # the top blocks' estimated gain is zero, so every affordable boundary from the cheapest up ties
+    gains = np.array([5.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    k = choose_boundary(gains, LINEAR_COST, "budget=0.7")
+    assert k == min(j for j in range(L + 1) if LINEAR_COST[j] <= 0.7 + 1e-12)
+
+
 def test_coverage_is_cheapest_with_enough_gain():
     gains = np.ones(L)
     assert choose_boundary(gains, LINEAR_COST, "coverage=0.5") == 4
