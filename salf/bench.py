@@ -125,8 +125,9 @@ class BenchTask:
     """Seed of the corpus split and data subsets (the same for every training seed)."""
     ceiling_steps: int | None = None
     """Also run full fine-tuning for this many steps (the ceiling)."""
-    equal_compute: bool = False
-    """Also train every planned boundary for as many steps as fit in the full run's measured FLOPs."""
+    equal_compute: bool | list[int] = False
+    """Also train every planned boundary for as many steps as fit in the full run's measured FLOPs: ``true``
+    for every seed, or a list of the seeds that get these runs (each costs about one full run per boundary)."""
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
 
     def __post_init__(self) -> None:
@@ -149,8 +150,15 @@ class BenchTask:
             raise SalfError(f"task {self.name}: learning rates must be positive")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise SalfError(f"task {self.name}: seeds must be a non-empty list without repeats, got {self.seeds}")
+        if isinstance(self.equal_compute, list) and not set(self.equal_compute) <= set(self.seeds):
+            raise SalfError(f"task {self.name}: equal_compute seeds {self.equal_compute} are not all among seeds "
+                            f"{self.seeds}", "list only seeds the task runs, or write true for every seed")
         if isinstance(self.baselines, dict):
             self.baselines = _construct(BaselineSettings, self.baselines, f"task {self.name} baselines")
+
+    def equal_compute_for(self, seed: int) -> bool:
+        """Whether ``seed`` gets the equal-compute runs."""
+        return seed in self.equal_compute if isinstance(self.equal_compute, list) else bool(self.equal_compute)
 
     def recipe_fingerprint(self) -> str:
         """Hash of everything that changes a run's result (not the seed list or the ceiling/extras)."""
@@ -230,7 +238,9 @@ class BenchSuite:
         return cls.from_dict(raw, str(path))
 
     def with_seeds(self, seeds: Sequence[int]) -> BenchSuite:
-        return dataclasses.replace(self, tasks=[dataclasses.replace(t, seeds=list(seeds)) for t in self.tasks])
+        return dataclasses.replace(self, tasks=[
+            dataclasses.replace(t, seeds=list(seeds), equal_compute=[s for s in t.equal_compute if s in seeds]
+                                if isinstance(t.equal_compute, list) else t.equal_compute) for t in self.tasks])
 
     def only_tasks(self, names: Sequence[str]) -> BenchSuite:
         """The suite with just the named tasks, in the suite's order (to split it across processes)."""
@@ -729,7 +739,7 @@ class TaskBench:
             self._per_datum(seed, oracle)
         if self.t.ceiling_steps:
             self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.t.ceiling_steps)
-        if self.t.equal_compute:
+        if self.t.equal_compute_for(seed):
             self._equal_compute(seed, oracle, [*plans, *baselines])
 
     def _train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None = None,
@@ -1090,6 +1100,8 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
         quality, loss = metrics.get(q_name), metrics.get(LOSS[0])
         return {
             "quality": quality, "loss": loss,
+            # share of full fine-tuning's quality kept (same seed); for higher-is-better metrics only
+            "quality_ratio": _ratio(quality, full.get(q_name)) if q_high else None,
             "flops_ratio": _ratio(cost, full.get("train_flops")),
             "step_time_ratio": _ratio(metrics.get("step_seconds_median"), full.get("step_seconds_median")),
             "regret": regret(cost, quality, costs, [oracle[seed][k].get(q_name) for k in ks], q_high),
@@ -1117,8 +1129,8 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
 
     unavailable = [{"variant": r["variant"], "seed": r["seed"], "status": r.get("status"), "error": r.get("error")}
                    for r in records if r.get("status") not in (None, "done")]
-    fields = ("quality", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss", "profiling_seconds",
-              "profiling_fraction", "boundary")
+    fields = ("quality", "quality_ratio", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss",
+              "profiling_seconds", "profiling_fraction", "boundary")
     variants = {}
     for variant, ps in sorted(rows.items()):
         variants[variant] = {"kind": ps[0]["kind"], "boundaries": [p["boundary"] for p in ps],
@@ -1132,7 +1144,8 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
         pts = [point(s, oracle[s][k]) for s in seeds if k in oracle[s]]
         per_k.append({
             "k": k, "predicted_flops_ratio": predicted[k], "predicted_memory_ratio": meta["predicted_memory_ratio"][k],
-            "n": len(ms), **{f: _stats(p[f] for p in pts) for f in ("quality", "loss", "flops_ratio", "step_time_ratio")},
+            "n": len(ms), **{f: _stats(p[f] for p in pts)
+                             for f in ("quality", "quality_ratio", "loss", "flops_ratio", "step_time_ratio")},
             "train_seconds": _stats(m.get("train_seconds") for m in ms),
             "run_rss_growth_bytes": _stats(m.get("run_rss_growth_bytes") for m in ms),
         })
@@ -1146,7 +1159,29 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
             "unavailable": unavailable, "plan_regret": _plan_regret(rows),
             "per_datum": _per_datum_comparison(records, oracle, point),
             "n_train": meta.get("n_train"), "n_eval": meta.get("n_eval"),
-            "recipe": meta.get("task_config", {})}
+            "recipe": meta.get("task_config", {}), "target": _target_check(per_k, variants)}
+
+
+TARGET_QUALITY, TARGET_FLOPS = 0.99, 0.60
+"""The headline target: keep >= 99% of full fine-tuning's quality at <= 60% of its training FLOPs (means over seeds)."""
+
+
+def _target_check(per_k: list[dict], variants: dict[str, dict]) -> dict[str, Any]:
+    """Which oracle boundaries and which rows meet the headline target (None where quality has no ratio)."""
+
+    def meets(row: dict) -> bool:
+        q, c = (row.get("quality_ratio") or {}).get("mean"), (row.get("flops_ratio") or {}).get("mean")
+        return q is not None and c is not None and q >= TARGET_QUALITY and c <= TARGET_FLOPS + 1e-9
+
+    keeping = [row for row in per_k if (row.get("quality_ratio") or {}).get("mean") is not None
+               and row["quality_ratio"]["mean"] >= TARGET_QUALITY]
+    cheapest = min(keeping, key=lambda row: row["flops_ratio"]["mean"], default=None)
+    return {"quality": TARGET_QUALITY, "flops": TARGET_FLOPS,
+            "cheapest_oracle_keeping_quality": None if cheapest is None else
+            {"k": cheapest["k"], "flops_ratio": cheapest["flops_ratio"]["mean"],
+             "quality_ratio": cheapest["quality_ratio"]["mean"]},
+            "oracle_meeting": [row["k"] for row in per_k if meets(row)],
+            "variants_meeting": sorted(name for name, v in variants.items() if meets(v))}
 
 
 def _per_datum_comparison(records: list[dict], oracle: dict[int, dict[int, dict]],
@@ -1214,19 +1249,34 @@ def _boundaries_text(v: dict[str, Any]) -> str:
     return ",".join(str(b) for b in v["boundaries"])
 
 
+def _target_lines(task: dict[str, Any]) -> str:
+    t = task.get("target") or {}
+    if not t or task["quality_metric"] is None or not task["higher_is_better"]:
+        return ""
+    goal = f"at least {t['quality']:.0%} of full fine-tuning's quality at no more than {t['flops']:.0%} of its FLOPs"
+    cheapest = t["cheapest_oracle_keeping_quality"]
+    keep = ("no boundary but full fine-tuning keeps it" if cheapest is None or cheapest["k"] == 0 else
+            f"the cheapest boundary keeping {t['quality']:.0%} is k={cheapest['k']} "
+            f"({cheapest['quality_ratio']:.1%} of full at {cheapest['flops_ratio']:.3f} FLOPs)")
+    oracle = ", ".join(f"k={k}" for k in t["oracle_meeting"]) or "none"
+    rows = ", ".join(f"`{v}`" for v in t["variants_meeting"]) or "none"
+    return (f"**Target** ({goal}, means over seeds): {keep}; oracle boundaries meeting it: {oracle}; "
+            f"plans and baselines meeting it: {rows}.")
+
+
 def _variant_rows(task: dict[str, Any], kinds: tuple[str, ...]) -> list[list[Any]]:
     rows = []
     for name, v in task["variants"].items():
         if v["kind"] not in kinds:
             continue
-        rows.append([name, _boundaries_text(v), _fmt(v["quality"]), _fmt(v["loss"]),
+        rows.append([name, _boundaries_text(v), _fmt(v["quality"]), _fmt(v.get("quality_ratio")), _fmt(v["loss"]),
                      _fmt(v["flops_ratio"]), _fmt(v["step_time_ratio"]), _fmt(v["regret"]), _fmt(v["regret_loss"]),
                      _fmt(v["profiling_seconds"], 1), _fmt(v["profiling_fraction"], 1, pct=True),
                      "oracle run" if v["reuses_oracle"] else "own run"])
     return rows
 
 
-VARIANT_HEADERS = ("variant", "boundary per seed", "quality", "eval loss", "FLOPs x full", "step time x full",
+VARIANT_HEADERS = ("variant", "boundary per seed", "quality", "quality x full", "eval loss", "FLOPs x full", "step time x full",
                    "regret (quality)", "regret (loss)", "profiling s", "profiling / full train", "quality from")
 
 
@@ -1283,11 +1333,13 @@ def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) 
                   f"{recipe.get('steps')} steps, batch {recipe.get('batch_size')}, lr {recipe.get('lr')}, "
                   f"head lr {recipe.get('head_lr')}, max length {recipe.get('max_length')}.", "",
                   "### Oracle sweep (k = first trained block; k = L trains the head only: the frozen-features floor)", ""]
-        rows = [[row["k"], _fmt(row["quality"]), _fmt(row["loss"]), f"{row['predicted_flops_ratio']:.3f}",
+        rows = [[row["k"], _fmt(row["quality"]), _fmt(row.get("quality_ratio")), _fmt(row["loss"]),
+                 f"{row['predicted_flops_ratio']:.3f}",
                  _fmt(row["flops_ratio"]), _fmt(row["step_time_ratio"]), f"{row['predicted_memory_ratio']:.3f}",
                  _fmt(row["train_seconds"], 1), "yes" if row["on_frontier"] else ""] for row in task["oracle"]]
-        parts += [_md_table(["k", q, "eval loss", "predicted step FLOPs x full", "measured FLOPs x full",
+        parts += [_md_table(["k", q, f"{q} x full", "eval loss", "predicted step FLOPs x full", "measured FLOPs x full",
                              "measured step time x full", "predicted memory x full", "train s", "on frontier"], rows), ""]
+        parts += _target_lines(task), ""
         if task["plan_regret"]:
             policies = sorted({p for row in task["plan_regret"].values() for p in row})
             rows = [[name, *(f"{_fmt(row[p]['regret'])} / {_fmt(row[p]['regret_loss'])}" if p in row else "-"

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -274,6 +275,19 @@ def test_only_tasks_selects_by_name_and_names_the_choices():
     with pytest.raises(SalfError, match="no task nope") as err:
         suite.only_tasks(["nope"])
     assert names[0] in err.value.fix
+
+
+def test_equal_compute_on_chosen_seeds_only():
+    task = BenchSuite.load("minilm-quick").tasks[0]
+    some = dataclasses.replace(task, seeds=[0, 1, 2], equal_compute=[0, 2])
+    assert [some.equal_compute_for(s) for s in (0, 1, 2)] == [True, False, True]
+    assert dataclasses.replace(task, equal_compute=True).equal_compute_for(5)
+    assert some.recipe_fingerprint() == task.recipe_fingerprint()  # extras never invalidate finished runs
+    narrowed = BenchSuite.load("minilm-quick")
+    narrowed = dataclasses.replace(narrowed, tasks=[some]).with_seeds([1, 2])
+    assert narrowed.tasks[0].equal_compute == [2]
+    with pytest.raises(SalfError, match="equal_compute seeds"):
+        dataclasses.replace(task, seeds=[0], equal_compute=[3])
 
 
 def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
