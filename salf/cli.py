@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utilisation", type=float, default=0.4, help="assumed fraction of peak reached (model FLOPs utilisation)")
     p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm", help="model head to cost")
     p.add_argument("--optimizer", default="adamw", help="adamw | sgd-momentum | sgd (optimizer state bytes)")
+    p.add_argument("--measure", action="store_true",
+                   help="also time real optimizer steps per boundary on this machine (random weights; CUDA if present)")
+    p.add_argument("--measure-steps", type=int, default=5, help="timed steps per boundary and repeat (with --measure)")
+    p.add_argument("--measure-repeats", type=int, default=2,
+                   help="sweeps over the boundaries, in alternating order (with --measure)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads while measuring (default: torch's)")
     return parser
 
 

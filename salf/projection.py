@@ -25,6 +25,7 @@ from typing import Any
 from salf import table
 from salf.cost import CostProfile, boundary_costs, profile_cost
 from salf.errors import SalfError
+from salf.measure import MeasuredBoundary
 
 # Dense (no structured sparsity) bf16 tensor-core peak per accelerator, FLOP/s, from the vendors' datasheets.
 ACCELERATORS: dict[str, float] = {
@@ -144,6 +145,8 @@ def load_config(config_or_path: Any):
 
     if isinstance(config_or_path, PretrainedConfig):
         return config_or_path
+    if isinstance(config_or_path, str) and config_or_path.startswith("tiny:"):
+        return tiny_spec_config(config_or_path)
     if not isinstance(config_or_path, (str, os.PathLike)):
         raise SalfError(f"cannot read a model config from a {type(config_or_path).__name__}",
                         "pass a path to config.json, a model folder, a hub model name or a PretrainedConfig")
@@ -159,6 +162,31 @@ def load_config(config_or_path: Any):
                             "pass the model's config.json (with a model_type) or its folder") from e
         raise SalfError(f"cannot fetch the config of {config_or_path!r} from the Hugging Face hub: {e}",
                         "check the name and network access (or HF_HUB_OFFLINE), or pass a local config.json") from e
+
+
+def tiny_spec_config(spec: str):
+    """``tiny:TYPE[:key=value,...]``: a small random config of a supported type (``salf.tiny``), with overrides.
+
+    E.g. ``tiny:llama`` or ``tiny:llama:hidden_size=1024,intermediate_size=4096,num_hidden_layers=4``.
+    """
+    import json
+
+    from salf.tiny import TINY_CONFIGS, tiny_config
+
+    _, _, rest = spec.partition(":")
+    model_type, _, overrides = rest.partition(":")
+    if model_type not in TINY_CONFIGS:
+        raise SalfError(f"no tiny config for {model_type!r}", f"use tiny:TYPE with TYPE one of {', '.join(TINY_CONFIGS)}")
+    kwargs = {}
+    for item in filter(None, (x.strip() for x in overrides.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SalfError(f"override {item!r} in {spec!r} is not key=value", "write e.g. tiny:llama:hidden_size=512")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return tiny_config(model_type, **kwargs)
 
 
 def _peak(accelerator: str | None, peak_tflops: float | None) -> tuple[str | None, float]:
@@ -282,15 +310,75 @@ __all__ = ["ACCELERATORS", "BoundaryProjection", "Projection", "load_config", "p
 
 @dataclass
 class CostResult:
-    """``salf cost`` output: the projection, printable as a table or JSON."""
+    """``salf cost`` output: the projection, and with ``--measure`` real steps on this machine, as a table or JSON."""
 
     projection: Projection
+    measured: list[MeasuredBoundary] | None = None
+    """Real training steps per boundary (``salf.measure``), when asked for."""
+    device: str | None = None
+    """Where the steps were measured, in words."""
 
     def render(self) -> str:
-        return render_table(self.projection)
+        text = render_table(self.projection)
+        if self.measured:
+            text += "\n\n" + render_measured(self.projection, self.measured, self.device or "")
+        return text
 
     def to_json(self) -> dict[str, Any]:
-        return self.projection.to_dict()
+        data = self.projection.to_dict()
+        if self.measured:
+            data["measured"] = {"device": self.device, "rows": compare_measured(self.projection, self.measured)}
+        return data
+
+
+def compare_measured(projection: Projection, measured: list[MeasuredBoundary]) -> list[dict[str, Any]]:
+    """Predicted against measured, per boundary: FLOPs, step time, saved activations, gradients + optimizer state."""
+    full = next((m for m in measured if m.boundary == 0), None)
+    rows = []
+    for m in measured:
+        r = projection.row(m.boundary)
+        time_ratio = m.step_seconds_median / full.step_seconds_median if full else None
+        flops_ratio = m.total_flops / full.total_flops if full and full.total_flops else None
+        predicted_saving = 1.0 - r.ratio_to_full
+        rows.append({
+            "boundary": m.boundary, "predicted_flops_ratio": r.ratio_to_full, "measured_flops_ratio": flops_ratio,
+            "measured_time_ratio": time_ratio,
+            # how much of the predicted saving the wall clock delivered (1.0 = exactly as predicted)
+            "saving_delivered": (1.0 - time_ratio) / predicted_saving if time_ratio is not None and predicted_saving > 0
+            else None,
+            "predicted_activation_bytes": r.activation_bytes, "measured_activation_bytes": m.activation_bytes,
+            "predicted_state_bytes": r.grad_bytes + r.optimizer_bytes,
+            "measured_state_bytes": m.grad_bytes + m.optimizer_bytes,
+            "peak_memory_bytes": m.peak_memory_bytes, "step_seconds_median": m.step_seconds_median,
+            "timed_steps": len(m.step_seconds), "measured": m.to_dict()})
+    return rows
+
+
+def render_measured(projection: Projection, measured: list[MeasuredBoundary], device: str) -> str:
+    rows = compare_measured(projection, measured)
+    steps = rows[0]["timed_steps"] if rows else 0
+    headers = ["k", "FLOPs vs full: predicted", "measured", "step time vs full", "saving delivered",
+               "activations: predicted", "measured", "grads+optimizer: predicted", "measured", "step ms"]
+    if any(r["peak_memory_bytes"] for r in rows):
+        headers.append("peak memory")
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    body = []
+    for r in rows:
+        line = [r["boundary"], pct(r["predicted_flops_ratio"]), pct(r["measured_flops_ratio"]),
+                pct(r["measured_time_ratio"]), "-" if r["saving_delivered"] is None else f"{r['saving_delivered']:.2f}",
+                table.human_bytes(r["predicted_activation_bytes"]), table.human_bytes(r["measured_activation_bytes"]),
+                table.human_bytes(r["predicted_state_bytes"]), table.human_bytes(r["measured_state_bytes"]),
+                r["step_seconds_median"] * 1e3]
+        if len(headers) > len(line):
+            line.append(table.human_bytes(r["peak_memory_bytes"] or 0))
+        body.append(line)
+    title = f"Measured on {device}: real optimizer steps per boundary (median of {steps} timed steps each)"
+    note = ("saving delivered: measured step-time saving / predicted FLOP saving (1.00 = as predicted). "
+            "Measured FLOPs and saved bytes come from FlopCounterMode and saved-tensor hooks on one step.")
+    return table.render_table(headers, body, title=title) + "\n" + note
 
 
 def parse_boundaries(text: str | None) -> list[int] | None:
@@ -302,10 +390,65 @@ def parse_boundaries(text: str | None) -> list[int] | None:
         raise SalfError(f"--boundaries {text!r} is not a list of block indices", "write e.g. --boundaries 0,8,16 or all") from None
 
 
+def build_random_model(config: Any, task: str, device: str, dtype: str, attention: str):
+    """The model of ``config`` with random weights (timing and memory do not depend on the values)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = auto.from_config(config, dtype=getattr(torch, dtype), attn_implementation=attention)
+    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = 0
+    return model
+
+
+def random_batch(config: Any, task: str, batch: int, seq: int, device: str) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (batch, seq), generator=g).to(device)
+    labels = torch.randint(0, config.num_labels, (batch,), generator=g).to(device) if task == "classification" else ids
+    return {"input_ids": ids, "labels": labels}
+
+
 def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_rank: int = 16,
          boundaries: str | None = None, accelerator: str = "h100", peak_tflops: float | None = None,
-         utilisation: float = 0.4, task: str = "causal-lm", optimizer: str = "adamw", **_: Any) -> CostResult:
-    """``salf cost``: per-boundary FLOPs, memory and projected step time from a config alone."""
-    return CostResult(project(config, seq_len=seq, batch_size=batch, lora_rank=lora_rank if lora else None,
-                              boundaries=parse_boundaries(boundaries), accelerator=accelerator,
-                              peak_tflops=peak_tflops, utilisation=utilisation, task=task, optimizer=optimizer))
+         utilisation: float = 0.4, task: str = "causal-lm", optimizer: str = "adamw", measure: bool = False,
+         measure_steps: int = 5, measure_repeats: int = 2, threads: int | None = None, **_: Any) -> CostResult:
+    """``salf cost``: per-boundary FLOPs, memory and projected step time from a config alone.
+
+    ``measure``: also build the model with random weights on this machine (CUDA if present, in bf16 with
+    sdpa; else the CPU in fp32 with eager attention, whose matmuls FlopCounterMode counts) and time real
+    optimizer steps at every projected boundary (``salf.measure``), projected with the same dtype and attention.
+    ``threads``: torch CPU threads while measuring (1 is steadiest on a machine shared with other jobs).
+    """
+    dtype, attention, device = None, "sdpa", None
+    if measure:
+        import torch
+
+        if lora:
+            raise SalfError("--measure trains full weights", "drop --lora to measure (the projection works for LoRA)")
+        if optimizer != "adamw":
+            raise SalfError("--measure steps AdamW", "drop --optimizer to measure")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype, attention = ("bfloat16", "sdpa") if device == "cuda" else ("float32", "eager")
+    projection = project(config, seq_len=seq, batch_size=batch, lora_rank=lora_rank if lora else None,
+                         boundaries=parse_boundaries(boundaries), accelerator=accelerator, peak_tflops=peak_tflops,
+                         utilisation=utilisation, task=task, optimizer=optimizer, dtype=dtype, attention=attention)
+    if not measure:
+        return CostResult(projection)
+    import torch
+
+    from salf.measure import measure_boundaries
+
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = load_config(config)
+    model = build_random_model(loaded, task, device, dtype, attention)
+    measured = measure_boundaries(model, random_batch(loaded, task, batch, seq, device),
+                                  [r.boundary for r in projection.rows], steps=measure_steps, repeats=measure_repeats)
+    where = (torch.cuda.get_device_name() if device == "cuda" else
+             f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    return CostResult(projection, measured, f"{where}, torch {torch.__version__}, {dtype}, {attention} attention")
