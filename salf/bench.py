@@ -510,9 +510,10 @@ class RunStore:
     """``runs.json``: every finished run, plan and baseline decision, keyed by (task, seed, variant).
 
     Several ``salf bench`` processes may share one ``out_dir`` (e.g. one per task with ``--tasks``, one per
-    GPU): every save takes an exclusive lock on ``runs.json.lock``, reads what the others wrote since and
-    writes the union, so no process drops another's runs. Each process only skips the runs it knew of
-    when it started or made itself; split the work by task or seed so two processes never train the same run.
+    GPU): every save takes an exclusive lock on ``runs.json.lock``, reads the file as the others left it
+    and writes it back with this process's own new records added, so no process drops another's runs (nor
+    brings back a record removed from the file meanwhile). Each process only skips the runs it knew of when
+    it started or made itself; split the work by task or seed so two processes never train the same run.
     """
 
     def __init__(self, path: Path, suite: BenchSuite, resume: bool):
@@ -521,6 +522,7 @@ class RunStore:
         self.records: dict[str, dict[str, Any]] = {}
         # --no-resume starts over: the runs on disk now are dropped at the first save, not merged back.
         self._dropped: set[str] = set()
+        self._mine: set[str] = set()  # keys this process added; only these override the file
         stored = self._read()
         if resume:
             self.records = stored
@@ -547,6 +549,7 @@ class RunStore:
     def add(self, *records: dict[str, Any]) -> None:
         for record in records:
             self.records[record["key"]] = record
+            self._mine.add(record["key"])
         self.save()
 
     def save(self) -> dict[str, dict[str, Any]]:
@@ -557,7 +560,7 @@ class RunStore:
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             union = {k: r for k, r in self._read().items() if k not in self._dropped}
-            union.update(self.records)
+            union.update((k, self.records[k]) for k in self._mine)
             write_json(self.path, {"format": BENCH_FORMAT, "suite": self.suite.name,
                                    "updated": _now(), "runs": list(union.values())})
         return union

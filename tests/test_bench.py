@@ -262,6 +262,12 @@ def test_run_stores_sharing_a_file_keep_each_others_runs(tmp_path):
     first.add({"key": "a|seed=0|oracle/k=1", "recipe": "r"})
     stored = {r["key"] for r in json.loads(path.read_text())["runs"]}
     assert stored == {"a|seed=0|oracle/k=0", "b|seed=0|oracle/k=0", "a|seed=0|oracle/k=1"}
+    # a record removed from the file (e.g. a stale plan) is not brought back by a process that had read it
+    data = json.loads(path.read_text())
+    data["runs"] = [r for r in data["runs"] if r["key"] != "b|seed=0|oracle/k=0"]
+    path.write_text(json.dumps(data))
+    first.add({"key": "a|seed=0|oracle/k=2", "recipe": "r"})
+    assert "b|seed=0|oracle/k=0" not in {r["key"] for r in json.loads(path.read_text())["runs"]}
     # --no-resume starts over: what was on disk is dropped, not merged back at its first save
     fresh = RunStore(path, suite, resume=False)
     fresh.add({"key": "c|seed=0|oracle/k=0", "recipe": "r"})
