@@ -1397,13 +1397,20 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
                         label=f"salf {lens}/{estimator}" if policy == "knee" else None)
             elif v["kind"] == "per-datum":
                 ax.plot(x, y, "P", color="crimson", ms=9, zorder=5, label=f"salf per datum ({variant.split('/', 1)[1]})")
+            elif v["kind"] == "ceiling":
+                # a line, not a point: its 3x cost would squash the equal-step region into a corner
+                ax.axhline(y, color="0.5", ls="--", lw=1, label=f"ceiling: full fine-tuning, {x:.1f}x the FLOPs")
+            elif v["kind"] == "equal-compute":
+                ax.plot(x, y, "v", color="tab:purple", ms=7, zorder=4)
+                ax.annotate(f"{variant.split('/', 1)[1]}, full FLOPs", (x, y), fontsize=6, xytext=(3, 4),
+                            textcoords="offset points", color="tab:purple")
             else:
                 ax.plot(x, y, "x" if v["reuses_oracle"] else "^", color="k", ms=7, zorder=4)
                 ax.annotate(variant.split("/", 1)[1], (x, y), fontsize=6, xytext=(3, 4), textcoords="offset points")
         ax.set_xlabel("measured training FLOPs / full fine-tuning")
         ax.set_ylabel(task["quality_metric"] + ("" if task["higher_is_better"] else " (lower is better)"))
         ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9, "
-                     "+ per datum; x/▲ baselines", fontsize=9)
+                     "+ per datum; x/▲ baselines; ▼ equal compute", fontsize=9)
         ax.legend(fontsize=6, loc="best")
         ax.grid(alpha=0.3)
     fig.tight_layout()
