@@ -283,6 +283,20 @@ def test_only_tasks_selects_by_name_and_names_the_choices():
     assert names[0] in err.value.fix
 
 
+def test_target_check_names_the_boundaries_and_rows_that_meet_it():
+    from salf.bench import _target_check
+
+    def row(q, c, **extra):
+        return {"quality_ratio": {"mean": q}, "flops_ratio": {"mean": c}, **extra}
+
+    per_k = [row(1.0, 1.0, k=0), row(0.995, 0.65, k=1), row(0.991, 0.55, k=2), row(0.9, 0.4, k=3)]
+    variants = {"salf/a": row(0.991, 0.55), "baseline/b": row(0.98, 0.5), "lora": row(0.999, 0.61)}
+    t = _target_check(per_k, variants)
+    assert t["cheapest_oracle_keeping_quality"]["k"] == 2
+    assert t["oracle_meeting"] == [2]
+    assert t["variants_meeting"] == ["salf/a"]
+
+
 def test_equal_compute_on_chosen_seeds_only():
     task = BenchSuite.load("minilm-quick").tasks[0]
     some = dataclasses.replace(task, seeds=[0, 1, 2], equal_compute=[0, 2])
