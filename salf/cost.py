@@ -406,7 +406,8 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return None
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s storage (its own size where it has none)."""
     try:
         return int(t.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError, AttributeError):
@@ -447,10 +448,10 @@ class _SavedBytes:
         elif key in self.shared:
             if (self.part(), key) not in self.seen:
                 self.seen.add((self.part(), key))
-                self.shared_bytes[self.part()] += _tensor_bytes(t)
+                self.shared_bytes[self.part()] += tensor_bytes(t)
         elif key not in self.exclude and key not in self.seen:
             self.seen.add(key)
-            self.bytes[self.part()] += _tensor_bytes(t)
+            self.bytes[self.part()] += tensor_bytes(t)
         return t
 
     def __enter__(self) -> _SavedBytes:
@@ -689,23 +690,31 @@ def _register_fused_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(_FUSED, sdpa_mask)
 
 
-def _meta_model(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: str) -> nn.Module:
+def build_model(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: str,
+                device: str | torch.device = "meta") -> nn.Module:
+    """The model of ``config`` with random weights on ``device``, in training mode.
+
+    On the meta device (profiling) a fused attention implementation is replaced by ``_fused_attention``,
+    which costs what the GPU kernel costs; on a real device the model keeps ``attn`` itself.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    meta = torch.device(device).type == "meta"
     config = copy.deepcopy(config)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     if task == "classification":
         config.num_labels = num_labels
-    if attn in FUSED_ATTENTION:
+    if meta and attn in FUSED_ATTENTION:
         _register_fused_attention()
         attn = _FUSED
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             model = auto.from_config(config, attn_implementation=attn, dtype=dtype)
     except (ValueError, KeyError) as e:
         raise SalfError(f"cannot build a {task} model for model type {config.model_type!r}: {e}",
                         "use the config of a transformers causal LM or sequence classifier") from e
-    _silence_padding_check(model)
+    if meta:
+        _silence_padding_check(model)
     return model.train()
 
 
@@ -877,7 +886,7 @@ def _replicate(profile: CostProfile, reps: list[int], n: int) -> CostProfile:
 
 def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: str, batch_size: int,
              seq_len: int, lora_rank: int | None) -> CostProfile:
-    meta = _meta_model(config, task, num_labels, dtype, attn)
+    meta = build_model(config, task, num_labels, dtype, attn)
     parts = find_parts(meta)
     batch = _meta_batch(task, batch_size, seq_len)
     n = parts.num_layers

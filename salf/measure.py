@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from salf.cost import measure_step_flops
+from salf.cost import measure_step_flops, tensor_bytes
 from salf.freeze import FreezeSpec, apply_plan
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -70,10 +70,6 @@ class MeasuredBoundary:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_flops": self.total_flops, "step_seconds_median": self.step_seconds_median}
-
-
-def _tensor_bytes(tensors: Iterable[Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _sync(device: torch.device) -> None:
@@ -137,10 +133,10 @@ def measure_boundaries(
                     torch.cuda.reset_peak_memory_stats(device)
                 # one untimed step allocates the gradients and the optimizer state, which are then counted
                 model(**batch).loss.backward()
-                results[k].grad_bytes = _tensor_bytes(p.grad for p in params)
+                results[k].grad_bytes = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
                 opt.step()
-                results[k].optimizer_bytes = _tensor_bytes(v for state in opt.state.values() for v in state.values()
-                                                           if isinstance(v, torch.Tensor) and v.dim() > 0)
+                results[k].optimizer_bytes = sum(tensor_bytes(v) for state in opt.state.values() for v in state.values()
+                                                 if isinstance(v, torch.Tensor) and v.dim() > 0)
                 opt.zero_grad(set_to_none=True)
                 results[k].step_seconds += _timed_steps(model, batch, opt, steps, warmup, device)
                 if device.type == "cuda":

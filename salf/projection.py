@@ -357,10 +357,10 @@ def compare_measured(projection: Projection, measured: list[MeasuredBoundary]) -
 def render_measured(projection: Projection, measured: list[MeasuredBoundary], device: str) -> str:
     rows = compare_measured(projection, measured)
     steps = rows[0]["timed_steps"] if rows else 0
+    show_peak = any(r["peak_memory_bytes"] for r in rows)  # CUDA only
     headers = ["k", "FLOPs vs full: predicted", "measured", "step time vs full", "saving delivered",
-               "activations: predicted", "measured", "grads+optimizer: predicted", "measured", "step ms"]
-    if any(r["peak_memory_bytes"] for r in rows):
-        headers.append("peak memory")
+               "activations: predicted", "measured", "grads+optimizer: predicted", "measured", "step ms",
+               *(["peak memory"] if show_peak else [])]
 
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.1%}"
@@ -372,7 +372,7 @@ def render_measured(projection: Projection, measured: list[MeasuredBoundary], de
                 table.human_bytes(r["predicted_activation_bytes"]), table.human_bytes(r["measured_activation_bytes"]),
                 table.human_bytes(r["predicted_state_bytes"]), table.human_bytes(r["measured_state_bytes"]),
                 r["step_seconds_median"] * 1e3]
-        if len(headers) > len(line):
+        if show_peak:
             line.append(table.human_bytes(r["peak_memory_bytes"] or 0))
         body.append(line)
     title = f"Measured on {device}: real optimizer steps per boundary (median of {steps} timed steps each)"
@@ -388,20 +388,6 @@ def parse_boundaries(text: str | None) -> list[int] | None:
         return [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
         raise SalfError(f"--boundaries {text!r} is not a list of block indices", "write e.g. --boundaries 0,8,16 or all") from None
-
-
-def build_random_model(config: Any, task: str, device: str, dtype: str, attention: str):
-    """The model of ``config`` with random weights (timing and memory do not depend on the values)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = auto.from_config(config, dtype=getattr(torch, dtype), attn_implementation=attention)
-    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = 0
-    return model
 
 
 def random_batch(config: Any, task: str, batch: int, seq: int, device: str) -> dict[str, Any]:
@@ -424,10 +410,10 @@ def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_
     optimizer steps at every projected boundary (``salf.measure``), projected with the same dtype and attention.
     ``threads``: torch CPU threads while measuring (1 is steadiest on a machine shared with other jobs).
     """
+    import torch
+
     dtype, attention, device = None, "sdpa", None
     if measure:
-        import torch
-
         if lora:
             raise SalfError("--measure trains full weights", "drop --lora to measure (the projection works for LoRA)")
         if optimizer != "adamw":
@@ -439,14 +425,16 @@ def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_
                          utilisation=utilisation, task=task, optimizer=optimizer, dtype=dtype, attention=attention)
     if not measure:
         return CostResult(projection)
-    import torch
-
+    from salf.cost import build_model
     from salf.measure import measure_boundaries
 
     if threads:
         torch.set_num_threads(threads)
     loaded = load_config(config)
-    model = build_random_model(loaded, task, device, dtype, attention)
+    torch.manual_seed(0)  # random weights: timing and memory do not depend on the values
+    model = build_model(loaded, task, loaded.num_labels, getattr(torch, dtype), attention, device=device)
+    if task == "classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = 0  # a sequence classifier needs one to find each row's last token
     measured = measure_boundaries(model, random_batch(loaded, task, batch, seq, device),
                                   [r.boundary for r in projection.rows], steps=measure_steps, repeats=measure_repeats)
     where = (torch.cuda.get_device_name() if device == "cuda" else
