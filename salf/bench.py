@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import gc
 import io
 import json
@@ -554,8 +555,6 @@ class RunStore:
 
     def save(self) -> dict[str, dict[str, Any]]:
         """Write this process's records merged with the others' (under the lock); returns the union."""
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
