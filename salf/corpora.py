@@ -8,7 +8,13 @@ Nothing here ships third-party text: each builder reads it where it lies and wri
 - ``docstring-function``: a docstring -> the name of its function (prompt/completion);
 - ``debian-section``: a Debian package description -> its archive section (classification over
   the most common sections), from the apt package lists (``apt-cache dumpavail``);
-- ``debian-name``: a Debian package description -> the package name (prompt/completion).
+- ``debian-name``: a Debian package description -> the package name (prompt/completion);
+- ``debian-name-section``: a Debian package *name alone* -> its archive section (classification; the
+  lexical form of the name decides: ``python3-*``, ``lib*-dev``, ``*-perl``, ``fonts-*``; information that
+  lives low in the network);
+- ``debian-bshift``: a sentence of a Debian description, either as written or with two adjacent words
+  swapped (classification 'original' / 'shifted'; SentEval's bigram-shift probing task: word order
+  decides, so the task needs composition across the sentence, not its topic or its words).
 
 Every builder is deterministic for a given machine (same Python, same apt lists) and seed.
 Names may be written with '_' or '-'.
@@ -20,9 +26,11 @@ import ast
 import functools
 import json
 import random
+import re
 import shutil
 import subprocess
 import sysconfig
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +59,9 @@ DEBIAN_SECTIONS = 8
 DEBIAN_PER_CLASS = 1000
 DEBIAN_NAME_ROWS = 8000
 """``debian-name`` keeps a seeded sample of this many packages (of some 60 000)."""
+BSHIFT_WORDS = (6, 30)
+"""``debian-bshift`` keeps sentences of this many words (inclusive): long enough for word order to matter."""
+BSHIFT_PER_CLASS = 3000
 
 
 @dataclass
@@ -376,6 +387,57 @@ def _debian_name_rows() -> list[dict]:
     return [{"prompt": text + NAME_SEPARATOR, "completion": " " + name} for text, name in pairs]
 
 
+def _debian_name_section_rows() -> list[dict]:
+    packages = debian_packages()
+    common = {section for section, _ in Counter(p.section for p in packages).most_common(DEBIAN_SECTIONS)}
+    return [{"text": p.name, "label": p.section} for p in packages if p.section in common]
+
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+"""A plain word: swapping punctuation ('-', '(data') would be a giveaway, not a question of word order."""
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)][.!?]) +(?=[A-Z])")
+
+
+def description_sentences(text: str) -> list[str]:
+    """The sentences of a description (Debian's package lists often carry only the one-line short
+    description, which counts as one sentence); a shortened tail, ending in ' ...', is dropped."""
+    parts = _SENTENCE_END.split(text)
+    return [p.rstrip(".") for p in parts if not p.endswith(" ...")]
+
+
+def bigram_shift(sentence: str, rng: random.Random) -> str | None:
+    """``sentence`` with two adjacent, different words swapped, or None where no such pair exists. The
+    first word is never moved (its capital would give the swap away), nor the last."""
+    words = sentence.split()
+    spots = [i for i in range(1, len(words) - 2)
+             if _WORD.fullmatch(words[i]) and _WORD.fullmatch(words[i + 1]) and words[i].lower() != words[i + 1].lower()]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+def _debian_bshift_rows() -> list[dict]:
+    """One row per sentence opening (its first five words, lower case: '... (data files)' and '... (common
+    files)' variants of one package family would otherwise sit in both splits with opposite labels);
+    whether it is shifted, and where, is seeded by the sentence itself (crc32), so the corpus does not
+    depend on the order packages are read in."""
+    low, high = BSHIFT_WORDS
+    seen: set[str] = set()
+    rows = []
+    for package in debian_packages():
+        for sentence in description_sentences(package.description):
+            opening = " ".join(sentence.lower().split()[:5])
+            if opening in seen or not low <= len(sentence.split()) <= high:
+                continue
+            seen.add(opening)
+            rng = random.Random(zlib.crc32(sentence.encode("utf-8")))
+            shifted = bigram_shift(sentence, rng) if rng.random() < 0.5 else None
+            rows.append({"text": shifted or sentence, "label": "shifted" if shifted else "original"})
+    return rows
+
+
 def _debian_source() -> str:
     return f"Debian package descriptions from the apt lists in {APT_LISTS}"
 
@@ -384,3 +446,9 @@ CORPORA.register("debian-section")(
     CorpusSpec("classification", _debian_section_rows, _debian_source, per_class=DEBIAN_PER_CLASS)
 )
 CORPORA.register("debian-name")(CorpusSpec("completion", _debian_name_rows, _debian_source, max_rows=DEBIAN_NAME_ROWS))
+CORPORA.register("debian-name-section")(
+    CorpusSpec("classification", _debian_name_section_rows, _debian_source, per_class=DEBIAN_PER_CLASS)
+)
+CORPORA.register("debian-bshift")(
+    CorpusSpec("classification", _debian_bshift_rows, _debian_source, per_class=BSHIFT_PER_CLASS)
+)

@@ -29,7 +29,8 @@ def module_corpus(tmp_path_factory) -> CorpusFiles:
 
 
 def test_registry_names():
-    assert CORPORA.names() == ["debian-name", "debian-section", "docstring-function", "docstring-module"]
+    assert CORPORA.names() == ["debian-bshift", "debian-name", "debian-name-section", "debian-section",
+                               "docstring-function", "docstring-module"]
     with pytest.raises(SalfError, match="unknown corpus 'wikipedia'") as e:
         build_corpus("wikipedia", ".")
     assert "docstring-module" in e.value.fix
@@ -156,3 +157,43 @@ def test_debian_name_files(tmp_path):
     assert all(row["prompt"].endswith("\nName:") and row["completion"].startswith(" ") for row in rows)
     names = {p.name for p in corpora.debian_packages()}
     assert all(row["completion"][1:] in names for row in rows)
+
+
+@needs_apt
+def test_debian_name_section_reads_the_name_alone(tmp_path):
+    files = build_corpus("debian-name-section", tmp_path, limit=800)
+    rows = read(files.train_path) + read(files.eval_path)
+    packages = {p.name: p.section for p in corpora.debian_packages()}
+    assert files.task == "classification" and len(rows) == 800
+    assert all(packages[row["text"]] == row["label"] for row in rows)
+    assert len({row["label"] for row in rows}) == corpora.DEBIAN_SECTIONS
+
+
+def test_bigram_shift_swaps_two_adjacent_plain_words():
+    import random
+
+    sentence = "Tools to convert scanned images into text"
+    shifted = corpora.bigram_shift(sentence, random.Random(0))
+    a, b = sentence.split(), shifted.split()
+    moved = [i for i in range(len(a)) if a[i] != b[i]]
+    assert sorted(a) == sorted(b) and len(moved) == 2 and moved[1] == moved[0] + 1
+    assert moved[0] >= 1 and moved[1] <= len(a) - 2, "first and last words stay in place"
+    assert corpora.bigram_shift("Library - ( ) files", random.Random(0)) is None, "no two plain words to swap"
+    assert corpora.description_sentences("One thing. Another thing here. And a cut tail ...") == [
+        "One thing", "Another thing here"]
+
+
+@needs_apt
+def test_debian_bshift_files(tmp_path):
+    files = build_corpus("debian-bshift", tmp_path, limit=1000)
+    rows = read(files.train_path) + read(files.eval_path)
+    labels = Counter(row["label"] for row in rows)
+    assert labels == {"original": 500, "shifted": 500}
+    openings = [" ".join(row["text"].lower().split()[:5]) for row in rows]
+    low, high = corpora.BSHIFT_WORDS
+    assert all(low <= len(row["text"].split()) <= high for row in rows)
+    # the originals are real short descriptions, word for word
+    descriptions = {p.description.split(". ")[0].rstrip(".") for p in corpora.debian_packages()}
+    originals = [row["text"] for row in rows if row["label"] == "original"]
+    assert sum(text in descriptions for text in originals) >= 0.95 * len(originals)
+    assert len(set(openings)) >= 0.9 * len(openings)
