@@ -9,8 +9,9 @@ seeds. For every task and seed the benchmark runs
 2. **salf plans**: one trace per applicable lens, then every estimator x policy picks a boundary; the
    profiling time (trace + cost profile + plan) is timed. A plan's quality is the oracle run at its
    boundary: the same recipe, seed and data, so the run would be identical; nothing is retrained;
-3. **baselines** (``salf.bench_baselines.BASELINES``): depth-only policies, gradient-norm and
-   hidden-state variability give boundaries (reusing the oracle runs); LoRA and LISA get their own runs;
+3. **baselines** (``salf.bench_baselines.BASELINES``): depth-only policies, gradient-norm,
+   hidden-state variability and cosine change give boundaries (reusing the oracle runs); LoRA and LISA
+   get their own runs;
 4. **per-datum** (METHOD §4, ``BenchSuite.per_datum``): the default lens's trace (the one the plans
    above already made; not traced again), the default estimator and ``knee`` give every traced datum its
    own boundary and every other datum the plan's global boundary; one run of its own trains each batch
@@ -21,10 +22,12 @@ seeds. For every task and seed the benchmark runs
    planned boundary trained for as many steps as fit in the full run's FLOPs).
 
 Everything lands in ``out_dir``: ``runs.json`` (every run and plan, rewritten atomically after each),
-``results.md`` (tables: oracle, plans and baselines with regret, predicted vs measured savings,
-profiling share, mean ± std over seeds), ``frontier.png`` and ``progress.log``. A finished run is
-never repeated: its key (task, seed, variant) and the task's recipe fingerprint are looked up in
-``runs.json`` on restart.
+``results.md`` (first every plan and baseline's regret per model, pooled over tasks and seeds; then per task
+the oracle, plans and baselines with regret, trade-off regret and share kept, predicted vs measured savings,
+profiling share, mean ± std over seeds), ``summary.json`` (the same numbers), ``frontier.png`` and
+``progress.log``. A finished run is never repeated: its key (task, seed, variant) and the task's recipe
+fingerprint are looked up in ``runs.json`` on restart. ``salf bench-table DIR...`` (``bench_table``) pools
+the per-model table over several output directories.
 """
 
 from __future__ import annotations
@@ -1063,6 +1066,69 @@ def regret(plan_cost: float, plan_quality: float, oracle_costs: Sequence[float],
     return max(affordable) - plan_quality if higher_is_better else plan_quality - min(affordable)
 
 
+TRADEOFF_LAMBDAS = (2.0, 10.0)
+"""The lambdas of the trade-off regret (``tradeoff_regret``): points of quality that the whole of full
+fine-tuning's FLOPs is worth. lambda = 2: one point of accuracy is worth 50% of full fine-tuning's FLOPs;
+lambda = 10: 10%. ``regret`` never charges a cheap plan for the quality it gives up (the head-only boundary
+has regret 0 whatever its accuracy: nothing is cheaper); these do."""
+
+
+def regret_key(lam: float) -> str:
+    """Field name of the trade-off regret at ``lam`` ('regret_2', 'regret_10')."""
+    return f"regret_{lam:g}"
+
+
+REGRET_KEYS = tuple(regret_key(lam) for lam in TRADEOFF_LAMBDAS)
+
+
+def quality_points(value: float | None, higher_is_better: bool) -> float | None:
+    """A quality in points, higher better: 100 x an accuracy or exact match, -100 x a loss (for 'lm' tasks,
+    whose only quality is the eval loss), so that a point means the same in every regret."""
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return 100.0 * float(value) if higher_is_better else -100.0 * float(value)
+
+
+def tradeoff_regret(plan_cost: float | None, plan_points: float | None, oracle_costs: Sequence[float | None],
+                    oracle_points: Sequence[float | None], lam: float) -> float | None:
+    """max over oracle boundaries k of [q(k) - lam c(k)], minus [q(plan) - lam c(plan)].
+
+    q in points (``quality_points``), c the measured FLOPs as a fraction of full fine-tuning's (same seed).
+    Every boundary competes, not only the cheaper ones: 0 for the boundary with the best trade-off,
+    positive for any other, negative only for an own run (LoRA, per-datum) that beats every boundary.
+    None when the plan, or every boundary, lacks a cost or a quality.
+    """
+    if plan_cost is None or plan_points is None:
+        return None
+    utilities = [q - lam * c for c, q in zip(oracle_costs, oracle_points)
+                 if c is not None and q is not None and math.isfinite(c) and math.isfinite(q)]
+    if not utilities:
+        return None
+    return max(utilities) - (plan_points - lam * plan_cost)
+
+
+def share_kept(plan_quality: float | None, oracle_qualities: Sequence[float | None]) -> float | None:
+    """The plan's quality over the best oracle boundary's (higher-is-better metrics; None without a positive best)."""
+    best = max((float(q) for q in oracle_qualities if q is not None and math.isfinite(q)), default=None)
+    return plan_quality / best if plan_quality is not None and best else None
+
+
+def tradeoff_fields(metrics: dict[str, Any], oracle_runs: dict[int, dict], q_name: str,
+                    q_high: bool) -> dict[str, float | None]:
+    """Share kept and the trade-off regret at every lambda of one run, against the oracle runs of its seed."""
+    full = oracle_runs.get(0, {}).get("train_flops")
+    runs = list(oracle_runs.values())
+    costs = [_ratio(m.get("train_flops"), full) for m in runs]
+    points = [quality_points(m.get(q_name), q_high) for m in runs]
+    cost, own = _ratio(metrics.get("train_flops"), full), quality_points(metrics.get(q_name), q_high)
+    return {"share_kept": share_kept(metrics.get(q_name), [m.get(q_name) for m in runs]) if q_high else None,
+            **{regret_key(lam): tradeoff_regret(cost, own, costs, points, lam) for lam in TRADEOFF_LAMBDAS}}
+
+
+PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_ratio")
+"""What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
+
+
 def _stats(values: Iterable[float | None]) -> dict[str, Any]:
     v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
     if not v:
@@ -1108,6 +1174,7 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
             "step_time_ratio": _ratio(metrics.get("step_seconds_median"), full.get("step_seconds_median")),
             "regret": regret(cost, quality, costs, [oracle[seed][k].get(q_name) for k in ks], q_high),
             "regret_loss": regret(cost, loss, costs, [oracle[seed][k].get(LOSS[0]) for k in ks], LOSS[1]),
+            **tradeoff_fields(metrics, oracle[seed], q_name, q_high),
             "full_train_seconds": full.get("train_seconds"),
         }
 
@@ -1132,12 +1199,14 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
     unavailable = [{"variant": r["variant"], "seed": r["seed"], "status": r.get("status"), "error": r.get("error")}
                    for r in records if r.get("status") not in (None, "done")]
     fields = ("quality", "quality_ratio", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss",
-              "profiling_seconds", "profiling_fraction", "boundary")
+              *REGRET_KEYS, "share_kept", "profiling_seconds", "profiling_fraction", "boundary")
     variants = {}
     for variant, ps in sorted(rows.items()):
         variants[variant] = {"kind": ps[0]["kind"], "boundaries": [p["boundary"] for p in ps],
                              "seeds": [p["seed"] for p in ps], "reuses_oracle": ps[0]["reuses_oracle"],
-                             **{f: _stats(p[f] for p in ps) for f in fields}}
+                             **{f: _stats(p[f] for p in ps) for f in fields},
+                             # per seed, so that tables over several tasks (``regret_by_model``) pool seeds
+                             "per_seed": [{f: p[f] for f in ("seed", *PER_SEED_FIELDS)} for p in ps]}
 
     predicted = meta["predicted_step_flops_ratio"]
     per_k = []
@@ -1146,8 +1215,8 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
         pts = [point(s, oracle[s][k]) for s in seeds if k in oracle[s]]
         per_k.append({
             "k": k, "predicted_flops_ratio": predicted[k], "predicted_memory_ratio": meta["predicted_memory_ratio"][k],
-            "n": len(ms), **{f: _stats(p[f] for p in pts)
-                             for f in ("quality", "quality_ratio", "loss", "flops_ratio", "step_time_ratio")},
+            "n": len(ms), **{f: _stats(p[f] for p in pts) for f in ("quality", "quality_ratio", "loss", "flops_ratio",
+                                                                   "step_time_ratio", *REGRET_KEYS, "share_kept")},
             "train_seconds": _stats(m.get("train_seconds") for m in ms),
             "run_rss_growth_bytes": _stats(m.get("run_rss_growth_bytes") for m in ms),
         })
@@ -1189,7 +1258,7 @@ def _target_check(per_k: list[dict], variants: dict[str, dict]) -> dict[str, Any
 def _per_datum_comparison(records: list[dict], oracle: dict[int, dict[int, dict]],
                           point: Callable[[int, dict], dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each per-datum variant against its single-boundary plan (the oracle run at the global boundary)."""
-    fields = ("quality", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss")
+    fields = ("quality", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss", *REGRET_KEYS, "share_kept")
     out: dict[str, dict[str, Any]] = {}
     for r in sorted((r for r in records if r.get("kind") == "per-datum" and r.get("status") == "done"),
                     key=lambda r: (r["variant"], r["seed"])):
@@ -1222,19 +1291,105 @@ def _plan_regret(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, A
             continue
         _, lens, estimator, policy = variant.split("/", 3)
         table.setdefault(f"{lens}/{estimator}", {})[policy] = {
-            "regret": _stats(p["regret"] for p in ps), "regret_loss": _stats(p["regret_loss"] for p in ps)}
+            f: _stats(p[f] for p in ps) for f in ("regret", "regret_loss", *REGRET_KEYS)}
     return table
+
+
+# --------------------------------------------------------------------------------------------- regret by model
+
+DEFAULT_PLAN_POLICY = "knee"
+"""``salf plan``'s default policy: with ``salf.trace.DEFAULT_LENS`` and ``salf.gain.DEFAULT_ESTIMATOR``, the
+plan a user gets without choosing, marked in the per-model table."""
+REGRET_TABLE_KINDS = ("plan", "per-datum", "baseline")
+"""Rows of the per-model table: ways of choosing what to train. Ceiling and equal-compute runs train the same
+boundaries on other budgets, so they stay in the per-task tables."""
+REGRET_TABLE_ORDER = regret_key(max(TRADEOFF_LAMBDAS))
+"""The per-model table is sorted by the trade-off regret that weighs cost most (the largest lambda: salf is
+there to save compute, and this one still charges a point of quality at a tenth of full fine-tuning's FLOPs),
+then by name."""
+
+
+def default_plan(data_task: str) -> str:
+    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/headroom/knee')."""
+    from salf.gain import DEFAULT_ESTIMATOR
+    from salf.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+
+    lens = DEFAULT_LENS[CLASS_LABELS if data_task == "classification" else TOKEN_LABELS]
+    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{DEFAULT_PLAN_POLICY}"
+
+
+def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """One row of the per-model table: means over every (task, seed) of the variant."""
+    seeds = entry["per_seed"]
+    return {"variant": variant, "kind": entry["kind"], "default": entry["default"], "tasks": entry["tasks"],
+            "n": len(seeds),
+            # the plain regret in points too (x 100; for a loss task: 100 x the loss regret), like the lambda columns
+            "regret_points": _stats(None if s["regret"] is None else 100.0 * s["regret"] for s in seeds),
+            **{f: _stats(s[f] for s in seeds) for f in (*REGRET_KEYS, "share_kept", "flops_ratio")}}
+
+
+def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:
+    mean = row[REGRET_TABLE_ORDER]["mean"]
+    return (mean is None, mean if mean is not None else 0.0, row["variant"])
+
+
+def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model (a task's ``model``), every plan, per-datum variant and baseline pooled over all its tasks and
+    seeds: mean regret (points), trade-off regrets, share kept and FLOPs, sorted by ``REGRET_TABLE_ORDER``.
+
+    ``analyses``: one ``analyze`` result per result directory, so that one table may span several benchmarks.
+    A per-task table answers "which boundary here"; this one answers "which way of choosing, across tasks".
+    Every (task, seed) weighs the same; ``tasks`` and ``n`` say how many a row holds (a baseline unavailable
+    on a task has fewer).
+    """
+    pooled: dict[str, dict[str, dict[str, Any]]] = {}
+    tasks: dict[str, list[str]] = {}
+    for analysis in analyses:
+        for name, task in analysis.items():
+            if not task:
+                continue
+            model = str(task.get("model"))
+            tasks.setdefault(model, []).append(name)
+            default = default_plan(task["data_task"])
+            for variant, v in task["variants"].items():
+                if v["kind"] not in REGRET_TABLE_KINDS:
+                    continue
+                entry = pooled.setdefault(model, {}).setdefault(
+                    variant, {"kind": v["kind"], "default": False, "tasks": [], "per_seed": []})
+                entry["default"] = entry["default"] or variant == default
+                entry["tasks"].append(name)
+                entry["per_seed"] += v["per_seed"]
+    return {model: {"tasks": tasks[model], "sort_by": REGRET_TABLE_ORDER, "lambdas": list(TRADEOFF_LAMBDAS),
+                    "rows": sorted((_pooled_row(v, e) for v, e in variants.items()), key=_table_order)}
+            for model, variants in pooled.items()}
+
+
+def load_runs(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``out_dir/runs.json`` (a ``salf bench`` output directory)."""
+    path = Path(out_dir) / "runs.json"
+    if not path.is_file():
+        raise SalfError(f"{path} not found", "give directories written by `salf bench --out DIR`")
+    try:
+        return list(json.loads(path.read_text()).get("runs", []))
+    except json.JSONDecodeError:
+        raise SalfError(f"{path} is damaged (not JSON)") from None
+
+
+def combined_regret(dirs: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+    """``regret_by_model`` over the finished seeds of several benchmark output directories at once."""
+    return regret_by_model(analyze(complete_records(load_runs(d))) for d in dirs)
 
 
 # --------------------------------------------------------------------------------------------- reports
 
 
-def _fmt(stat: dict[str, Any] | None, digits: int = 3, pct: bool = False) -> str:
+def _fmt(stat: dict[str, Any] | None, digits: int = 3, pct: bool = False, spread: bool = True) -> str:
+    """``mean ± std`` of a ``_stats`` dict (the std only with ``spread`` and more than one value)."""
     if not stat or stat.get("mean") is None:
         return "-"
     scale, suffix = (100.0, "%") if pct else (1.0, "")
     text = f"{stat['mean'] * scale:.{digits}f}{suffix}"
-    if stat.get("n", 0) > 1:
+    if spread and stat.get("n", 0) > 1:
         text += f" ± {stat['std'] * scale:.{digits}f}"
     return text
 
@@ -1266,6 +1421,15 @@ def _target_lines(task: dict[str, Any]) -> str:
             f"plans and baselines meeting it: {rows}.")
 
 
+LAMBDA_HEADERS = tuple(f"regret λ={lam:g} (points)" for lam in TRADEOFF_LAMBDAS)
+TRADEOFF_HEADERS = (*LAMBDA_HEADERS, "share of best kept")
+
+
+def _tradeoff_cells(v: dict[str, Any]) -> list[str]:
+    """The trade-off regrets (points) and the share of the best boundary's quality kept, as table cells."""
+    return [*(_fmt(v.get(key), 2) for key in REGRET_KEYS), _fmt(v.get("share_kept"), 1, pct=True)]
+
+
 def _variant_rows(task: dict[str, Any], kinds: tuple[str, ...]) -> list[list[Any]]:
     rows = []
     for name, v in task["variants"].items():
@@ -1273,13 +1437,14 @@ def _variant_rows(task: dict[str, Any], kinds: tuple[str, ...]) -> list[list[Any
             continue
         rows.append([name, _boundaries_text(v), _fmt(v["quality"]), _fmt(v.get("quality_ratio")), _fmt(v["loss"]),
                      _fmt(v["flops_ratio"]), _fmt(v["step_time_ratio"]), _fmt(v["regret"]), _fmt(v["regret_loss"]),
-                     _fmt(v["profiling_seconds"], 1), _fmt(v["profiling_fraction"], 1, pct=True),
+                     *_tradeoff_cells(v), _fmt(v["profiling_seconds"], 1), _fmt(v["profiling_fraction"], 1, pct=True),
                      "oracle run" if v["reuses_oracle"] else "own run"])
     return rows
 
 
 VARIANT_HEADERS = ("variant", "boundary per seed", "quality", "quality x full", "eval loss", "FLOPs x full", "step time x full",
-                   "regret (quality)", "regret (loss)", "profiling s", "profiling / full train", "quality from")
+                   "regret (quality)", "regret (loss)", *TRADEOFF_HEADERS, "profiling s", "profiling / full train",
+                   "quality from")
 
 
 def _per_datum_section(comparison: dict[str, dict[str, Any]]) -> list[str]:
@@ -1299,12 +1464,44 @@ def _per_datum_section(comparison: dict[str, dict[str, Any]]) -> list[str]:
         for name, point, boundary, data in ((e["single_variant"], e["single"], single_k, f"all at k={single_k}"),
                                             (variant, e["per_datum"], _fmt(e["mean_boundary"], 2), histogram)):
             rows.append([name, boundary, _fmt(point["quality"]), _fmt(point["loss"]), _fmt(point["flops_ratio"]),
-                         _fmt(point["step_time_ratio"]), _fmt(point["regret"]), data])
+                         _fmt(point["step_time_ratio"]), _fmt(point["regret"]), *_tradeoff_cells(point), data])
     parts += [_md_table(["variant", "mean boundary", "quality", "eval loss", "FLOPs x full", "step time x full",
-                         "regret (quality)", "training data per boundary"], rows), ""]
+                         "regret (quality)", *TRADEOFF_HEADERS, "training data per boundary"], rows), ""]
     parts += [f"- `{variant}`: quality per datum minus single boundary {_fmt(e['quality_gain'])} "
               f"over {len(e['per_seed'])} seed(s)" for variant, e in comparison.items()]
     return [*parts, ""]
+
+
+TRADEOFF_TEXT = (
+    "**Trade-off regret and share kept.** The plain regret (the best oracle boundary costing no more than the row, "
+    "minus the row) never charges a cheap row for the quality it gives up (the head-only boundary has regret 0 "
+    "whatever its accuracy: nothing is cheaper). Regret λ = max over oracle boundaries k of "
+    "[q(k) - λ c(k)] minus [q(row) - λ c(row)], with q in points (100 x accuracy or exact match; -100 x eval loss "
+    "for language-modelling tasks) and c the measured FLOPs as a fraction of full fine-tuning's (same seed): "
+    + ", ".join(f"λ = {lam:g} values one point at {1 / lam:.0%} of full fine-tuning's FLOPs" for lam in TRADEOFF_LAMBDAS)
+    + ". 0 is the boundary with the best trade-off, positive is worse (in points). Share of best kept = the row's "
+    "quality over the best boundary's (higher-is-better metrics). Per seed, then mean ± std over seeds.")
+
+
+def regret_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
+    """The per-model table (``regret_by_model``) as a results.md section."""
+    if not table:
+        return []
+    parts = ["## Regret by model: every way of choosing, over all tasks and seeds", "",
+             f"Every salf plan (lens/estimator/policy), per-datum variant and baseline, mean over all the model's tasks "
+             f"and seeds (each (task, seed) weighs the same), sorted by {REGRET_TABLE_ORDER.replace('regret_', 'regret λ=')}. "
+             "All regrets in points (the plain regret x 100). **Bold**: the default plan (the default lens for the "
+             "labels, the default estimator, knee). 'tasks' / 'runs': how many tasks and (task, seed) pairs a row "
+             "holds.", ""]
+    for model, entry in table.items():
+        rows = [[i, f"**{r['variant']}** (default)" if r["default"] else r["variant"], r["kind"], len(r["tasks"]),
+                 r["n"], _fmt(r["regret_points"], 2, spread=False), *(_fmt(r[key], 2, spread=False) for key in REGRET_KEYS),
+                 _fmt(r["share_kept"], 1, pct=True, spread=False), _fmt(r["flops_ratio"], 3, spread=False)]
+                for i, r in enumerate(entry["rows"], 1)]
+        parts += [f"### Model `{model}` ({len(entry['tasks'])} task(s): {', '.join(entry['tasks'])})", "",
+                  _md_table(["#", "variant", "kind", "tasks", "runs", "regret (points)", *LAMBDA_HEADERS,
+                             "share of best kept", "FLOPs x full"], rows), ""]
+    return parts
 
 
 def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) -> str:
@@ -1322,7 +1519,8 @@ def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) 
              "worse, 0 means on the frontier, negative (own runs only) means better than every affordable boundary; "
              "'-' when every boundary costs more. Mean ± std over seeds (std with n-1). Step times are wall-clock on a "
              "shared machine and noisier than FLOPs; memory is the cost model's prediction (measured RSS growth in "
-             "runs.json is a lower bound once the allocator keeps freed memory).", ""]
+             "runs.json is a lower bound once the allocator keeps freed memory).", "",
+             TRADEOFF_TEXT, "", *regret_table_markdown(regret_by_model([analysis]))]
     for name, task in analysis.items():
         if not task:
             continue
@@ -1338,15 +1536,20 @@ def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) 
         rows = [[row["k"], _fmt(row["quality"]), _fmt(row.get("quality_ratio")), _fmt(row["loss"]),
                  f"{row['predicted_flops_ratio']:.3f}",
                  _fmt(row["flops_ratio"]), _fmt(row["step_time_ratio"]), f"{row['predicted_memory_ratio']:.3f}",
-                 _fmt(row["train_seconds"], 1), "yes" if row["on_frontier"] else ""] for row in task["oracle"]]
+                 _fmt(row["train_seconds"], 1), "yes" if row["on_frontier"] else "",
+                 *(_fmt(row.get(key), 2) for key in REGRET_KEYS)] for row in task["oracle"]]
         parts += [_md_table(["k", q, f"{q} x full", "eval loss", "predicted step FLOPs x full", "measured FLOPs x full",
-                             "measured step time x full", "predicted memory x full", "train s", "on frontier"], rows), ""]
+                             "measured step time x full", "predicted memory x full", "train s", "on frontier",
+                             *LAMBDA_HEADERS], rows), ""]
         parts += _target_lines(task), ""
         if task["plan_regret"]:
             policies = sorted({p for row in task["plan_regret"].values() for p in row})
-            rows = [[name, *(f"{_fmt(row[p]['regret'])} / {_fmt(row[p]['regret_loss'])}" if p in row else "-"
+            rows = [[name, *(" / ".join([_fmt(row[p]["regret"]), _fmt(row[p]["regret_loss"]),
+                                         *(_fmt(row[p].get(key), 2) for key in REGRET_KEYS)]) if p in row else "-"
                              for p in policies)] for name, row in sorted(task["plan_regret"].items())]
-            parts += ["### Regret of salf plans by lens/estimator and policy (quality / loss; 0 = on the frontier)", "",
+            lambdas = " / ".join(f"λ={lam:g}" for lam in TRADEOFF_LAMBDAS)
+            parts += [f"### Regret of salf plans by lens/estimator and policy (quality / loss / trade-off {lambdas} "
+                      "in points; 0 = on the frontier, or the best trade-off)", "",
                       _md_table(["lens/estimator", *policies], rows), ""]
         for title, kinds in (("salf plans", ("plan", "per-datum")), ("Baselines", ("baseline",)),
                              ("Ceiling and equal compute", ("ceiling", "equal-compute"))):
@@ -1442,10 +1645,11 @@ class BenchResult:
                 continue
             rows = []
             for variant, v in task["variants"].items():
-                rows.append([variant, _boundaries_text(v), v["quality"]["mean"],
-                             v["flops_ratio"]["mean"], v["regret"]["mean"], v["regret_loss"]["mean"]])
+                rows.append([variant, _boundaries_text(v), v["quality"]["mean"], v["flops_ratio"]["mean"],
+                             v["regret"]["mean"], v["regret_loss"]["mean"], *(v[key]["mean"] for key in REGRET_KEYS)])
             title = f"{name}: quality = {task['quality_metric']}, cost = measured FLOPs x full, mean over {len(task['seeds'])} seed(s)"
-            out.append(render_table(["variant", "k", "quality", "cost", "regret", "regret (loss)"], rows, title))
+            out.append(render_table(["variant", "k", "quality", "cost", "regret", "regret (loss)",
+                                     *(f"regret λ={lam:g}" for lam in TRADEOFF_LAMBDAS)], rows, title))
         out.append(f"\n{self.trained} training run(s) now, {self.skipped} unit(s) reused from runs.json, "
                    f"{_duration(self.seconds)}; " + ", ".join(f"{k}: {v}" for k, v in self.paths.items()))
         return "\n\n".join(out)
@@ -1453,15 +1657,18 @@ class BenchResult:
     def to_json(self) -> dict[str, Any]:
         return {"suite": self.suite.name, "out_dir": str(self.out_dir), "trained": self.trained,
                 "skipped": self.skipped, "seconds": self.seconds, "analysis": self.analysis,
+                "regret_by_model": regret_by_model([self.analysis]),
                 "paths": {k: str(v) for k, v in self.paths.items()}}
 
 
 def write_reports(suite: BenchSuite, records: Iterable[dict], out_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """results.md, frontier.png and summary.json (``{"regret_by_model": ..., "tasks": analysis}``)."""
     analysis = analyze(records)
+    summary = {"regret_by_model": regret_by_model([analysis]), "tasks": analysis}
     paths = {"runs": out_dir / "runs.json",
              "results": write_atomic(out_dir / "results.md", render_markdown(suite, analysis, out_dir)),
              "frontier": write_atomic(out_dir / "frontier.png", frontier_png(analysis)),
-             "summary": write_json(out_dir / "summary.json", analysis),
+             "summary": write_json(out_dir / "summary.json", summary),
              "progress": out_dir / "progress.log"}
     return analysis, paths
 
@@ -1581,3 +1788,46 @@ def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None
     if report_only:
         return report_bench(report_suite, out)
     return run_bench(loaded, out, resume=resume, show_progress=not no_progress, report_suite=report_suite)
+
+
+@dataclass
+class RegretTable:
+    """``salf bench-table``: the per-model regret table over one or more benchmark output directories."""
+
+    dirs: list[str]
+    table: dict[str, dict[str, Any]]
+    path: Path | None = None
+    """The markdown file written (``--out``), if any."""
+
+    def render(self) -> str:
+        from salf.table import render_table
+
+        out = []
+        for model, entry in self.table.items():
+            rows = [[("* " if r["default"] else "") + r["variant"], len(r["tasks"]), r["n"], r["regret_points"]["mean"],
+                     *(r[key]["mean"] for key in REGRET_KEYS), r["share_kept"]["mean"], r["flops_ratio"]["mean"]]
+                    for r in entry["rows"]]
+            title = (f"model {model}: {len(entry['tasks'])} task(s), means over tasks and seeds, regrets in points, "
+                     "* = default plan")
+            out.append(render_table(["variant", "tasks", "runs", "regret", *(f"regret λ={lam:g}" for lam in TRADEOFF_LAMBDAS),
+                                     "share kept", "FLOPs x full"], rows, title))
+        if self.path is not None:
+            out.append(f"written: {self.path}")
+        return "\n\n".join(out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dirs": self.dirs, "regret_by_model": self.table, "path": None if self.path is None else str(self.path)}
+
+
+def bench_table(dirs: Sequence[str], out: str | None = None, **_: Any) -> RegretTable:
+    """``salf bench-table DIR [DIR ...] [--out FILE.md]``: the per-model regret table over benchmark output
+    directories (each with a runs.json); finished seeds only; nothing is trained or rewritten in them."""
+    table = combined_regret(dirs)
+    if not table:
+        raise SalfError(f"no finished plan or baseline in {', '.join(dirs)}", "run `salf bench --out DIR` first")
+    path = None
+    if out:
+        text = "\n".join([f"# salf bench: regret by model over {', '.join(f'`{d}`' for d in dirs)}", "",
+                           TRADEOFF_TEXT, "", *regret_table_markdown(table)])
+        path = write_atomic(Path(out), text + "\n")
+    return RegretTable(list(dirs), table, path)

@@ -27,6 +27,7 @@ HANDLERS = {
     "demo": "salf.demo:demo",
     "report": "salf.report:report",
     "bench": "salf.bench:bench",
+    "bench-table": "salf.bench:bench_table",
     "cost": "salf.projection:cost",
 }
 
@@ -38,6 +39,7 @@ EXAMPLES = {
     "cost": "salf cost --config meta-llama/Meta-Llama-3-8B --seq 2048 --batch 1 --boundaries 0,8,16,24",
     "report": "salf report runs/planned",
     "bench": "salf bench --suite smoke --out bench_out/smoke",
+    "bench-table": "salf bench-table bench/results/minilm-quick bench/results/causal-quick --out regret.md",
 }
 
 
@@ -162,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="rerun finished runs instead of skipping them")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite results.md, frontier.png and summary.json from the seeds finished so far")
+
+    p = add("bench-table", "Regret by model over one or more `salf bench` output directories: every plan and "
+                           "baseline, mean over tasks and seeds (plain and trade-off regret, share kept, FLOPs).")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="output directories of `salf bench` (each with a runs.json)")
+    p.add_argument("--out", default=None, help="also write the table as markdown to this file")
 
     p = add("cost", "Per-boundary step FLOPs, memory and projected step time of a model, from its config alone.")
     p.add_argument("--config", required=True, help="a config.json file or folder, or a hub name (needs network)")

@@ -12,17 +12,26 @@ from salf.bench import (
     BenchTask,
     RunStore,
     analyze,
+    bench_table,
+    combined_regret,
+    default_plan,
     exact_match,
     pareto_frontier,
     parse_seeds,
     per_datum_flops,
+    quality_points,
     regret,
+    regret_by_model,
     run_bench,
+    share_kept,
+    tradeoff_regret,
 )
 from salf.bench_baselines import (
     BASELINES,
     BaselineContext,
     LisaCallback,
+    cosine_change,
+    cosine_change_boundary,
     gradient_norm_boundary,
     variability_boundary,
     variability_ratio,
@@ -59,6 +68,29 @@ def test_regret_is_zero_on_the_frontier_and_positive_off_it():
     assert regret(0.85, 0.95, costs, quality) == pytest.approx(-0.03)  # an own run can beat the frontier
 
 
+def test_tradeoff_regret_charges_the_cheap_boundary_for_the_quality_it_gives_up():
+    costs = [1.0, 0.6, 0.3]  # fractions of full fine-tuning's FLOPs; k = 2 is the head only
+    accuracy = [0.80, 0.79, 0.60]
+    assert regret(costs[2], accuracy[2], costs, accuracy) == 0.0  # the old measure: nothing is cheaper
+    points = [quality_points(a, True) for a in accuracy]
+    assert points == pytest.approx([80.0, 79.0, 60.0])
+    # lambda = 2: utilities 78, 77.8, 59.4; lambda = 10: 70, 73, 57
+    assert tradeoff_regret(costs[2], points[2], costs, points, 2.0) == pytest.approx(18.6)
+    assert tradeoff_regret(costs[2], points[2], costs, points, 10.0) == pytest.approx(16.0)
+    assert tradeoff_regret(costs[0], points[0], costs, points, 2.0) == pytest.approx(0.0)
+    assert tradeoff_regret(costs[1], points[1], costs, points, 10.0) == pytest.approx(0.0)
+    assert tradeoff_regret(costs[0], points[0], costs, points, 10.0) == pytest.approx(3.0)
+    assert tradeoff_regret(0.5, 85.0, costs, points, 10.0) == pytest.approx(-7.0)  # an own run beating every k
+    assert tradeoff_regret(None, 80.0, costs, points, 2.0) is None
+    assert tradeoff_regret(0.5, 80.0, [None, 1.0], [80.0, None], 2.0) is None
+    assert share_kept(accuracy[2], accuracy) == pytest.approx(0.75)
+    assert share_kept(0.0, [0.0, None]) is None  # no positive best: nothing to keep a share of
+    assert quality_points(0.25, higher_is_better=False) == pytest.approx(-25.0)  # a loss: lower is better
+    # on a loss, the lower loss wins: k=1 (loss 0.2 at cost 0.6) beats k=0 (loss 0.21 at cost 1) at lambda 2
+    loss_points = [quality_points(v, False) for v in (0.21, 0.20, 0.50)]
+    assert tradeoff_regret(costs[0], loss_points[0], costs, loss_points, 2.0) == pytest.approx(1.0 + 0.8)
+
+
 def _record(task, seed, variant, kind, boundary=None, metrics=None, **extra):
     return {"key": RunStore.key(task, seed, variant), "task": task, "seed": seed, "variant": variant, "kind": kind,
             "boundary": boundary, "status": "done", "metrics": metrics, **extra}
@@ -90,6 +122,92 @@ def test_analysis_scores_plans_with_the_oracle_run_at_their_boundary():
     assert lora["regret"]["mean"] == pytest.approx(np.mean([0.9 - 0.95, 0.8 - 0.95]))
     assert [row["on_frontier"] for row in task["oracle"]] == [False, True, True]
     assert task["plan_regret"]["probe/observed"]["knee"]["regret"]["mean"] == pytest.approx(0.1)
+
+
+def _sweep(task, model="m", accuracy=None, seeds=(0, 1), data_task="classification"):
+    """A finished synthetic sweep of a 2-block model: meta and oracle records (FLOPs 100, 70, 40)."""
+    accuracy = accuracy or {0: [0.8, 0.7], 1: [0.9, 0.8], 2: [0.5, 0.6]}
+    records = [_record(task, None, "meta", "meta", num_layers=2, data_task=data_task, model=model,
+                       predicted_step_flops_ratio=[1.0, 0.7, 0.4], predicted_memory_ratio=[1.0, 0.6, 0.2])]
+    q_name = "eval_accuracy" if data_task == "classification" else "exact_match"
+    for i, seed in enumerate(seeds):
+        for k in range(3):
+            records.append(_record(task, seed, f"oracle/k={k}", "oracle", k, {
+                q_name: accuracy[k][i], "eval_loss": 1.0 - accuracy[k][i], "train_flops": 100.0 * (1 - 0.3 * k),
+                "step_seconds_median": 1.0, "train_seconds": 10.0}))
+    return records
+
+
+def test_analysis_reports_tradeoff_regret_and_share_kept_per_seed():
+    records = _sweep("t")
+    for seed in (0, 1):
+        records.append(_record("t", seed, "salf/probe/headroom/budget=0.4", "plan", boundary=2))
+    v = analyze(records)["t"]["variants"]["salf/probe/headroom/budget=0.4"]
+    assert v["regret"]["mean"] == 0.0  # the head-only boundary: cheapest, so the old regret is 0
+    # lambda = 2, utilities (points - 2 x cost): seed 0: 78, 88.6, 49.2; seed 1: 68, 78.6, 59.2
+    assert [s["regret_2"] for s in v["per_seed"]] == pytest.approx([39.4, 19.4])
+    assert v["regret_2"]["mean"] == pytest.approx(29.4)
+    assert v["regret_2"]["std"] == pytest.approx(np.std([39.4, 19.4], ddof=1))
+    # lambda = 10: seed 0: 70, 83, 46; seed 1: 60, 73, 56
+    assert v["regret_10"]["mean"] == pytest.approx(np.mean([37.0, 17.0]))
+    assert v["share_kept"]["mean"] == pytest.approx(np.mean([0.5 / 0.9, 0.6 / 0.8]))
+    assert [s["boundary"] for s in v["per_seed"]] == [2, 2]
+    task = analyze(records)["t"]
+    assert [row["regret_2"]["mean"] for row in task["oracle"]] == pytest.approx([10.6, 0.0, 29.4])
+    assert task["plan_regret"]["probe/headroom"]["budget=0.4"]["regret_10"]["mean"] == pytest.approx(27.0)
+
+
+def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
+    default = default_plan("classification")
+    assert default == "salf/probe/headroom/knee" and default_plan("completion") == "salf/logit-lens/headroom/knee"
+    first = _sweep("a")
+    second = _sweep("b", accuracy={0: [0.8], 1: [0.8], 2: [0.79]}, seeds=(0,))
+    other = _sweep("c", model="other")
+    for records, task, seeds in ((first, "a", (0, 1)), (second, "b", (0,)), (other, "c", (0, 1))):
+        for seed in seeds:
+            records.append(_record(task, seed, default, "plan", boundary=1))
+            records.append(_record(task, seed, "baseline/train-last-quarter", "baseline", boundary=2))
+            records.append(_record(task, seed, "ceiling/full", "ceiling", metrics={
+                "eval_accuracy": 0.9, "train_flops": 300.0}))
+    table = regret_by_model([analyze(first + other), analyze(second)])
+    assert set(table) == {"m", "other"}
+    m = table["m"]
+    assert m["tasks"] == ["a", "b"] and m["sort_by"] == "regret_10"
+    rows = {r["variant"]: r for r in m["rows"]}
+    assert set(rows) == {default, "baseline/train-last-quarter"}  # the ceiling is no way of choosing
+    plan, head = rows[default], rows["baseline/train-last-quarter"]
+    assert plan["default"] and not head["default"]
+    assert plan["n"] == head["n"] == 3 and plan["tasks"] == ["a", "b"]
+    # head only, lambda = 10: 37 and 17 on task a (above); on task b: utilities 70, 73, 75 -> 0
+    assert head["regret_10"]["mean"] == pytest.approx(np.mean([37.0, 17.0, 0.0]))
+    assert head["regret_points"]["mean"] == pytest.approx(0.0)
+    # k = 1 on task a is the best trade-off (0), on task b 75 - 73 = 2 while on the frontier (plain regret 0)
+    assert plan["regret_10"]["mean"] == pytest.approx(2.0 / 3)
+    assert plan["regret_points"]["mean"] == pytest.approx(0.0)
+    assert plan["flops_ratio"]["mean"] == pytest.approx(0.7)
+    assert [r["variant"] for r in m["rows"]] == [default, "baseline/train-last-quarter"]  # sorted by regret_10
+
+
+def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, capsys):
+    from salf.cli import main
+
+    for name, records in (("one", _sweep("a")), ("two", _sweep("b", model="other"))):
+        for seed in (0, 1):
+            records.append(_record(records[0]["task"], seed, "baseline/full", "baseline", boundary=0))
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "runs.json").write_text(json.dumps({"format": 1, "suite": "x", "runs": records}))
+    dirs = [str(tmp_path / "one"), str(tmp_path / "two")]
+    table = combined_regret(dirs)
+    assert set(table) == {"m", "other"}
+    result = bench_table(dirs, out=str(tmp_path / "table.md"))
+    text = (tmp_path / "table.md").read_text()
+    assert "Regret by model" in text and "baseline/full" in text and "`other`" in text
+    assert "baseline/full" in result.render() and result.to_json()["regret_by_model"] == table
+    with pytest.raises(SalfError, match="runs.json"):
+        combined_regret([str(tmp_path / "missing")])
+    capsys.readouterr()
+    assert main(["bench-table", *dirs, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["regret_by_model"] == json.loads(json.dumps(table))
 
 
 def test_per_datum_flops_weigh_each_boundary_by_its_own_cost():
@@ -140,6 +258,7 @@ def test_depth_policy_baselines():
     assert 1 <= BASELINES.get("random").decide(ctx).boundary <= 7
     assert BASELINES.get("lora").trains and BASELINES.get("lisa").trains
     assert not BASELINES.get("gradient-norm").trains and not BASELINES.get("variability").trains
+    assert "cosine-change" in BASELINES.names() and not BASELINES.get("cosine-change").trains
 
 
 def test_gradient_norm_boundary_freezes_the_low_gradient_prefix():
@@ -161,6 +280,38 @@ def test_variability_ratio_and_boundary():
     assert variability_boundary([1, 1, 1], 0.1) == 0
     with pytest.raises(SalfError):
         variability_ratio(features[:5], [0] * 5)
+
+
+def test_cosine_change_and_its_boundary():
+    # one datum, three latent spaces: block 0 keeps the direction, block 1 turns it by 90 degrees
+    features = np.array([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]])
+    assert cosine_change(features) == pytest.approx([0.0, 1.0])
+    # L = 8: the top ceil(8/4) = 2 blocks are 4 (0.6) and 1 (0.5); the lowest of them is the boundary
+    assert cosine_change_boundary([0.1, 0.5, 0.2, 0.05, 0.6, 0.1, 0.3, 0.2]) == 1
+    assert cosine_change_boundary([0.2, 0.9, 0.1]) == 1  # L = 3: n = 1
+    assert cosine_change_boundary([0.9, 0.1, 0.1, 0.1, 0.8]) == 0  # L = 5: n = 2
+    assert cosine_change_boundary([0.5, 0.5, 0.1, 0.1]) == 1  # a tie goes to the deeper (cheaper) block
+    assert cosine_change_boundary([0.3]) == 0
+
+
+def test_cosine_change_baseline_reads_the_pooled_token_of_a_tiny_model():
+    from types import SimpleNamespace
+
+    model = tiny_model("bert", "classification", num_labels=2)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, 120, (10,), generator=g).tolist(), "labels": i % 2} for i in range(12)]
+    ctx = BaselineContext(load=lambda: SimpleNamespace(model=model, pad_token_id=0), data=SimpleNamespace(data=data),
+                          num_layers=4, cost=np.linspace(1, 0.3, 5), seed=0, batch_size=4, learning_rate=1e-4)
+    baseline = BASELINES.get("cosine-change")
+    assert not baseline.trains
+    choice = baseline.decide(ctx)
+    importance = choice.details["block_cosine_change"]
+    assert choice.details["n_data"] == 12 and choice.details["top_n"] == 1
+    assert choice.boundary == cosine_change_boundary(importance) == int(np.argmax(importance))
+    with torch.no_grad():  # the same from the model's own hidden states at the [CLS] token (all data unpadded)
+        hidden = model.bert(input_ids=torch.tensor([d["input_ids"] for d in data]), output_hidden_states=True)
+    pooled = torch.stack([h[:, 0] for h in hidden.hidden_states], dim=1).numpy()
+    assert importance == pytest.approx(cosine_change(pooled).tolist(), abs=1e-5)
 
 
 def _tiny_causal(tmp_path):
@@ -364,6 +515,12 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert lines and "ETA" in lines[-1]
     results = (out / "results.md").read_text()
     assert "identical by construction" in results and "Oracle sweep" in results
+    assert results.index("Regret by model") < results.index(f"## {suite.tasks[0].name}")  # the per-model table first
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"regret_by_model", "tasks"} and set(summary["tasks"]) == {t.name for t in suite.tasks}
+    for task in suite.tasks:
+        cosine = by_key[f"{task.name}|seed=0|baseline/cosine-change"]
+        assert cosine["status"] == "done" and len(cosine["details"]["block_cosine_change"]) == 4
     assert "Per-datum vs single boundary" in results and "salf-per-datum/probe/headroom/knee" in results
     assert first.analysis[suite.tasks[0].name]["per_datum"]["salf-per-datum/probe/headroom/knee"]["per_datum"][
         "quality"]["mean"] is not None
