@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from salf.bench_baselines import BASELINES, BaselineContext, BaselineSettings, TrainVariant
+from salf.builtin import BUILTIN_PREFIX, cache_dirs, resolve_builtin
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_atomic, write_json
 from salf.freeze import FreezeSpec
@@ -96,7 +97,8 @@ class BenchTask:
     name: str
     """Short unique name (used in keys and folder names)."""
     model: str
-    """A model folder or hub id, 'minilm' (all-MiniLM-L6-v2), 'fixture:gpt-debian' (the pretrained
+    """A model folder or hub id, 'builtin:e5-small' or 'builtin:minilm' (``salf.builtin``; 'minilm' alone is
+    an alias of the latter), 'fixture:gpt-debian' (the pretrained
     causal fixture, see ``salf.fixtures``) or 'tiny:<type>' (a tiny random model of ``salf.tiny``)."""
     corpus: str | None = None
     """A built-in corpus (``salf.corpora``); or give ``train_file`` and ``eval_file``."""
@@ -284,21 +286,21 @@ def parse_seeds(text: str) -> list[int]:
 
 ModelSource = Callable[[str, "PreparedTask"], str]
 MODEL_SOURCES: Registry[ModelSource] = Registry("model source")
-"""'<source>:<argument>' model names -> a local model folder ('minilm' takes no argument)."""
+"""'<source>:<argument>' model names -> a local model folder ('minilm' takes no argument).
+
+``cache_dirs`` (where fixtures are looked for) lives in ``salf.builtin``, which also caches converted models."""
 
 
-def cache_dirs() -> list[Path]:
-    """Where cached fixtures are looked for: $SALF_CACHE, ./.salf-cache, the repo's .salf-cache."""
-    env = os.environ.get("SALF_CACHE")
-    dirs = [Path(env)] if env else []
-    return dirs + [Path(".salf-cache"), Path(__file__).resolve().parent.parent / ".salf-cache"]
+@MODEL_SOURCES.register("builtin")
+def _builtin(arg: str, prepared: PreparedTask) -> str:
+    """'builtin:e5-small', 'builtin:minilm': the real models of ``salf.builtin``."""
+    return resolve_builtin(BUILTIN_PREFIX + arg)
 
 
 @MODEL_SOURCES.register("minilm")
 def _minilm(arg: str, prepared: PreparedTask) -> str:
-    from salf.models import minilm_path
-
-    return minilm_path()
+    """'minilm': the name suites used before built-ins, an alias of 'builtin:minilm'."""
+    return resolve_builtin(BUILTIN_PREFIX + "minilm")
 
 
 @MODEL_SOURCES.register("fixture")

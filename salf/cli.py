@@ -45,7 +45,8 @@ EXAMPLES = {
 
 def _model_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="local directory or hub name, loaded with from_pretrained")
+    g.add_argument("--model", required=True, help="local directory or hub name, loaded with from_pretrained; "
+                   "or a built-in real model: builtin:minilm (6 blocks), builtin:e5-small (12 blocks)")
     g.add_argument("--data", required=True, help="JSONL, CSV or Parquet file: text | prompt+completion | text+label")
     g.add_argument("--task", choices=["lm", "completion", "classification"], default=None,
                    help="override the task detected from the data's fields")
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "Trace, plan and fine-tune real MiniLM-L6 on Python docstrings -> module, full vs planned.")
     p.add_argument("--out", default="runs/demo", help="demo output directory")
+    p.add_argument("--model", default="builtin:minilm",
+                   help="the model to fine-tune (default builtin:minilm; e.g. builtin:e5-small, 12 blocks)")
     p.add_argument("--steps", type=int, default=150, help="training steps of each fine-tuning")
     p.add_argument("--policy", default="knee", help="planning policy")
     p.add_argument("--seed", type=int, default=0, help="seed")
@@ -171,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the table as markdown to this file")
 
     p = add("cost", "Per-boundary step FLOPs, memory and projected step time of a model, from its config alone.")
-    p.add_argument("--config", required=True, help="a config.json file or folder, or a hub name (needs network)")
+    p.add_argument("--config", required=True,
+                   help="a config.json file or folder, a hub name (needs network), or builtin:NAME")
     p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (per device)")
     p.add_argument("--lora", action="store_true", help="cost LoRA adapters on the trained blocks instead of full weights")

