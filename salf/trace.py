@@ -40,6 +40,7 @@ except ImportError:  # optional: without it the probe fits are only slower
 from salf.arch import ModelParts, find_parts
 from salf.batch import IGNORE_INDEX, collate
 from salf.errors import SalfError
+from salf.pooling import head_pooling
 from salf.registry import Registry
 
 LENSES: Registry[type[Lens]] = Registry("lens")
@@ -80,6 +81,11 @@ POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def head_reads(parts: ModelParts) -> str:
+    """The ``POOLERS`` entry matching what ``parts.model``'s classification head reads."""
+    return head_pooling(parts.model) if parts.encoder else "last"
+
+
 @dataclass
 class TraceConfig:
     """How to trace a model: which lens, how much data, and the probe's settings."""
@@ -96,7 +102,8 @@ class TraceConfig:
     """Vocabulary rows projected at a time by the token lenses (streaming logsumexp over chunks)."""
     pooling: str = "auto"
     """Probe input per datum: 'first' token, 'last' non-pad token, 'mean' of non-pad tokens, or 'auto'
-    (first for encoders, last for causal LMs: what a classification head of that model reads)."""
+    (what the model's classification head reads: the last token for causal LMs, the first token for
+    encoders, the token mean for encoders given a mean-pooling head, see ``salf.pooling``)."""
     probe_folds: int = 5
     """Cross-fitting folds of the probe: each datum's deviation comes from a probe fitted without it,
     so 1/probe_folds of the sample is held out from each fit."""
@@ -346,8 +353,7 @@ class ProbeLens(Lens):
         classes, self.labels = np.unique([int(d["labels"]) for d in sample], return_inverse=True)
         self.num_classes = len(classes)
         _check_probe_data(self.labels, self.num_classes, config.probe_folds)
-        default = "first" if parts.encoder else "last"
-        self.pooling = default if config.pooling == "auto" else config.pooling
+        self.pooling = head_reads(parts) if config.pooling == "auto" else config.pooling
         self._pool = POOLERS[self.pooling]
         self.features: np.ndarray | None = None  # [N, L+1, H], allocated at the first read
 
