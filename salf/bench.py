@@ -59,6 +59,7 @@ from salf.builtin import BUILTIN_PREFIX, cache_dirs, resolve_builtin
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_atomic, write_json
 from salf.freeze import FreezeSpec
+from salf.pooling import HEAD_POOLINGS
 from salf.registry import Registry
 
 BENCH_FORMAT = 1
@@ -108,6 +109,10 @@ class BenchTask:
     eval_file: str | None = None
     label_mode: str = "head"
     """Classification by a head, or by label 'words' (completion data, for causal LMs)."""
+    head_pooling: str | None = None
+    """What a BERT-style classifier's head reads: 'first' token, token 'mean' (``salf.pooling``: for sentence
+    encoders trained with mean pooling), or None: the checkpoint's own. Left out of the recipe fingerprint
+    when None, so the tasks written before it existed keep their finished runs."""
     steps: int = 100
     batch_size: int = 16
     lr: float = 1e-4
@@ -156,6 +161,9 @@ class BenchTask:
             raise SalfError(f"task {self.name}: learning rates must be positive")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise SalfError(f"task {self.name}: seeds must be a non-empty list without repeats, got {self.seeds}")
+        if self.head_pooling is not None and self.head_pooling not in HEAD_POOLINGS:
+            raise SalfError(f"task {self.name}: unknown head_pooling {self.head_pooling!r}",
+                            f"choose one of: {', '.join(HEAD_POOLINGS)} (or null: the checkpoint's own)")
         if isinstance(self.equal_compute, list) and not set(self.equal_compute) <= set(self.seeds):
             raise SalfError(f"task {self.name}: equal_compute seeds {self.equal_compute} are not all among seeds "
                             f"{self.seeds}", "list only seeds the task runs, or write true for every seed")
@@ -171,6 +179,8 @@ class BenchTask:
         d = asdict(self)
         for volatile in ("seeds", "ceiling_steps", "equal_compute"):
             d.pop(volatile)
+        if d["head_pooling"] is None:  # the recipe of every task from before the field existed
+            d.pop("head_pooling")
         return fingerprint(d)
 
 
@@ -638,7 +648,8 @@ class TaskBench:
         from salf.pipeline import load
 
         return load(self.p.model_path, str(self.p.train_file), label_mode=self.t.label_mode,
-                    max_length=self.t.max_length, limit=self.t.train_limit, seed=self.t.data_seed)
+                    max_length=self.t.max_length, limit=self.t.train_limit, seed=self.t.data_seed,
+                    head_pooling=self.t.head_pooling)
 
     @cached_property
     def eval_data(self):
@@ -666,13 +677,15 @@ class TaskBench:
                 "memory_ratio": [c.memory_bytes / per_k[0].memory_bytes for c in per_k]}
 
     def fresh_model(self, seed: int):
-        """The pretrained model again, with its fresh head drawn from ``seed`` (the same for every boundary)."""
+        """The pretrained model again, with its fresh head drawn from ``seed`` (the same for every boundary),
+        pooling as the task says."""
         from salf.models import load_model
 
         data = self.loaded.data
         torch.manual_seed(seed)
         lm = load_model(self.p.model_path, data.task,
-                        label_names=data.label_names if data.task == "classification" else None)
+                        label_names=data.label_names if data.task == "classification" else None,
+                        head_pooling=self.t.head_pooling)
         # Eager attention: its matmuls are what FlopCounterMode counts on every backend (CPU sdpa counts 0).
         if hasattr(lm.model, "set_attn_implementation"):
             lm.model.set_attn_implementation("eager")

@@ -16,7 +16,8 @@ and returns a ``BaselineChoice``: either a **boundary** k, whose quality is then
   than ``variability_tol`` of its range (the blocks that make it are frozen, the rest trained);
 - ``cosine-change`` (training-free, one forward pass; a 2025 study reports it within 1-2% of full
   fine-tuning on 15 classification tasks): block l's importance is the mean over traced data of
-  1 - cos(p_l, p_{l+1}), p being the pooled representation the head reads; the boundary is the lowest
+  1 - cos(p_l, p_{l+1}), p being the pooled representation the head reads (the first token, the last or
+  the token mean, as ``salf.trace.head_reads`` says); the boundary is the lowest
   of the ceil(L/4) most-changing blocks (``cosine_change_boundary``);
 - ``lora``: LoRA adapters on every block (PEFT's default modules), embeddings frozen, head trained;
 - ``lisa``: LISA-style layerwise importance sampling: embeddings and head always trained, plus
@@ -45,6 +46,7 @@ from salf.freeze import FreezeSpec
 from salf.models import LoadedModel
 from salf.plan import POLICIES, PolicyContext
 from salf.registry import Registry
+from salf.trace import POOLERS, head_reads
 
 
 @dataclass
@@ -249,18 +251,21 @@ def _first_target(datum: dict) -> int | None:
     return None
 
 
-def _read_positions(data: Sequence[dict], encoder: bool) -> tuple[list[int], list[int], list[int]]:
+def _read_positions(data: Sequence[dict]) -> tuple[list[int], list[int | None], list[int]]:
     """(data index, position to read, class) per usable datum.
 
-    Classification: the position the classification head reads (first token of an encoder, last
-    non-pad token of a causal LM), class = the label. Token data: the position that predicts the
-    first target token, class = that token.
+    Classification: no one position (None): ``latent_features`` pools what the classification head
+    reads (``salf.trace.head_reads``: the first token of an encoder, the token mean for a mean-pooling
+    head, the last non-pad token of a causal LM), class = the label. Token data: the position that
+    predicts the first target token, class = that token.
     """
-    rows, positions, classes = [], [], []
+    rows: list[int] = []
+    positions: list[int | None] = []
+    classes: list[int] = []
     for i, d in enumerate(data):
         if isinstance(d["labels"], (int, np.integer)):
             rows.append(i)
-            positions.append(0 if encoder else len(d["input_ids"]) - 1)
+            positions.append(None)
             classes.append(int(d["labels"]))
         else:
             t = _first_target(d)
@@ -272,11 +277,14 @@ def _read_positions(data: Sequence[dict], encoder: bool) -> tuple[list[int], lis
 
 
 @torch.no_grad()
-def latent_features(model: torch.nn.Module, data: Sequence[dict], positions: Sequence[int], pad_token_id: int,
+def latent_features(model: torch.nn.Module, data: Sequence[dict], positions: Sequence[int | None], pad_token_id: int,
                     batch_size: int = 16) -> np.ndarray:
     """[N, L+1, H] hidden state of each datum at its position, at every latent space l = 0..L
-    (the input of block 0, then each block's output, before any final norm)."""
+    (the input of block 0, then each block's output, before any final norm). A position None reads
+    what the model's classification head reads instead (``salf.trace.POOLERS[head_reads(parts)]``:
+    the first token, the last non-pad token, or the mean of the non-pad tokens)."""
     parts = find_parts(model)
+    pool = POOLERS[head_reads(parts)]
     n, latents = len(data), parts.num_layers + 1
     out: np.ndarray | None = None
     current: dict[str, Any] = {}
@@ -284,8 +292,12 @@ def latent_features(model: torch.nn.Module, data: Sequence[dict], positions: Seq
     def store(layer: int, hidden: torch.Tensor) -> None:
         nonlocal out
         hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[rows, current["pos"].to(hidden.device)].float().cpu().numpy()
+        if current["pos"] is None:
+            picked_t = pool(hidden, current["mask"].to(hidden.device))
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            picked_t = hidden[rows, current["pos"].to(hidden.device)]
+        picked = picked_t.float().cpu().numpy()
         if out is None:
             out = np.zeros((n, latents, picked.shape[-1]), dtype=np.float32)
         out[current["rows"], layer] = picked
@@ -302,7 +314,11 @@ def latent_features(model: torch.nn.Module, data: Sequence[dict], positions: Seq
         for start in range(0, n, batch_size):
             rows = list(range(start, min(n, start + batch_size)))
             batch = collate([data[i] for i in rows], pad_token_id)
-            current.update(rows=rows, pos=torch.as_tensor([positions[i] for i in rows]))
+            pos = [positions[i] for i in rows]
+            if any(p is None for p in pos) and not all(p is None for p in pos):
+                raise ValueError("latent_features: a batch mixes pooled (None) and positioned data")
+            current.update(rows=rows, mask=batch["attention_mask"],
+                           pos=None if pos[0] is None else torch.as_tensor(pos))
             base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     finally:
         for handle in handles:
@@ -355,7 +371,7 @@ def pooled_features(ctx: BaselineContext,
     all). Shared by the baselines that read the representation the head reads, so they sample alike.
     """
     loaded = ctx.model()
-    rows, positions, classes = _read_positions(ctx.data.data, find_parts(loaded.model).encoder)
+    rows, positions, classes = _read_positions(ctx.data.data)
     keep = list(eligible(classes)) if eligible is not None else list(range(len(rows)))
     sample = ctx.settings.variability_sample
     if len(keep) > sample:

@@ -57,6 +57,17 @@ def _model_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for sampling, probes and training")
 
 
+HEAD_POOLING_HELP = (
+    "what a BERT-style classifier's head reads: first (the [CLS] token, as BertForSequenceClassification "
+    "does) or mean (the masked mean of the tokens, through the same pooler weights: for sentence encoders "
+    "trained with mean pooling, e.g. builtin:minilm, builtin:e5-small). Default: the checkpoint's own (first; "
+    "mean for a model salf fine-tuned with mean). Recorded in trace and plan files")
+
+
+def _head_pooling(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--head-pooling", choices=["first", "mean"], default=None, help=HEAD_POOLING_HELP + extra)
+
+
 def _trace_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trace")
     g.add_argument("--lens", default=None, help="logit-lens | basis-cosine | probe (default: from the model and task)")
@@ -127,17 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("trace", "One no-grad pass: the deviation of every latent space from the targets.")
     _model_data(p)
+    _head_pooling(p)
     _trace_options(p)
     p.add_argument("--out", required=True, help="where to write trace.json")
 
     p = add("plan", "Trace, estimate each block's gain, and choose the layers to fine-tune.")
     _model_data(p)
+    _head_pooling(p)
     _trace_options(p)
     _plan_options(p)
     p.add_argument("--out", required=True, help="where to write plan.json (the figure goes beside it)")
 
     p = add("train", "Fine-tune with a plan (or fully) through the Hugging Face Trainer.")
     _model_data(p)
+    _head_pooling(p, ". With --plan: default the plan's pooling; a different one is refused (the plan's "
+                     "trace read the plan's pooled vector; make a new plan for another pooling)")
     _train_options(p)
     p.add_argument("--out", required=True, help="run directory: checkpoints, model (safetensors), metrics.json")
 
@@ -149,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="knee", help="planning policy")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    _head_pooling(p)
 
     p = add("report", "One self-contained HTML page: the plan, training curves, predicted vs measured savings, runs compared.")
     p.add_argument("run_dir", help="run directory of `salf train` (or a `salf demo` folder holding full/ and planned/)")

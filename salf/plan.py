@@ -248,7 +248,13 @@ class Plan:
         return cls.from_dict(d)
 
     def check_model(self, model_info: dict[str, Any]) -> None:
-        """Refuse to apply a plan made for another model (layer count, type or weights)."""
+        """Refuse to apply a plan made for another model (layer count, type, weights or head pooling)."""
+        want, got = self.model.get("head_pooling"), model_info.get("head_pooling")
+        if want is not None and got is not None and want != got:
+            raise SalfError(
+                f"this plan was made for a head that reads {want!r} (head pooling), but this model's head reads {got!r}",
+                f"train the model the plan was made for with --head-pooling {want}, or make a new plan with `salf plan`",
+            )
         for key in ("model_type", "num_layers", "fingerprint"):
             want, got = self.model.get(key), model_info.get(key)
             if want is not None and got is not None and want != got:

@@ -48,13 +48,20 @@ def head_pooling(model: nn.Module) -> str:
     return getattr(model.config, POOLING_KEY, None) or "first"
 
 
+def has_pooler(model: nn.Module) -> bool:
+    """Whether ``model``'s head reads through a BERT-style pooler (dense + activation): the one place a
+    head pooling can be chosen. Causal-LM classifiers and language models have none."""
+    pooler = getattr(getattr(model, "base_model", None), "pooler", None)
+    return isinstance(pooler, MaskedMeanPooler) or isinstance(getattr(pooler, "dense", None), nn.Linear)
+
+
 def use_mean_pooling(model: nn.Module) -> nn.Module:
     """Make ``model``'s head read the masked token mean (in place; returns ``model``). Idempotent."""
     base = model.base_model
     pooler = getattr(base, "pooler", None)
     if isinstance(pooler, MaskedMeanPooler):
         return model
-    if pooler is None or not isinstance(getattr(pooler, "dense", None), nn.Linear):
+    if not has_pooler(model):
         raise SalfError(
             f"{type(model).__name__} has no BERT-style pooler (dense + activation) to read the token mean",
             "use --head-pooling first with this model (mean pooling is for BERT-family encoder classifiers)",

@@ -394,6 +394,38 @@ def test_fresh_models_share_their_fresh_head_within_a_seed(tmp_path):
     assert not torch.equal(first, head(1))
 
 
+def test_head_pooling_task_option_keeps_the_old_recipes(tmp_path):
+    from types import SimpleNamespace
+
+    from helpers import save_tiny
+
+    from salf.bench import PreparedTask, TaskBench
+    from salf.fileio import fingerprint
+
+    task = BenchTask(name="e5-x", model="builtin:e5-small", corpus="debian-section", steps=150, lr=1e-4,
+                     head_lr=2e-3, seeds=[0, 1, 2])
+    # the fingerprint this task had before head_pooling existed: finished runs are found by it
+    assert task.recipe_fingerprint() == "3d5584261945b1ae"
+    old = {k: v for k, v in dataclasses.asdict(task).items()
+           if k not in ("head_pooling", "seeds", "ceiling_steps", "equal_compute")}
+    assert task.recipe_fingerprint() == fingerprint(old)
+    for suite in ("smoke", "minilm-quick"):
+        for t in BenchSuite.load(suite).tasks:
+            assert t.head_pooling is None
+    mean = dataclasses.replace(task, head_pooling="mean")
+    assert mean.recipe_fingerprint() != task.recipe_fingerprint()
+    with pytest.raises(SalfError, match="head_pooling"):
+        dataclasses.replace(task, head_pooling="max")
+
+    folder = save_tiny(tmp_path, "bert", "classification")
+    mean = BenchTask(name="t", model=str(folder), corpus="docstring-module", head_pooling="mean")
+    prepared = PreparedTask(mean, tmp_path, tmp_path / "a", tmp_path / "b", "classification", str(folder), 4)
+    bench = TaskBench(prepared, BenchSuite.load("smoke"), None, None)
+    bench.__dict__["loaded"] = SimpleNamespace(data=SimpleNamespace(task="classification", label_names=["a", "b"]))
+    fresh = bench.fresh_model(0)
+    assert fresh.head_pooling == "mean" and fresh.model.config.salf_head_pooling == "mean"
+
+
 def test_run_store_reuses_only_the_same_recipe(tmp_path):
     suite = BenchSuite.load("smoke")
     store = RunStore(tmp_path / "runs.json", suite, resume=True)

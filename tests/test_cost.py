@@ -101,6 +101,22 @@ def test_every_boundary_matches_a_real_step(model_type, task):
     assert costs[0].param_bytes == 4 * costs[0].total_params
 
 
+def test_a_mean_pooling_head_matches_a_real_step():
+    """A classifier whose head reads the token mean (salf.pooling): the meta-device copy pools as the config
+    records, so FLOPs and saved bytes still agree exactly at every boundary."""
+    from salf.cost import build_model
+    from salf.pooling import MaskedMeanPooler, use_mean_pooling
+
+    model = use_mean_pooling(_model("bert", "classification"))
+    assert isinstance(build_model(model.config, "classification", 2, torch.float32, "eager").bert.pooler,
+                      MaskedMeanPooler)
+    parts = find_parts(model)
+    batch = _batch("classification")
+    for k, predicted in enumerate(boundary_costs(profile_cost(model, B, T))):
+        trainable = _plan_predicate(parts, range(k, parts.num_layers), k == 0, True)
+        _assert_agrees(predicted, measure_step_flops(model, batch, trainable), f"mean-pooling bert k={k}")
+
+
 @pytest.mark.parametrize("model_type,task", [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "classification")])
 def test_any_plan_matches_a_real_step(model_type, task):
     """Non-contiguous block sets, frozen or trained head and embeddings (GPT-2's head is tied)."""
