@@ -17,7 +17,8 @@ from scipy.optimize import least_squares
 from salf.errors import SalfError
 from salf.registry import Registry
 
-Estimator = Callable[[np.ndarray, "DepthFit"], np.ndarray]
+Estimator = Callable[[np.ndarray, "DepthFit", "float | None"], "np.ndarray | Estimate"]
+"""(trace D_0..D_L, its depth fit, the trace's chance level or None) -> L gains, or an ``Estimate``."""
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
 # Chosen by the benchmark's regret table (BENCHMARKS.md, "Choosing the defaults"): 'transition'
 # planned full fine-tuning on every real task (no saving); 'headroom' saved 24-35% of the step FLOPs
@@ -58,6 +59,16 @@ class DepthFit:
 
 
 @dataclass
+class Estimate:
+    """What an estimator returns when it knows more than the shape of the gains."""
+
+    values: np.ndarray
+    """[L] non-negative gains."""
+    frozen_share: float = 0.0
+    """Share of the task the frozen model already solves without training any block (see ``Gains``)."""
+
+
+@dataclass
 class Gains:
     """Gain of each block in reducing the deviation, from one estimator."""
 
@@ -69,6 +80,11 @@ class Gains:
     """The depth law fitted to the trace."""
     note: str = ""
     """Anything the reader should know about these gains (e.g. a uniform fallback); '' when nothing."""
+    frozen_share: float = 0.0
+    """Share (0..1) of the benefit a plan can have that the frozen model already delivers with only its head
+    trained: the benefit of boundary k is frozen_share + (1 - frozen_share) x (share of the gains in blocks
+    >= k) (``salf.plan.benefit_curve``). 0 (every estimator but ``sufficiency``): all benefit comes from
+    trained blocks, as in the paper."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +92,7 @@ class Gains:
             "values": np.asarray(self.values).tolist(),
             "fit": self.fit.to_dict(),
             "note": self.note,
+            "frozen_share": self.frozen_share,
         }
 
     @classmethod
@@ -85,6 +102,7 @@ class Gains:
             values=np.asarray(d["values"], dtype=np.float64),
             fit=DepthFit.from_dict(d["fit"]),
             note=d.get("note", ""),
+            frozen_share=float(d.get("frozen_share", 0.0)),
         )
 
 
@@ -147,27 +165,27 @@ def _law_drop(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
 
 
 @ESTIMATORS.register("transition")
-def transition_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+def transition_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = None) -> np.ndarray:
     """The law's drop D(l-1) - D(l), blended with the observed drop; the weight on the law is R²."""
     weight = float(np.clip(fit.r2, 0.0, 1.0))
     return weight * _law_drop(trace, fit) + (1.0 - weight) * _observed_drop(trace)
 
 
 @ESTIMATORS.register("headroom")
-def headroom_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+def headroom_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = None) -> np.ndarray:
     """How much further each block falls short of the law than its input did."""
     shortfall = trace - fit.predict(np.arange(trace.size))
     return np.maximum(0.0, shortfall[1:] - shortfall[:-1])
 
 
 @ESTIMATORS.register("observed")
-def observed_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+def observed_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = None) -> np.ndarray:
     """The observed drop max(0, D_{l-1} - D_l), ignoring the law."""
     return _observed_drop(trace)
 
 
 @ESTIMATORS.register("best-layer")
-def best_layer_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
+def best_layer_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = None) -> np.ndarray:
     """All gain in the blocks that lead to the best latent space (argmin of the trace), plus one more.
 
     Blocks before the best latent space share the gain by their observed drop; blocks after it get
@@ -183,16 +201,49 @@ def best_layer_gains(trace: np.ndarray, fit: DepthFit) -> np.ndarray:
     return gains
 
 
-def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR, fit: DepthFit | None = None) -> Gains:
+def frozen_share(trace: np.ndarray, chance: float | None) -> float:
+    """Share of the task that the frozen model's top latent space already solves: 1 - D_L / chance, in [0, 1].
+
+    ``chance`` is the trace's deviation of knowing nothing (``salf.trace.Trace.chance``; for the probe, the
+    entropy of the class frequencies). Without one, D_0 stands in: exact for a first-token probe, whose
+    latent 0 is one constant vector, and an underestimate otherwise (so the share errs low: more training).
+    """
+    reference = chance if chance is not None and chance > 0 else float(trace[0])
+    if not reference > 0:
+        return 0.0
+    return float(np.clip(1.0 - float(trace[-1]) / reference, 0.0, 1.0))
+
+
+@ESTIMATORS.register("sufficiency")
+def sufficiency_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = None) -> Estimate:
+    """``headroom``'s gains, with the benefit the frozen features already deliver counted in.
+
+    The paper's benefit is relative: the blocks share 100% of it whatever the task, so a task the frozen
+    top layer already solves (a linear probe there is nearly right) plans as deep as one it does not
+    solve at all. Here the head-only plan starts with the share of the task its frozen input solves
+    (``frozen_share``), and the blocks share the rest: training pays only for what the frozen model leaves
+    unsolved. On MiniLM this separated the docstring task (the frozen top layer solves half of it; the
+    head-only boundary kept 96% of full fine-tuning's accuracy) from the Debian-section task (a third;
+    head-only kept 84%), which the relative gains planned alike.
+    """
+    return Estimate(headroom_gains(trace, fit), frozen_share(trace, chance))
+
+
+def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR, fit: DepthFit | None = None,
+                   chance: float | None = None) -> Gains:
     """Fit the depth law to the trace and turn it into per-block gains with the named estimator.
 
     ``fit``: the law already fitted to this trace (sweeping estimators over one trace fits it once).
+    ``chance``: the trace's chance level (``salf.trace.Trace.chance``), for estimators that use it.
     A trace with no gain anywhere (flat, or rising everywhere) gets uniform gains, with a note.
     """
     compute = ESTIMATORS.get(estimator)
     trace = _as_trace(trace_mean)
     fit = fit if fit is not None else fit_depth_law(trace)
-    values = np.asarray(compute(trace, fit), dtype=np.float64)
+    estimate = compute(trace, fit, chance)
+    if not isinstance(estimate, Estimate):
+        estimate = Estimate(np.asarray(estimate))
+    values = np.asarray(estimate.values, dtype=np.float64)
     num_blocks = trace.size - 1
     if values.shape != (num_blocks,) or not np.all(np.isfinite(values)):
         raise ValueError(f"estimator {estimator!r} returned {values!r}; expected {num_blocks} finite gains")
@@ -203,4 +254,4 @@ def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR, f
     if not values.sum() > _RELATIVE_ZERO * float(np.max(np.abs(trace))):
         values = np.full(num_blocks, 1.0 / num_blocks)
         note = f"estimator {estimator!r} found no gain in any block (flat or rising trace); gains set uniform"
-    return Gains(estimator=estimator, values=values, fit=fit, note=note)
+    return Gains(estimator=estimator, values=values, fit=fit, note=note, frozen_share=float(estimate.frozen_share))

@@ -152,19 +152,24 @@ def check_policy(text: str) -> None:
     POLICIES.get(name)(PolicyContext(benefit=np.array([1.0, 0.0]), cost=np.array([1.0, 0.0])), value)
 
 
-def benefit_curve(gains: np.ndarray) -> np.ndarray:
-    """benefit[k] for k = 0..L: share of the total gain held by blocks k..L-1."""
+def benefit_curve(gains: np.ndarray, frozen_share: float = 0.0) -> np.ndarray:
+    """benefit[k] for k = 0..L: frozen_share + (1 - frozen_share) x share of the total gain held by blocks k..L-1.
+
+    ``frozen_share`` (``salf.gain.Gains.frozen_share``) is what the frozen model delivers with only its head
+    trained; 0 gives the paper's relative benefit (benefit[L] = 0, benefit[0] = 1).
+    """
     gains = np.clip(np.asarray(gains, dtype=float), 0.0, None)
     total = gains.sum()
     if total <= 0:
         gains, total = np.ones_like(gains), float(len(gains))
     tail = np.concatenate([np.cumsum(gains[::-1])[::-1], [0.0]])
-    return tail / total
+    share = float(np.clip(frozen_share, 0.0, 1.0))
+    return share + (1.0 - share) * tail / total
 
 
-def choose_boundary(gains: np.ndarray, cost: np.ndarray, policy: str, seed: int = 0) -> int:
+def choose_boundary(gains: np.ndarray, cost: np.ndarray, policy: str, seed: int = 0, frozen_share: float = 0.0) -> int:
     name, value = parse_policy(policy)
-    ctx = PolicyContext(benefit=benefit_curve(gains), cost=np.asarray(cost, dtype=float), seed=seed)
+    ctx = PolicyContext(benefit=benefit_curve(gains, frozen_share), cost=np.asarray(cost, dtype=float), seed=seed)
     if len(ctx.cost) != len(ctx.benefit):
         raise ValueError(f"cost has {len(ctx.cost)} entries, expected {len(ctx.benefit)} (k = 0..L)")
     return POLICIES.get(name)(ctx, value)
@@ -291,7 +296,7 @@ def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any]
     """
     full_cost = costs[0]
     cost = np.array([c.total / full_cost.total for c in costs])
-    k = choose_boundary(gains.values, cost, policy, seed=seed)
+    k = choose_boundary(gains.values, cost, policy, seed=seed, frozen_share=gains.frozen_share)
     num_layers = len(gains.values)
     chosen = costs[k]
     act_full = max(full_cost.activation_bytes, 1)
@@ -316,7 +321,7 @@ def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any]
         lens=trace.lens,
         estimator=gains.estimator,
         policy=policy,
-        benefit=[float(v) for v in benefit_curve(gains.values)],
+        benefit=[float(v) for v in benefit_curve(gains.values, gains.frozen_share)],
         cost=[float(v) for v in cost],
         predicted=predicted,
         model=model_info,

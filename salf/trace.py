@@ -155,6 +155,10 @@ class Trace:
     """Non-pad tokens run through the model."""
     seconds: float
     """Wall time of tracing (forward pass and probe fits)."""
+    chance: float | None = None
+    """The deviation of knowing nothing about a datum, in the trace's units (the probe: the entropy of the
+    traced data's class frequencies, the loss of always predicting them); None where a lens has none.
+    It turns a deviation into the share of the task still unsolved (``salf.gain``'s sufficiency)."""
     mean: np.ndarray = field(init=False)
     """[L+1] the trace D_l: mean deviation over data."""
     std: np.ndarray = field(init=False)
@@ -181,6 +185,7 @@ class Trace:
             "n_data": self.n_data,
             "n_tokens": self.n_tokens,
             "seconds": self.seconds,
+            "chance": self.chance,
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "indices": self.indices.tolist(),
@@ -198,6 +203,7 @@ class Trace:
             indices=np.asarray(d["indices"], dtype=np.int64),
             n_tokens=int(d["n_tokens"]),
             seconds=float(d["seconds"]),
+            chance=None if d.get("chance") is None else float(d["chance"]),
         )
 
 
@@ -229,6 +235,10 @@ class Lens(abc.ABC):
 
     @abc.abstractmethod
     def result(self) -> np.ndarray: ...
+
+    def chance(self) -> float | None:
+        """``Trace.chance`` for this lens and sample (None: the lens has no natural 'knows nothing' level)."""
+        return None
 
 
 class TargetLens(Lens):
@@ -366,6 +376,12 @@ class ProbeLens(Lens):
         if self.features is None:
             self.features = np.zeros((self.n_data, self.num_latents, pooled.shape[-1]), dtype=np.float32)
         self.features[self._rows.numpy(), layer] = pooled
+
+    def chance(self) -> float:
+        """Entropy (nats) of the sample's class frequencies: the cross-entropy of the best constant guess."""
+        p = np.bincount(self.labels, minlength=self.num_classes) / len(self.labels)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
 
     def result(self) -> np.ndarray:
         assert self.features is not None, "result() before any batch was read"
@@ -604,4 +620,5 @@ def trace_model(model: nn.Module, data: Sequence[dict], config: TraceConfig, pad
         indices=indices,
         n_tokens=sum(len(d["input_ids"]) for d in sample),
         seconds=time.perf_counter() - started,
+        chance=lens.chance(),
     )

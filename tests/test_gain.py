@@ -133,3 +133,32 @@ def test_round_trip_through_json():
     np.testing.assert_allclose(again.values, gains.values)
     assert again.fit == gains.fit and again.estimator == "headroom" and again.note == gains.note
     assert DepthFit.from_dict(gains.fit.to_dict()) == gains.fit
+
+
+def test_sufficiency_is_headroom_plus_the_share_the_frozen_top_layer_solves():
+    from salf.gain import frozen_share
+
+    trace = np.array([2.0, 1.4, 1.2, 1.3, 1.0])
+    fit = fit_depth_law(trace)
+    gains = estimate_gains(trace, "sufficiency", fit, chance=2.5)
+    assert np.allclose(gains.values, estimate_gains(trace, "headroom", fit).values)
+    assert gains.frozen_share == pytest.approx(1 - 1.0 / 2.5)
+    assert estimate_gains(trace, "headroom", fit, chance=2.5).frozen_share == 0.0, "only sufficiency counts it"
+    # without a chance level, latent 0 stands in (a first-token probe reads one constant vector there)
+    assert frozen_share(trace, None) == pytest.approx(0.5)
+    assert frozen_share(np.array([1.0, 0.9, 1.3]), 1.0) == 0.0, "worse than chance solves nothing"
+    assert frozen_share(np.array([1.0, 0.5, 0.0]), None) == 1.0
+    assert Gains.from_dict(json.loads(to_json(gains.to_dict()))).frozen_share == gains.frozen_share
+
+
+def test_sufficiency_plans_shallower_where_the_frozen_features_already_serve():
+    from salf.plan import choose_boundary
+
+    trace = np.array([2.0, 1.5, 1.3, 1.25, 1.2, 1.15, 1.1])
+    cost = np.linspace(1.0, 0.33, 7)
+    fit = fit_depth_law(trace)
+    boundaries = []
+    for chance in (1.2, 2.0, 5.0):  # the same shape, the frozen top layer solving 8%, 45%, 78% of the task
+        g = estimate_gains(trace, "sufficiency", fit, chance=chance)
+        boundaries.append(choose_boundary(g.values, cost, "knee", frozen_share=g.frozen_share))
+    assert boundaries == sorted(boundaries) and boundaries[0] < boundaries[-1] == 6

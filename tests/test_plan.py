@@ -132,3 +132,11 @@ def test_plan_parser_never_crashes_unexpectedly(partial):
         Plan.from_dict(json.loads(json.dumps(d)))
     except SalfError:
         pass
+
+
+def test_benefit_curve_counts_the_frozen_share_from_the_head_only_boundary():
+    b = benefit_curve(np.array([1.0, 1.0, 2.0]), frozen_share=0.4)
+    assert np.allclose(b, [1.0, 0.4 + 0.6 * 0.75, 0.4 + 0.6 * 0.5, 0.4])
+    cost = np.array([1.0, 0.8, 0.6, 0.3])
+    assert choose_boundary(np.array([1.0, 1.0, 2.0]), cost, "coverage=0.5", frozen_share=0.6) == 3
+    assert choose_boundary(np.array([1.0, 1.0, 2.0]), cost, "coverage=0.5") == 2
