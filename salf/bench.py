@@ -862,7 +862,7 @@ class TaskBench:
         fit_seconds = time.perf_counter() - started
         for estimator in estimators:
             started = time.perf_counter()
-            gains = estimate_gains(trace.mean, estimator, fit)  # the same for every policy
+            gains = estimate_gains(trace.mean, estimator, fit, trace.chance)  # the same for every policy
             gains_of[estimator] = gains, fit_seconds + time.perf_counter() - started
             for policy in self.suite.policies:
                 variant = f"salf/{lens}/{estimator}/{policy}"
@@ -876,7 +876,8 @@ class TaskBench:
                           "estimator": estimator, "policy": policy, "profiling_seconds": profiling,
                           "trace_seconds": trace_seconds, "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
                           "details": {"trace": plan.trace, "gains": plan.gains, "fit": plan.fit,
-                                      "predicted": plan.predicted, "note": gains.note},
+                                      "predicted": plan.predicted, "note": gains.note,
+                                      "chance": trace.chance, "frozen_share": gains.frozen_share},
                           "seconds": profiling, "finished": _now()}
                 out.append(record)
         if per_datum:
@@ -884,7 +885,7 @@ class TaskBench:
             if DEFAULT_ESTIMATOR in gains_of:
                 gains, gain_seconds = gains_of[DEFAULT_ESTIMATOR]
             else:
-                gains = estimate_gains(trace.mean, DEFAULT_ESTIMATOR, fit)
+                gains = estimate_gains(trace.mean, DEFAULT_ESTIMATOR, fit, trace.chance)
                 gain_seconds = fit_seconds + time.perf_counter() - started
             started = time.perf_counter()
             plan = make_plan(trace, gains, costs["step_costs"], PER_DATUM_POLICY, info_model, info_data, seed=seed,

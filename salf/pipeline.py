@@ -145,7 +145,7 @@ def mean_length(task_data: TaskData) -> int:
 def run_plan(loaded: Loaded, trace_result: Trace, policy: str = "knee", estimator: str = DEFAULT_ESTIMATOR,
              cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
              seed: int = 0, per_datum: bool = False) -> Plan:
-    gains = estimate_gains(trace_result.mean, estimator)
+    gains = estimate_gains(trace_result.mean, estimator, chance=trace_result.chance)
     profile = profile_cost(loaded.model.model, cost_batch, cost_seq or mean_length(loaded.data),
                            lora_rank=lora_rank if lora else None)
     costs = boundary_costs(profile)
