@@ -130,6 +130,9 @@ class PlanResult:
         )
         if p.boundary == 0:
             summary = summary.replace("freeze embeddings + blocks 0..-1, ", "full fine-tuning: ")
+        elif p.boundary == p.num_layers:
+            summary = summary.replace(f"train blocks {p.boundary}..{p.num_layers - 1} + head",
+                                      "train only the head (and the final norm)")
         if self.out:
             summary += f"\nwrote {self.out}" + (f" and {self.figure}" if self.figure else "")
         return table + summary

@@ -316,3 +316,14 @@ def test_prefix_cache_from_the_cli(tmp_path, capsys, llama, text_file):
     assert rc == 0, err
     assert (tmp_path / "cache" / "manifest.json").exists()
     assert json.loads(out)["steps"] == 3
+
+
+def test_head_only_plan_says_only_the_head_trains(lm_plan):
+    import dataclasses
+
+    from salf.pipeline import PlanResult
+    from salf.plan import Plan
+
+    plan = Plan.load(lm_plan)
+    text = PlanResult(dataclasses.replace(plan, boundary=plan.num_layers)).render()
+    assert "train only the head (and the final norm)" in text and f"blocks {plan.num_layers}.." not in text
