@@ -752,9 +752,12 @@ class TaskBench:
         self.meta()
         oracle = {0: self._train(seed, "oracle/k=0", "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
         plans = self._plans(seed)
-        baselines = self._run_baselines(seed)
+        baselines = self._run_baselines(seed, trained=False)
         for k in range(1, n + 1):
             oracle[k] = self._train(seed, f"oracle/k={k}", "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
+        # Baselines with runs of their own come after the sweep: a seed whose sweep is done scores every
+        # plan and boundary baseline even if the session ends during LoRA or LISA.
+        baselines += self._run_baselines(seed, trained=True)
         if self._per_datum_lens():
             self._per_datum(seed, oracle)
         if self.t.ceiling_steps:
@@ -949,11 +952,14 @@ class TaskBench:
 
         return self._unit(seed, variant, self.t.steps, make)
 
-    def _run_baselines(self, seed: int) -> list[dict]:
+    def _run_baselines(self, seed: int, trained: bool) -> list[dict]:
+        """The baselines that train runs of their own (``trained``), or those that only choose a boundary."""
         out = []
         for name in self._baselines():
             baseline = BASELINES.get(name)
             variant = f"baseline/{name}"
+            if baseline.trains != trained:
+                continue
             if baseline.trains:
                 key = RunStore.key(self.t.name, seed, variant)
                 if self.store.get(key, self.recipe) is None:
