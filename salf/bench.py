@@ -765,6 +765,16 @@ class TaskBench:
         if self.t.equal_compute_for(seed):
             self._equal_compute(seed, oracle, [*plans, *baselines])
 
+    def replan_seed(self, seed: int) -> None:
+        """Only what decides boundaries: every lens x estimator x policy plan and every baseline that does not
+        train, for a seed whose sweep has started. Trains nothing: a new estimator or policy is scored against
+        the oracle runs already finished (a plan's quality is the oracle run at its boundary)."""
+        if self.store.get(RunStore.key(self.t.name, seed, "oracle/k=0"), self.recipe) is None:
+            return
+        self.meta()
+        self._plans(seed)
+        self._run_baselines(seed, trained=False)
+
     def _train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None = None,
                steps: int | None = None, run: TrainVariant | None = None, extra: dict | None = None) -> dict:
         steps = steps or self.t.steps
@@ -1746,8 +1756,11 @@ def report_bench(suite: BenchSuite, out_dir: str | Path) -> BenchResult:
 
 
 def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_progress: bool = True,
-              report_suite: BenchSuite | None = None) -> BenchResult:
+              report_suite: BenchSuite | None = None, replan: bool = False) -> BenchResult:
     """Run (or resume) ``suite`` into ``out_dir``; finished runs in ``out_dir/runs.json`` are not repeated.
+
+    ``replan``: train nothing; plan every started seed again with every registered lens, estimator, policy
+    and boundary baseline missing from ``runs.json`` (``TaskBench.replan_seed``).
 
     ``report_suite`` (default ``suite``): the suite the reports cover, e.g. the whole suite when this
     process runs only some of its tasks.
@@ -1773,7 +1786,7 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
         try:
             for b in benches:
                 for seed in b.t.seeds:
-                    b.run_seed(seed)
+                    (b.replan_seed if replan else b.run_seed)(seed)
                 for name in ("loaded", "eval_data", "costs"):
                     b.__dict__.pop(name, None)
                 gc.collect()
@@ -1790,8 +1803,9 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
 
 def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None, resume: bool = True,
           no_progress: bool = False, threads: int | None = None, report_only: bool = False, tasks: str | None = None,
-          **_: Any) -> BenchResult:
-    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--tasks A,B] [--threads N] [--no-resume] [--report-only]``.
+          replan: bool = False, **_: Any) -> BenchResult:
+    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--tasks A,B] [--threads N] [--no-resume] [--report-only]
+    [--replan]``.
 
     ``suite``: a name in ``bench/`` (smoke, minilm, causal, full) or a suite file; ``out`` defaults to
     ``bench_out/<suite>``; ``seeds`` replaces every task's seeds; ``tasks`` runs only the named tasks
@@ -1809,7 +1823,8 @@ def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None
     out = out or f"bench_out/{loaded.name}"
     if report_only:
         return report_bench(report_suite, out)
-    return run_bench(loaded, out, resume=resume, show_progress=not no_progress, report_suite=report_suite)
+    return run_bench(loaded, out, resume=resume, show_progress=not no_progress, report_suite=report_suite,
+                     replan=replan)
 
 
 @dataclass

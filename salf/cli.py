@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="rerun finished runs instead of skipping them")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite results.md, frontier.png and summary.json from the seeds finished so far")
+    p.add_argument("--replan", action="store_true",
+                   help="train nothing: trace and plan every started seed again with the estimators, policies and "
+                        "boundary baselines its runs.json lacks (a new estimator is scored on the finished sweeps)")
 
     p = add("bench-table", "Regret by model over one or more `salf bench` output directories: every plan and "
                            "baseline, mean over tasks and seeds (plain and trade-off regret, share kept, FLOPs).")

@@ -580,3 +580,16 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert all(now[r["key"]] == r for r in old)
     assert all(now[k]["status"] == "done" for k in set(now) - {r["key"] for r in old})
     assert later.analysis[suite.tasks[1].name]["per_datum"]["salf-per-datum/logit-lens/headroom/knee"]
+
+    # --replan: a plan record and a boundary baseline lost (as when an estimator is new) come back from a
+    # fresh trace, scored on the finished sweep; nothing trains.
+    monkeypatch.setattr(salf.train, "train", no_training)
+    plan_key = f"{suite.tasks[0].name}|seed=0|salf/probe/sufficiency/knee"
+    baseline_key = f"{suite.tasks[0].name}|seed=0|baseline/cosine-change"
+    kept = [r for r in json.loads((out / "runs.json").read_text())["runs"] if r["key"] not in (plan_key, baseline_key)]
+    (out / "runs.json").write_text(json.dumps({"format": 1, "suite": suite.name, "runs": kept}))
+    replanned = run_bench(suite, out, show_progress=False, replan=True)
+    back = {r["key"]: r for r in json.loads((out / "runs.json").read_text())["runs"]}
+    assert replanned.trained == 0 and plan_key in back and baseline_key in back
+    assert back[plan_key]["details"]["chance"] > 0
+    assert replanned.analysis[suite.tasks[0].name]["variants"]["salf/probe/sufficiency/knee"]["regret"]["mean"] >= 0
