@@ -229,6 +229,15 @@ def sufficiency_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = N
     return Estimate(headroom_gains(trace, fit), frozen_share(trace, chance))
 
 
+@ESTIMATORS.register("sufficiency-uniform")
+def sufficiency_uniform_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = None) -> Estimate:
+    """Every block an equal share of the gain, plus the frozen share: the trace speaks only through how much
+    of the task its top latent space already solves. With the ``unsolved`` policy this trains the top
+    (1 - frozen share) of the blocks."""
+    num_blocks = trace.size - 1
+    return Estimate(np.full(num_blocks, 1.0 / num_blocks), frozen_share(trace, chance))
+
+
 def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR, fit: DepthFit | None = None,
                    chance: float | None = None) -> Gains:
     """Fit the depth law to the trace and turn it into per-block gains with the named estimator.

@@ -106,6 +106,29 @@ def coverage(ctx: PolicyContext, value: float | None) -> int:
     return int(np.flatnonzero(ctx.benefit >= tau - 1e-12).max())
 
 
+@POLICIES.register("unsolved")
+def unsolved(ctx: PolicyContext, value: float | None) -> int:
+    """Train the blocks that hold the share of the gain the frozen model leaves unsolved.
+
+    The frozen share is ``benefit[L]`` (what the head-only plan already has; 0 unless the estimator counts
+    it, see ``salf.gain.sufficiency_gains``). The boundary is the one whose trained blocks hold the share of
+    the gains closest to 1 - frozen share: with equal gains per block it trains round(L x (1 - frozen share))
+    blocks, all of them when nothing is solved, none when all is. Of two equally close boundaries the one
+    holding more than the target wins (a half-way share trains the extra block); of boundaries holding the
+    same share (blocks without gain between them), the cheapest.
+    """
+    _no_value("unsolved", value)
+    frozen = float(ctx.benefit[-1])
+    if frozen >= 1.0 - 1e-12:
+        return len(ctx.benefit) - 1
+    blocks_share = (ctx.benefit - frozen) / (1.0 - frozen)
+    target = 1.0 - frozen
+    gap = np.abs(blocks_share - target)
+    ties = np.flatnonzero(gap <= gap.min() + 1e-9)
+    covering = [k for k in ties if blocks_share[k] >= target - 1e-9]
+    return int(max(covering) if covering else max(ties))
+
+
 @POLICIES.register("full")
 def full(ctx: PolicyContext, value: float | None) -> int:
     """Baseline: full fine-tuning."""

@@ -66,7 +66,7 @@ def test_every_estimator_returns_one_non_negative_gain_per_block(estimator, trac
     assert gains.values.sum() > 0
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS.names())
+@pytest.mark.parametrize("estimator", [n for n in ESTIMATORS.names() if n != "sufficiency-uniform"])  # uniform by design
 def test_flat_trace_gets_uniform_gains_with_a_note(estimator):
     gains = estimate_gains(TRACES["flat"], estimator)
     np.testing.assert_allclose(gains.values, np.full(8, 1 / 8))
@@ -162,3 +162,10 @@ def test_sufficiency_plans_shallower_where_the_frozen_features_already_serve():
         g = estimate_gains(trace, "sufficiency", fit, chance=chance)
         boundaries.append(choose_boundary(g.values, cost, "knee", frozen_share=g.frozen_share))
     assert boundaries == sorted(boundaries) and boundaries[0] < boundaries[-1] == 6
+
+
+def test_sufficiency_uniform_spreads_the_gain_evenly_and_counts_the_frozen_share():
+    trace = np.array([2.0, 1.4, 1.2, 1.3, 1.0])
+    gains = estimate_gains(trace, "sufficiency-uniform", chance=2.5)
+    np.testing.assert_allclose(gains.values, np.full(4, 0.25))
+    assert gains.frozen_share == pytest.approx(0.6) and gains.note == ""

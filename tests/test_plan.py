@@ -140,3 +140,19 @@ def test_benefit_curve_counts_the_frozen_share_from_the_head_only_boundary():
     cost = np.array([1.0, 0.8, 0.6, 0.3])
     assert choose_boundary(np.array([1.0, 1.0, 2.0]), cost, "coverage=0.5", frozen_share=0.6) == 3
     assert choose_boundary(np.array([1.0, 1.0, 2.0]), cost, "coverage=0.5") == 2
+
+
+@pytest.mark.parametrize("frozen, trained", [(0.0, 12), (0.27, 9), (0.51, 6), (0.73, 3), (0.97, 0), (1.0, 0)])
+def test_unsolved_trains_the_unsolved_share_of_equal_blocks(frozen, trained):
+    cost = np.linspace(1.0, 0.33, 13)
+    k = choose_boundary(np.full(12, 1 / 12), cost, "unsolved", frozen_share=frozen)
+    assert 12 - k == trained
+
+
+def test_unsolved_follows_the_gains_where_they_are_uneven():
+    gains = np.array([0.0, 0.0, 0.1, 0.9])  # the top block holds 90% of the gain
+    cost = np.array([1.0, 0.8, 0.6, 0.4, 0.3])
+    assert choose_boundary(gains, cost, "unsolved", frozen_share=0.2) == 3  # 0.8 unsolved: the top block's 0.9
+    assert choose_boundary(gains, cost, "unsolved", frozen_share=0.0) == 2  # all unsolved: blocks holding 100%
+    with pytest.raises(SalfError, match="takes no value"):
+        choose_boundary(gains, cost, "unsolved=0.5")
