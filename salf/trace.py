@@ -248,6 +248,9 @@ class TargetLens(Lens):
     token t+1), so at l = L a lens that scores the model's own head reproduces the model's loss.
     """
 
+    in_nats = False
+    """Whether the deviation is a cross-entropy (then the target tokens' frequencies give a chance level)."""
+
     def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
         super().__init__(parts, config, sample)
         head = parts.output_head()
@@ -263,6 +266,7 @@ class TargetLens(Lens):
         # Accumulated on the CPU in float64: one small transfer per layer and batch, exact sums.
         self.sums = torch.zeros(self.n_data, self.num_latents, dtype=torch.float64)
         self.counts = torch.zeros(self.n_data, dtype=torch.float64)
+        self.target_counts: dict[int, int] = {}
 
     def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         targets = batch["labels"][:, 1:]
@@ -270,6 +274,8 @@ class TargetLens(Lens):
         self._b, self._t, self._y = b, t, targets[b, t]
         self._owner = rows[b.cpu()]
         self.counts.index_add_(0, self._owner, torch.ones(len(self._owner), dtype=torch.float64))
+        for token, n in zip(*np.unique(self._y.cpu().numpy(), return_counts=True)):
+            self.target_counts[int(token)] = self.target_counts.get(int(token), 0) + int(n)
 
     def read(self, layer: int, hidden: torch.Tensor) -> None:
         # A model split over devices hands each layer's states over on that layer's device; the head's
@@ -286,10 +292,21 @@ class TargetLens(Lens):
     def result(self) -> np.ndarray:
         return (self.sums / self.counts.clamp(min=1).unsqueeze(1)).numpy()
 
+    def chance(self) -> float | None:
+        """Entropy (nats) of the target tokens' frequencies in the sample: the loss of predicting them without
+        reading the text. In cross-entropy units, so only the logit lens has it (cosine has no such level)."""
+        if not self.in_nats or not self.target_counts:
+            return None
+        p = np.array(list(self.target_counts.values()), dtype=np.float64)
+        p /= p.sum()
+        return float(-(p * np.log(p)).sum())
+
 
 @LENSES.register("logit-lens")
 class LogitLens(TargetLens):
     """d_{i,l} = mean over targets of CE(W . N(h_{i,l,t}), y_{i,t}): the model's loss read at depth l."""
+
+    in_nats = True
 
     def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
         super().__init__(parts, config, sample)

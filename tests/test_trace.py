@@ -267,3 +267,16 @@ def test_trace_json_round_trip():
     np.testing.assert_array_equal(again.indices, trace.indices)
     assert (again.lens, again.pooling, again.num_layers, again.n_data) == ("logit-lens", "targets", 4, 5)
     assert trace.to_dict()["std"] == pytest.approx(np.std(trace.per_datum, axis=0).tolist())
+
+
+def test_chance_level_is_the_entropy_of_what_the_lens_predicts(bert):
+    probe = trace_model(bert, class_data(), TraceConfig(probe_folds=4, **QUIET), 0)
+    assert probe.chance == pytest.approx(math.log(2))  # two balanced classes
+    data = lm_data()
+    targets = np.array([t for d in data for t in d["labels"][1:] if t != -100])
+    _, counts = np.unique(targets, return_counts=True)
+    p = counts / counts.sum()
+    logit = trace_model(tiny_model("gpt2"), data, TraceConfig(**QUIET), 0)
+    assert logit.chance == pytest.approx(float(-(p * np.log(p)).sum()))
+    assert trace_model(tiny_model("gpt2"), data, TraceConfig(lens="basis-cosine", **QUIET), 0).chance is None
+    assert Trace.from_dict(json.loads(json.dumps(logit.to_dict()))).chance == logit.chance
