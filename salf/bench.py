@@ -63,9 +63,11 @@ from salf.pooling import HEAD_POOLINGS
 from salf.registry import Registry
 
 BENCH_FORMAT = 1
-POLICIES_DEFAULT = ("knee", "budget=0.5", "coverage=0.9")
-PER_DATUM_POLICY = "knee"
-"""Policy of the per-datum variant (its estimator is ``salf.gain.DEFAULT_ESTIMATOR``)."""
+POLICIES_DEFAULT = ("knee", "budget=0.5", "coverage=0.9", "unsolved")
+PER_DATUM_ESTIMATOR, PER_DATUM_POLICY = "headroom", "knee"
+"""Estimator and policy of the per-datum variant's global boundary (each datum's own boundary comes from its
+own observed drops, ``salf.plan.per_datum_boundaries``); fixed, so that its finished runs stay valid when
+the defaults of ``salf plan`` change."""
 PER_DATUM_FILL = "global"
 """Boundary of the data the trace did not read (``salf.perdatum.datum_boundaries``)."""
 PER_DATUM_FLOPS_METHOD = (
@@ -729,9 +731,7 @@ class TaskBench:
     @staticmethod
     def per_datum_variants(lens: str) -> tuple[str, str]:
         """(its boundaries, its run): the record names of the per-datum variant from ``lens``."""
-        from salf.gain import DEFAULT_ESTIMATOR
-
-        name = f"{lens}/{DEFAULT_ESTIMATOR}/{PER_DATUM_POLICY}"
+        name = f"{lens}/{PER_DATUM_ESTIMATOR}/{PER_DATUM_POLICY}"
         return f"salf-per-datum-plan/{name}", f"salf-per-datum/{name}"
 
     def meta(self) -> dict:
@@ -855,7 +855,7 @@ class TaskBench:
 
     def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
-        from salf.gain import DEFAULT_ESTIMATOR, estimate_gains, fit_depth_law
+        from salf.gain import estimate_gains, fit_depth_law
         from salf.pipeline import data_info, model_info
         from salf.plan import make_plan
         from salf.trace import TraceConfig, trace_model
@@ -895,10 +895,10 @@ class TaskBench:
                 out.append(record)
         if per_datum:
             started = time.perf_counter()
-            if DEFAULT_ESTIMATOR in gains_of:
-                gains, gain_seconds = gains_of[DEFAULT_ESTIMATOR]
+            if PER_DATUM_ESTIMATOR in gains_of:
+                gains, gain_seconds = gains_of[PER_DATUM_ESTIMATOR]
             else:
-                gains = estimate_gains(trace.mean, DEFAULT_ESTIMATOR, fit, trace.chance)
+                gains = estimate_gains(trace.mean, PER_DATUM_ESTIMATOR, fit, trace.chance)
                 gain_seconds = fit_seconds + time.perf_counter() - started
             started = time.perf_counter()
             plan = make_plan(trace, gains, costs["step_costs"], PER_DATUM_POLICY, info_model, info_data, seed=seed,
@@ -908,7 +908,7 @@ class TaskBench:
             variant = self.per_datum_variants(lens)[0]
             out.append({"key": RunStore.key(self.t.name, seed, variant), "task": self.t.name, "seed": seed,
                         "variant": variant, "recipe": self.recipe, "kind": "per-datum-plan", "status": "done",
-                        "lens": lens, "estimator": DEFAULT_ESTIMATOR, "policy": PER_DATUM_POLICY,
+                        "lens": lens, "estimator": PER_DATUM_ESTIMATOR, "policy": PER_DATUM_POLICY,
                         "boundary": plan.boundary, "n_train": len(self.loaded.data.data),
                         # rows of the trace are positions in the training data (trace_model read that list)
                         "traced_indices": plan.per_datum_indices, "traced_boundaries": plan.per_datum_boundaries,
@@ -1329,9 +1329,12 @@ def _plan_regret(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, A
 
 # --------------------------------------------------------------------------------------------- regret by model
 
-DEFAULT_PLAN_POLICY = "knee"
-"""``salf plan``'s default policy: with ``salf.trace.DEFAULT_LENS`` and ``salf.gain.DEFAULT_ESTIMATOR``, the
-plan a user gets without choosing, marked in the per-model table."""
+def _default_policy() -> str:
+    """``salf plan``'s default policy: with ``salf.trace.DEFAULT_LENS`` and ``salf.gain.DEFAULT_ESTIMATOR``, the
+    plan a user gets without choosing, marked in the per-model table."""
+    from salf.plan import DEFAULT_POLICY
+
+    return DEFAULT_POLICY
 REGRET_TABLE_KINDS = ("plan", "per-datum", "baseline")
 """Rows of the per-model table: ways of choosing what to train. Ceiling and equal-compute runs train the same
 boundaries on other budgets, so they stay in the per-task tables."""
@@ -1347,7 +1350,7 @@ def default_plan(data_task: str) -> str:
     from salf.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
     lens = DEFAULT_LENS[CLASS_LABELS if data_task == "classification" else TOKEN_LABELS]
-    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{DEFAULT_PLAN_POLICY}"
+    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{_default_policy()}"
 
 
 def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -1604,7 +1607,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
 
     tasks = [(n, t) for n, t in analysis.items() if t]
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7.5 * max(1, len(tasks)), 5.5), squeeze=False)
-    markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D"}
+    markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D", "unsolved": "^"}
     for ax, (name, task) in zip(axes[0], tasks):
         ks = task["oracle"]
         xs = [r["flops_ratio"]["mean"] for r in ks]

@@ -79,10 +79,13 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan")
-    g.add_argument("--policy", default="knee",
-                   help="knee | budget=C (step cost <= C x full) | coverage=T (>= T of the gain) | full | freeze-first-half | train-last-quarter | random")
-    g.add_argument("--estimator", default="headroom",
-                   help="headroom (default, chosen by the benchmark) | transition | observed | best-layer")
+    g.add_argument("--policy", default="unsolved",  # = salf.plan.DEFAULT_POLICY (tested); no numpy import for --help
+                   help="unsolved (default: train the share of the depth the frozen model leaves unsolved) | knee | "
+                        "budget=C (step cost <= C x full) | coverage=T (>= T of the gain) | full | freeze-first-half | "
+                        "train-last-quarter | random")
+    g.add_argument("--estimator", default="sufficiency-uniform",  # = salf.gain.DEFAULT_ESTIMATOR (tested)
+                   help="sufficiency-uniform (default, chosen by the benchmark) | sufficiency | headroom | transition | "
+                        "observed | best-layer")
     g.add_argument("--cost-seq", type=int, default=None, help="sequence length for the cost model (default: the data's mean length)")
     g.add_argument("--cost-batch", type=int, default=8, help="batch size for the cost model")
     g.add_argument("--lora", action="store_true", help="cost the plan for LoRA instead of full fine-tuning of the suffix")
@@ -161,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin:minilm",
                    help="the model to fine-tune (default builtin:minilm; e.g. builtin:e5-small, 12 blocks)")
     p.add_argument("--steps", type=int, default=150, help="training steps of each fine-tuning")
-    p.add_argument("--policy", default="knee", help="planning policy")
+    p.add_argument("--policy", default="unsolved", help="planning policy (default: unsolved)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     _head_pooling(p)

@@ -20,10 +20,12 @@ from salf.registry import Registry
 Estimator = Callable[[np.ndarray, "DepthFit", "float | None"], "np.ndarray | Estimate"]
 """(trace D_0..D_L, its depth fit, the trace's chance level or None) -> L gains, or an ``Estimate``."""
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
-# Chosen by the benchmark's regret table (BENCHMARKS.md, "Choosing the defaults"): 'transition'
-# planned full fine-tuning on every real task (no saving); 'headroom' saved 24-35% of the step FLOPs
-# with the smallest regret of the estimators that saved anything.
-DEFAULT_ESTIMATOR = "headroom"
+# Chosen by the benchmark's regret table (BENCHMARKS.md, "Choosing the defaults"). 'transition' planned full
+# fine-tuning on every real task; 'headroom' (the default until 12-block e5-small) planned 7 of 12 on the
+# word-order task, where freezing past block 3 cost 1-20 points; 'sufficiency-uniform' with the 'unsolved'
+# policy trains as much of the depth as the frozen top layer leaves unsolved, and had the lowest trade-off
+# regret of every plan and fixed rule over both real models.
+DEFAULT_ESTIMATOR = "sufficiency-uniform"
 
 # Starting exponents for the fit: the cost surface has several basins on short or noisy traces
 # (a sharp early drop wants a large alpha, a slow decline a small one), so a few starts are tried.

@@ -20,7 +20,7 @@ from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.gain import DEFAULT_ESTIMATOR, estimate_gains
 from salf.models import LoadedModel, load_config, load_model, load_tokenizer
-from salf.plan import Plan, check_policy, make_plan, model_fingerprint
+from salf.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, model_fingerprint
 from salf.table import render_table
 from salf.trace import Trace, TraceConfig, trace_model
 from salf.train import TrainConfig
@@ -145,7 +145,7 @@ def mean_length(task_data: TaskData) -> int:
     return max(2, int(round(float(np.mean([len(d["input_ids"]) for d in task_data.data])))))
 
 
-def run_plan(loaded: Loaded, trace_result: Trace, policy: str = "knee", estimator: str = DEFAULT_ESTIMATOR,
+def run_plan(loaded: Loaded, trace_result: Trace, policy: str = DEFAULT_POLICY, estimator: str = DEFAULT_ESTIMATOR,
              cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
              seed: int = 0, per_datum: bool = False) -> Plan:
     gains = estimate_gains(trace_result.mean, estimator, chance=trace_result.chance)
@@ -158,7 +158,7 @@ def run_plan(loaded: Loaded, trace_result: Trace, policy: str = "knee", estimato
 
 def plan(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
          limit: int | None = None, seed: int = 0, lens: str | None = None, sample_size: int = 256,
-         trace_batch_size: int = 8, pooling: str = "auto", policy: str = "knee", estimator: str = DEFAULT_ESTIMATOR,
+         trace_batch_size: int = 8, pooling: str = "auto", policy: str = DEFAULT_POLICY, estimator: str = DEFAULT_ESTIMATOR,
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
          trace_file: str | None = None, figure: str | None = None, per_datum: bool = False,
          head_pooling: str | None = None, no_progress: bool = False, **_: Any) -> PlanResult:

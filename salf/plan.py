@@ -49,6 +49,8 @@ class Policy(Protocol):
 
 
 POLICIES: Registry[Policy] = Registry("policy")
+DEFAULT_POLICY = "unsolved"
+"""``salf plan``'s policy when none is given (with ``salf.gain.DEFAULT_ESTIMATOR``; BENCHMARKS.md)."""
 
 
 def _fraction(name: str, value: float | None) -> float:

@@ -327,3 +327,15 @@ def test_head_only_plan_says_only_the_head_trains(lm_plan):
     plan = Plan.load(lm_plan)
     text = PlanResult(dataclasses.replace(plan, boundary=plan.num_layers)).render()
     assert "train only the head (and the final norm)" in text and f"blocks {plan.num_layers}.." not in text
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from salf.cli import build_parser
+    from salf.gain import DEFAULT_ESTIMATOR
+    from salf.plan import DEFAULT_POLICY
+
+    parser = build_parser()
+    for command in ("plan", "demo"):
+        args = parser.parse_args([command, "--model", "m", "--data", "d", "--out", "p"] if command == "plan" else [command])
+        assert args.policy == DEFAULT_POLICY
+    assert parser.parse_args(["plan", "--model", "m", "--data", "d", "--out", "p"]).estimator == DEFAULT_ESTIMATOR
