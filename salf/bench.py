@@ -1335,6 +1335,8 @@ def _default_policy() -> str:
     from salf.plan import DEFAULT_POLICY
 
     return DEFAULT_POLICY
+ALL_MODELS = "all models"
+"""The per-model table's key for every task of every model pooled (present when there are several models)."""
 REGRET_TABLE_KINDS = ("plan", "per-datum", "baseline")
 """Rows of the per-model table: ways of choosing what to train. Ceiling and equal-compute runs train the same
 boundaries on other budgets, so they stay in the per-task tables."""
@@ -1375,7 +1377,7 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
     ``analyses``: one ``analyze`` result per result directory, so that one table may span several benchmarks.
     A per-task table answers "which boundary here"; this one answers "which way of choosing, across tasks".
     Every (task, seed) weighs the same; ``tasks`` and ``n`` say how many a row holds (a baseline unavailable
-    on a task has fewer).
+    on a task has fewer). With tasks of several models, one more table, ``ALL_MODELS``, pools them all.
     """
     pooled: dict[str, dict[str, dict[str, Any]]] = {}
     tasks: dict[str, list[str]] = {}
@@ -1384,16 +1386,20 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
             if not task:
                 continue
             model = str(task.get("model"))
-            tasks.setdefault(model, []).append(name)
             default = default_plan(task["data_task"])
-            for variant, v in task["variants"].items():
-                if v["kind"] not in REGRET_TABLE_KINDS:
-                    continue
-                entry = pooled.setdefault(model, {}).setdefault(
-                    variant, {"kind": v["kind"], "default": False, "tasks": [], "per_seed": []})
-                entry["default"] = entry["default"] or variant == default
-                entry["tasks"].append(name)
-                entry["per_seed"] += v["per_seed"]
+            for group in (model, ALL_MODELS):
+                tasks.setdefault(group, []).append(name)
+                for variant, v in task["variants"].items():
+                    if v["kind"] not in REGRET_TABLE_KINDS:
+                        continue
+                    entry = pooled.setdefault(group, {}).setdefault(
+                        variant, {"kind": v["kind"], "default": False, "tasks": [], "per_seed": []})
+                    entry["default"] = entry["default"] or variant == default
+                    entry["tasks"].append(name)
+                    entry["per_seed"] += v["per_seed"]
+    if len(tasks) <= 2:  # one model (or none): the pooled table would repeat it
+        pooled.pop(ALL_MODELS, None)
+        tasks.pop(ALL_MODELS, None)
     return {model: {"tasks": tasks[model], "sort_by": REGRET_TABLE_ORDER, "lambdas": list(TRADEOFF_LAMBDAS),
                     "rows": sorted((_pooled_row(v, e) for v, e in variants.items()), key=_table_order)}
             for model, variants in pooled.items()}

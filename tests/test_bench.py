@@ -8,6 +8,7 @@ import torch
 
 import salf.train
 from salf.bench import (
+    ALL_MODELS,
     BenchSuite,
     BenchTask,
     RunStore,
@@ -171,7 +172,7 @@ def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
             records.append(_record(task, seed, "ceiling/full", "ceiling", metrics={
                 "eval_accuracy": 0.9, "train_flops": 300.0}))
     table = regret_by_model([analyze(first + other), analyze(second)])
-    assert set(table) == {"m", "other"}
+    assert set(table) == {"m", "other", ALL_MODELS}
     m = table["m"]
     assert m["tasks"] == ["a", "b"] and m["sort_by"] == "regret_10"
     rows = {r["variant"]: r for r in m["rows"]}
@@ -199,7 +200,7 @@ def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, caps
         (tmp_path / name / "runs.json").write_text(json.dumps({"format": 1, "suite": "x", "runs": records}))
     dirs = [str(tmp_path / "one"), str(tmp_path / "two")]
     table = combined_regret(dirs)
-    assert set(table) == {"m", "other"}
+    assert set(table) == {"m", "other", ALL_MODELS}
     result = bench_table(dirs, out=str(tmp_path / "table.md"))
     text = (tmp_path / "table.md").read_text()
     assert "Regret by model" in text and "baseline/full" in text and "`other`" in text
@@ -594,3 +595,16 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert replanned.trained == 0 and plan_key in back and baseline_key in back
     assert back[plan_key]["details"]["chance"] > 0
     assert replanned.analysis[suite.tasks[0].name]["variants"]["salf/probe/sufficiency/knee"]["regret"]["mean"] >= 0
+
+
+def test_regret_by_model_pools_every_model_when_there_are_several():
+    first, other = _sweep("a"), _sweep("c", model="other")
+    for records, task in ((first, "a"), (other, "c")):
+        for seed in (0, 1):
+            records.append(_record(task, seed, "baseline/train-last-quarter", "baseline", boundary=2))
+    table = regret_by_model([analyze(first + other)])
+    assert set(table) == {"m", "other", ALL_MODELS}
+    assert table[ALL_MODELS]["tasks"] == ["a", "c"]
+    rows = {r["variant"]: r for r in table[ALL_MODELS]["rows"]}
+    assert all(r["n"] == 4 for r in rows.values())  # two seeds of each task
+    assert ALL_MODELS not in regret_by_model([analyze(first)])
