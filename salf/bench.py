@@ -13,7 +13,7 @@ seeds. For every task and seed the benchmark runs
    hidden-state variability and cosine change give boundaries (reusing the oracle runs); LoRA and LISA
    get their own runs;
 4. **per-datum** (METHOD §4, ``BenchSuite.per_datum``): the default lens's trace (the one the plans
-   above already made; not traced again), the default estimator and ``knee`` give every traced datum its
+   above already made; not traced again), ``PER_DATUM_ESTIMATOR`` and ``knee`` give every traced datum its
    own boundary and every other datum the plan's global boundary; one run of its own trains each batch
    at its data's boundary (``salf.train.train(..., boundaries=...)``) with the oracle's recipe, steps and
    seed, and is compared with the single-boundary plan. Its FLOPs are every boundary's measured FLOPs per
@@ -1347,7 +1347,7 @@ then by name."""
 
 
 def default_plan(data_task: str) -> str:
-    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/headroom/knee')."""
+    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved')."""
     from salf.gain import DEFAULT_ESTIMATOR
     from salf.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
@@ -1532,7 +1532,7 @@ def regret_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
              f"Every salf plan (lens/estimator/policy), per-datum variant and baseline, mean over all the model's tasks "
              f"and seeds (each (task, seed) weighs the same), sorted by {REGRET_TABLE_ORDER.replace('regret_', 'regret λ=')}. "
              "All regrets in points (the plain regret x 100). **Bold**: the default plan (the default lens for the "
-             "labels, the default estimator, knee). 'tasks' / 'runs': how many tasks and (task, seed) pairs a row "
+             "labels, the default estimator and policy). 'tasks' / 'runs': how many tasks and (task, seed) pairs a row "
              "holds.", ""]
     for model, entry in table.items():
         rows = [[i, f"**{r['variant']}** (default)" if r["default"] else r["variant"], r["kind"], len(r["tasks"]),
@@ -1611,9 +1611,9 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [(n, t) for n, t in analysis.items() if t]
+    tasks = [(n, t) for n, t in analysis.items() if t and t.get("seeds")]  # a task with no finished seed has nothing to draw
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7.5 * max(1, len(tasks)), 5.5), squeeze=False)
-    markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D", "unsolved": "^"}
+    markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D", "unsolved": "h"}
     for ax, (name, task) in zip(axes[0], tasks):
         ks = task["oracle"]
         xs = [r["flops_ratio"]["mean"] for r in ks]
@@ -1637,7 +1637,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
                 _, lens, estimator, policy = variant.split("/", 3)
                 color = colors.setdefault(f"{lens}/{estimator}", f"C{len(colors) % 10}")
                 ax.plot(x + jitter, y, markers.get(policy, "P"), color=color, ms=8, alpha=0.85, zorder=3,
-                        label=f"salf {lens}/{estimator}" if policy == "knee" else None)
+                        label=f"salf {lens}/{estimator}" if policy == _default_policy() else None)
             elif v["kind"] == "per-datum":
                 ax.plot(x, y, "P", color="crimson", ms=9, zorder=5, label=f"salf per datum ({variant.split('/', 1)[1]})")
             elif v["kind"] == "ceiling":
@@ -1652,7 +1652,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
                 ax.annotate(variant.split("/", 1)[1], (x, y), fontsize=6, xytext=(3, 4), textcoords="offset points")
         ax.set_xlabel("measured training FLOPs / full fine-tuning")
         ax.set_ylabel(task["quality_metric"] + ("" if task["higher_is_better"] else " (lower is better)"))
-        ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9, "
+        ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9, hexagon unsolved, "
                      "+ per datum; x/▲ baselines; ▼ equal compute", fontsize=9)
         ax.legend(fontsize=6, loc="best")
         ax.grid(alpha=0.3)
