@@ -59,6 +59,7 @@ from salf.builtin import BUILTIN_PREFIX, cache_dirs, resolve_builtin
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_atomic, write_json
 from salf.freeze import FreezeSpec
+from salf.plan import DEFAULT_POLICY
 from salf.pooling import HEAD_POOLINGS
 from salf.registry import Registry
 
@@ -1329,12 +1330,6 @@ def _plan_regret(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, A
 
 # --------------------------------------------------------------------------------------------- regret by model
 
-def _default_policy() -> str:
-    """``salf plan``'s default policy: with ``salf.trace.DEFAULT_LENS`` and ``salf.gain.DEFAULT_ESTIMATOR``, the
-    plan a user gets without choosing, marked in the per-model table."""
-    from salf.plan import DEFAULT_POLICY
-
-    return DEFAULT_POLICY
 ALL_MODELS = "all models"
 """The per-model table's key for every task of every model pooled (present when there are several models)."""
 REGRET_TABLE_KINDS = ("plan", "per-datum", "baseline")
@@ -1352,7 +1347,7 @@ def default_plan(data_task: str) -> str:
     from salf.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
     lens = DEFAULT_LENS[CLASS_LABELS if data_task == "classification" else TOKEN_LABELS]
-    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{_default_policy()}"
+    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY}"
 
 
 def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -1637,7 +1632,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
                 _, lens, estimator, policy = variant.split("/", 3)
                 color = colors.setdefault(f"{lens}/{estimator}", f"C{len(colors) % 10}")
                 ax.plot(x + jitter, y, markers.get(policy, "P"), color=color, ms=8, alpha=0.85, zorder=3,
-                        label=f"salf {lens}/{estimator}" if policy == _default_policy() else None)
+                        label=f"salf {lens}/{estimator}" if policy == DEFAULT_POLICY else None)
             elif v["kind"] == "per-datum":
                 ax.plot(x, y, "P", color="crimson", ms=9, zorder=5, label=f"salf per datum ({variant.split('/', 1)[1]})")
             elif v["kind"] == "ceiling":

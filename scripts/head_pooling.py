@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from salf.bench import BenchSuite
 from salf.corpora import build_corpus
-from salf.data import DataConfig, load_task_data
+from salf.data import load_task_data
 from salf.fileio import write_atomic
 from salf.freeze import FreezeSpec
-from salf.models import load_model, load_tokenizer
+from salf.pipeline import load
 from salf.train import TrainConfig, train
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "head-pooling"
@@ -33,12 +34,11 @@ MODEL = "builtin:e5-small"
 def run(corpus: str, seed: int, boundary: int, pooling: str, work: Path) -> dict:
     task = next(t for t in BenchSuite.load("e5-quick").tasks if t.corpus == corpus)
     files = build_corpus(corpus, work / "data", seed=task.data_seed, limit=task.corpus_limit)
-    tokenizer = load_tokenizer(MODEL)
-    data = load_task_data(files.train_path, tokenizer, DataConfig(max_length=task.max_length, seed=task.data_seed))
-    held = load_task_data(files.eval_path, tokenizer, DataConfig(max_length=task.max_length, limit=task.eval_limit,
-                                                                  seed=task.data_seed), label_names=data.label_names)
-    torch.manual_seed(seed)
-    lm = load_model(MODEL, "classification", label_names=data.label_names, head_pooling=pooling)
+    torch.manual_seed(seed)  # the fresh head is drawn when the model loads
+    loaded = load(MODEL, str(files.train_path), max_length=task.max_length, seed=task.data_seed, head_pooling=pooling)
+    held = load_task_data(files.eval_path, loaded.model.tokenizer, replace(loaded.config, limit=task.eval_limit),
+                          label_names=loaded.data.label_names)
+    lm, data = loaded.model, loaded.data
     lm.model.set_attn_implementation("eager")
     config = TrainConfig(max_steps=task.steps, batch_size=task.batch_size, learning_rate=task.lr,
                          head_learning_rate=task.head_lr, warmup_ratio=task.warmup_ratio, seed=seed, overwrite=True,
