@@ -29,6 +29,7 @@ HANDLERS = {
     "bench": "salf.bench:bench",
     "bench-table": "salf.bench:bench_table",
     "cost": "salf.projection:cost",
+    "export": "salf.export:export",
 }
 
 EXAMPLES = {
@@ -40,6 +41,7 @@ EXAMPLES = {
     "report": "salf report runs/planned",
     "bench": "salf bench --suite smoke --out bench_out/smoke",
     "bench-table": "salf bench-table bench/results/minilm-quick bench/results/causal-quick --out regret.md",
+    "export": "salf export plan.json --to axolotl --out unfrozen.yaml",
 }
 
 
@@ -214,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-repeats", type=int, default=2,
                    help="sweeps over the boundaries, in alternating order (with --measure)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads while measuring (default: torch's)")
+
+    p = add("export", "Print (or write) the settings that apply a plan in another tool: LLaMA-Factory, axolotl, "
+                      "PEFT, torchtune, DeepSpeed.")
+    p.add_argument("plan", help="plan.json written by `salf plan`")
+    p.add_argument("--to", required=True, choices=["llamafactory", "axolotl", "peft", "torchtune", "deepspeed"],
+                   help="the tool (= salf.export.EXPORTERS)")
+    p.add_argument("--out", default=None, help="write the snippet to this file instead of printing it")
+    p.add_argument("--model", default=None,
+                   help="where to read the planned model's config (default: the plan's model name or folder)")
     return parser
 
 
