@@ -26,9 +26,9 @@ HANDLERS = {
     "train": "salf.pipeline:train",
     "demo": "salf.demo:demo",
     "report": "salf.report:report",
-    "bench": "salf.bench:bench",
-    "bench-table": "salf.bench:bench_table",
-    "cost": "salf.projection:cost",
+    "bench": "salf.bench.suite:bench",
+    "bench-table": "salf.bench.suite:bench_table",
+    "cost": "salf.method.projection:cost",
     "export": "salf.export:export",
 }
 
@@ -81,11 +81,11 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan")
-    g.add_argument("--policy", default="unsolved",  # = salf.plan.DEFAULT_POLICY (tested); no numpy import for --help
+    g.add_argument("--policy", default="unsolved",  # = salf.method.plan.DEFAULT_POLICY (tested); no numpy import for --help
                    help="unsolved (default: train the share of the depth the frozen model leaves unsolved) | knee | "
                         "budget=C (step cost <= C x full) | coverage=T (>= T of the gain) | full | freeze-first-half | "
                         "train-last-quarter | random")
-    g.add_argument("--estimator", default="sufficiency-uniform",  # = salf.gain.DEFAULT_ESTIMATOR (tested)
+    g.add_argument("--estimator", default="sufficiency-uniform",  # = salf.method.gain.DEFAULT_ESTIMATOR (tested)
                    help="sufficiency-uniform (default, chosen by the benchmark) | sufficiency | headroom | transition | "
                         "observed | best-layer")
     g.add_argument("--cost-seq", type=int, default=None, help="sequence length for the cost model (default: the data's mean length)")

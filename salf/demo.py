@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from salf.corpora import build_corpus
+from salf.data.corpora import build_corpus
 from salf.errors import SalfError
 from salf.fileio import write_json
+from salf.method.plan import DEFAULT_POLICY, Plan
 from salf.pipeline import load, run_plan, run_trace
-from salf.plan import DEFAULT_POLICY, Plan
 from salf.report import write_report
 from salf.table import render_table
-from salf.train import TrainConfig
-from salf.train import train as run_training
+from salf.training.trainer import TrainConfig
+from salf.training.trainer import train as run_training
 
 # One recipe for both runs: the fresh head gets its own larger learning rate (METHOD, "How we know").
 DEMO_LR = 1e-4

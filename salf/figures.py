@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from salf.fileio import write_atomic  # noqa: E402
-from salf.gain import DepthFit  # noqa: E402
-from salf.plan import Plan  # noqa: E402
+from salf.method.gain import DepthFit  # noqa: E402
+from salf.method.plan import Plan  # noqa: E402
 
 
 def _draw_trace(ax, plan: Plan) -> None:

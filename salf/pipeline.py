@@ -14,17 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from salf.cost import boundary_costs, profile_cost
-from salf.data import DataConfig, TaskData, load_task_data, split_holdout
+from salf.data.files import DataConfig, TaskData, load_task_data, split_holdout
 from salf.errors import SalfError
 from salf.fileio import write_json
-from salf.gain import DEFAULT_ESTIMATOR, estimate_gains
-from salf.models import LoadedModel, load_config, load_model, load_tokenizer
-from salf.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, model_fingerprint
+from salf.method.cost import boundary_costs, profile_cost
+from salf.method.gain import DEFAULT_ESTIMATOR, estimate_gains
+from salf.method.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, model_fingerprint
+from salf.method.trace import Trace, TraceConfig, trace_model
+from salf.models.loading import LoadedModel, load_config, load_model, load_tokenizer
 from salf.table import render_table
-from salf.trace import Trace, TraceConfig, trace_model
-from salf.train import TrainConfig
-from salf.train import train as run_training
+from salf.training.trainer import TrainConfig
+from salf.training.trainer import train as run_training
 
 
 @dataclass
@@ -48,7 +48,7 @@ def load(model: str, data: str, task: str | None = None, label_mode: str = "head
     """Tokenize ``data`` with the model's tokenizer, then load the model with a head for its task.
 
     ``head_pooling``: what a BERT-style classifier's head reads ('first', 'mean'; None: the checkpoint's own),
-    see ``salf.models.load_model``.
+    see ``salf.models.loading.load_model``.
     """
     config = DataConfig(task=task, label_mode=label_mode, max_length=max_length, limit=limit, seed=seed)
     # Truncate to the model's positions, as load_model caps its own tokenizer: a saved tokenizer may
@@ -163,7 +163,7 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
          trace_file: str | None = None, figure: str | None = None, per_datum: bool = False,
          head_pooling: str | None = None, no_progress: bool = False, **_: Any) -> PlanResult:
     from salf.figures import plot_plan
-    from salf.gain import ESTIMATORS
+    from salf.method.gain import ESTIMATORS
 
     check_policy(policy)  # fail in a second, not after a long trace
     ESTIMATORS.get(estimator)

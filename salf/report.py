@@ -32,7 +32,7 @@ from typing import Any
 from salf import __version__
 from salf.errors import SalfError
 from salf.fileio import write_atomic
-from salf.plan import Plan
+from salf.method.plan import Plan
 
 REPORT_NAME = "report.html"
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from salf.fileio import write_atomic, write_json
-from salf.projection import cost
+from salf.method.projection import cost
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "cost-cpu"
 FIXTURE = "tiny:gpt2:n_embd=256,n_layer=8,n_head=4,vocab_size=4096,n_positions=256"

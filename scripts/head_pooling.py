@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from salf.bench import BenchSuite
-from salf.corpora import build_corpus
-from salf.data import load_task_data
+from salf.bench.suite import BenchSuite
+from salf.data.corpora import build_corpus
+from salf.data.files import load_task_data
 from salf.fileio import write_atomic
-from salf.freeze import FreezeSpec
+from salf.method.freeze import FreezeSpec
 from salf.pipeline import load
-from salf.train import TrainConfig, train
+from salf.training.trainer import TrainConfig, train
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "head-pooling"
 MODEL = "builtin:e5-small"

@@ -1,7 +1,7 @@
 """Shared test helpers: tiny saved models and small data files, all local and fast.
 
-``save_tiny(tmp_path, "llama")`` writes a tiny random model (``salf.tiny``) and a tiny word-level
-tokenizer (``salf.models.tiny_tokenizer``) into one folder with ``save_pretrained``, the way a user's
+``save_tiny(tmp_path, "llama")`` writes a tiny random model (``salf.models.tiny``) and a tiny word-level
+tokenizer (``salf.models.loading.tiny_tokenizer``) into one folder with ``save_pretrained``, the way a user's
 checkpoint looks to ``salf plan --model FOLDER``. The data writers produce JSONL files of the three
 shapes salf reads (text | prompt+completion | text+label) from a small fixed vocabulary, so every
 word is in the tiny tokenizer.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from salf.models import tiny_tokenizer
-from salf.tiny import tiny_model
+from salf.models.loading import tiny_tokenizer
+from salf.models.tiny import tiny_model
 
 WORDS = (
     "the cat dog bird fish sat ran flew swam on in under over mat tree sky sea red blue green "

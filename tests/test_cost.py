@@ -16,8 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from salf.arch import find_parts
-from salf.cost import (
+from salf.errors import SalfError
+from salf.fileio import to_json
+from salf.method.cost import (
     LORA_MODES,
     MODES,
     CostProfile,
@@ -29,9 +30,8 @@ from salf.cost import (
     profile_cost,
     step_cost,
 )
-from salf.errors import SalfError
-from salf.fileio import to_json
-from salf.tiny import CAUSAL_TYPES, TINY_CONFIGS, tiny_config, tiny_model
+from salf.models.arch import find_parts
+from salf.models.tiny import CAUSAL_TYPES, TINY_CONFIGS, tiny_config, tiny_model
 
 B, T = 2, 8
 CASES = [(t, "causal-lm") for t in CAUSAL_TYPES] + [("bert", "classification"), ("llama", "classification")]
@@ -102,10 +102,10 @@ def test_every_boundary_matches_a_real_step(model_type, task):
 
 
 def test_a_mean_pooling_head_matches_a_real_step():
-    """A classifier whose head reads the token mean (salf.pooling): the meta-device copy pools as the config
+    """A classifier whose head reads the token mean (salf.models.pooling): the meta-device copy pools as the config
     records, so FLOPs and saved bytes still agree exactly at every boundary."""
-    from salf.cost import build_model
-    from salf.pooling import MaskedMeanPooler, use_mean_pooling
+    from salf.method.cost import build_model
+    from salf.models.pooling import MaskedMeanPooler, use_mean_pooling
 
     model = use_mean_pooling(_model("bert", "classification"))
     assert isinstance(build_model(model.config, "classification", 2, torch.float32, "eager").bert.pooler,

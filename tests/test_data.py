@@ -1,4 +1,4 @@
-"""salf.data: local files -> tokenized TaskData, every shape, every user mistake."""
+"""salf.data.files: local files -> tokenized TaskData, every shape, every user mistake."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from salf.batch import IGNORE_INDEX, collate
-from salf.data import DataConfig, TaskData, load_task_data, records_from_file, split_holdout
+from salf.data.batch import IGNORE_INDEX, collate
+from salf.data.files import DataConfig, TaskData, load_task_data, records_from_file, split_holdout
 from salf.errors import SalfError
-from salf.models import minilm_path, tiny_tokenizer
-from salf.tiny import tiny_model
+from salf.models.loading import minilm_path, tiny_tokenizer
+from salf.models.tiny import tiny_model
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "fast", "red", "blue", "green", "sky", "is"]
 BOS, EOS = 1, 2

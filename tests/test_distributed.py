@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from salf.distributed import (
+from salf.errors import SalfError
+from salf.training.distributed import (
     SelfCheck,
     compare,
     is_main_process,
@@ -21,9 +22,8 @@ from salf.distributed import (
     run_forked,
     selfcheck,
 )
-from salf.errors import SalfError
-from salf.perdatum import BoundaryBatchSampler
-from salf.train import TrainConfig, _prepare_out_dir
+from salf.training.perdatum import BoundaryBatchSampler
+from salf.training.trainer import TrainConfig, _prepare_out_dir
 
 WORLD = 2
 # run_forked forks CPU processes; a machine with a GPU would put both ranks on it (use the torchrun test there).
@@ -108,7 +108,7 @@ def test_rank_helpers_without_a_process_group(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_selfcheck_matches_one_process(tmp_path):
-    """The real launcher: ``torchrun --nproc_per_node 2 -m salf.distributed selfcheck`` (slow: 3 interpreters)."""
+    """The real launcher: ``torchrun --nproc_per_node 2 -m salf.training.distributed selfcheck`` (slow: 3 interpreters)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -116,7 +116,7 @@ def test_torchrun_selfcheck_matches_one_process(tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
         "CUDA_VISIBLE_DEVICES": "",
     }  # gloo on the CPU, also on a machine with one GPU
-    base = [sys.executable, "-m", "salf.distributed"]
+    base = [sys.executable, "-m", "salf.training.distributed"]
     subprocess.run([*base, "selfcheck", "--out", str(tmp_path / "single")], check=True, env=env, timeout=300)
     subprocess.run(
         [
@@ -126,7 +126,7 @@ def test_torchrun_selfcheck_matches_one_process(tmp_path):
             "--standalone",
             f"--nproc_per_node={WORLD}",
             "-m",
-            "salf.distributed",
+            "salf.training.distributed",
             "selfcheck",
             "--out",
             str(tmp_path / "multi"),

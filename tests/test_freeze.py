@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from salf.arch import find_parts
 from salf.errors import SalfError
-from salf.freeze import FreezeSpec, applied_report, apply_plan
-from salf.tiny import tiny_model
+from salf.method.freeze import FreezeSpec, applied_report, apply_plan
+from salf.models.arch import find_parts
+from salf.models.tiny import tiny_model
 
 L = 4
 

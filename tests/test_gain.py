@@ -5,7 +5,7 @@ import pytest
 
 from salf.errors import SalfError
 from salf.fileio import to_json
-from salf.gain import ESTIMATORS, DepthFit, Gains, estimate_gains, fit_depth_law
+from salf.method.gain import ESTIMATORS, DepthFit, Gains, estimate_gains, fit_depth_law
 
 LAYERS = np.arange(13)
 LAW = 0.5 + 2.0 * (LAYERS + 1.0) ** -0.7
@@ -136,7 +136,7 @@ def test_round_trip_through_json():
 
 
 def test_sufficiency_is_headroom_plus_the_share_the_frozen_top_layer_solves():
-    from salf.gain import frozen_share
+    from salf.method.gain import frozen_share
 
     trace = np.array([2.0, 1.4, 1.2, 1.3, 1.0])
     fit = fit_depth_law(trace)
@@ -152,7 +152,7 @@ def test_sufficiency_is_headroom_plus_the_share_the_frozen_top_layer_solves():
 
 
 def test_sufficiency_plans_shallower_where_the_frozen_features_already_serve():
-    from salf.plan import choose_boundary
+    from salf.method.plan import choose_boundary
 
     trace = np.array([2.0, 1.5, 1.3, 1.25, 1.2, 1.15, 1.1])
     cost = np.linspace(1.0, 0.33, 7)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from salf.errors import SalfError
-from salf.projection import cost, tiny_spec_config
+from salf.method.projection import cost, tiny_spec_config
 
 
 @pytest.mark.parametrize(("spec", "task"), [("tiny:llama", "causal-lm"), ("tiny:gpt2", "causal-lm"),

@@ -1,4 +1,4 @@
-"""salf.models: loading local checkpoints for each task, pad tokens, fresh heads, errors."""
+"""salf.models.loading: loading local checkpoints for each task, pad tokens, fresh heads, errors."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from salf.arch import find_parts, supported_types
-from salf.batch import collate
+from salf.data.batch import collate
 from salf.errors import SalfError
-from salf.models import LoadedModel, load_model, minilm_path, tiny_tokenizer
-from salf.tiny import tiny_config, tiny_model
+from salf.models.arch import find_parts, supported_types
+from salf.models.loading import LoadedModel, load_model, minilm_path, tiny_tokenizer
+from salf.models.tiny import tiny_config, tiny_model
 
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "the sky is blue"]
 

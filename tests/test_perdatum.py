@@ -13,10 +13,13 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
-from salf.arch import find_parts
 from salf.errors import SalfError
-from salf.freeze import FreezeSpec, applied_report
-from salf.perdatum import (
+from salf.method.freeze import FreezeSpec, applied_report
+from salf.method.plan import per_datum_boundaries
+from salf.method.trace import Trace
+from salf.models.arch import find_parts
+from salf.models.tiny import tiny_model
+from salf.training.perdatum import (
     BoundaryBatchSampler,
     PerDatumCollator,
     attach_per_datum,
@@ -24,10 +27,7 @@ from salf.perdatum import (
     boundaries_from_plan,
     datum_boundaries,
 )
-from salf.plan import per_datum_boundaries
-from salf.tiny import tiny_model
-from salf.trace import Trace
-from salf.train import TrainConfig, train
+from salf.training.trainer import TrainConfig, train
 
 L = 4
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from salf.errors import SalfError
-from salf.plan import POLICIES, Plan, benefit_curve, choose_boundary, parse_policy
+from salf.method.plan import POLICIES, Plan, benefit_curve, choose_boundary, parse_policy
 
 L = 8
 LINEAR_COST = np.linspace(1.0, 0.35, L + 1)  # full fine-tuning .. head only

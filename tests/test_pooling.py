@@ -1,4 +1,4 @@
-"""salf.pooling end to end: the masked-mean head pooler, and --head-pooling through loading, freezing,
+"""salf.models.pooling end to end: the masked-mean head pooler, and --head-pooling through loading, freezing,
 tracing, planning, training and the benchmark's baselines, on tiny models (the cost model: test_cost.py)."""
 
 from __future__ import annotations
@@ -12,15 +12,21 @@ import torch
 from helpers import label_data, save_tiny
 from test_cli import FAST_TRACE, FAST_TRAIN, assert_clear_error, run
 
-from salf.arch import find_parts
-from salf.batch import collate
-from salf.bench_baselines import BASELINES, BaselineContext, cosine_change
+from salf.bench.baselines import BASELINES, BaselineContext, cosine_change
+from salf.data.batch import collate
 from salf.errors import SalfError
-from salf.freeze import FreezeSpec, apply_plan
-from salf.models import load_model
-from salf.pooling import MaskedMeanPooler, apply_head_pooling, has_pooler, head_pooling, use_mean_pooling
-from salf.tiny import tiny_model
-from salf.trace import TraceConfig, trace_model
+from salf.method.freeze import FreezeSpec, apply_plan
+from salf.method.trace import TraceConfig, trace_model
+from salf.models.arch import find_parts
+from salf.models.loading import load_model
+from salf.models.pooling import (
+    MaskedMeanPooler,
+    apply_head_pooling,
+    has_pooler,
+    head_pooling,
+    use_mean_pooling,
+)
+from salf.models.tiny import tiny_model
 
 LABELS = ["animal", "colour"]
 

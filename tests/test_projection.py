@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from salf.cost import boundary_costs, profile_cost
 from salf.errors import SalfError
 from salf.fileio import to_json
-from salf.projection import ACCELERATORS, Projection, load_config, project, render_table
-from salf.tiny import tiny_config
+from salf.method.cost import boundary_costs, profile_cost
+from salf.method.projection import ACCELERATORS, Projection, load_config, project, render_table
+from salf.models.tiny import tiny_config
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 PUBLISHED_PARAMS = {"llama3_8b": 8.03e9, "qwen2_7b": 7.62e9, "gemma2_9b": 9.24e9}

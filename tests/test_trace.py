@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import salf.trace as trace_mod
-from salf.arch import find_parts
-from salf.batch import collate
+import salf.method.trace as trace_mod
+from salf.data.batch import collate
 from salf.errors import SalfError
-from salf.tiny import CAUSAL_TYPES, tiny_model
-from salf.trace import (
+from salf.method.trace import (
     LENSES,
     Trace,
     TraceConfig,
@@ -21,6 +19,8 @@ from salf.trace import (
     stratified_folds,
     trace_model,
 )
+from salf.models.arch import find_parts
+from salf.models.tiny import CAUSAL_TYPES, tiny_model
 
 QUIET = dict(show_progress=False)
 

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from salf.arch import ModelParts, find_parts
 from salf.errors import SalfError
+from salf.models.arch import ModelParts, find_parts
 
 GROUPS_ORDER = ("embeddings", "block", "norm", "head", "other")
 

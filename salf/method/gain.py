@@ -85,7 +85,7 @@ class Gains:
     frozen_share: float = 0.0
     """Share (0..1) of the benefit a plan can have that the frozen model already delivers with only its head
     trained: the benefit of boundary k is frozen_share + (1 - frozen_share) x (share of the gains in blocks
-    >= k) (``salf.plan.benefit_curve``). 0 (every estimator but ``sufficiency``): all benefit comes from
+    >= k) (``salf.method.plan.benefit_curve``). 0 (every estimator but ``sufficiency``): all benefit comes from
     trained blocks, as in the paper."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def best_layer_gains(trace: np.ndarray, fit: DepthFit, chance: float | None = No
 def frozen_share(trace: np.ndarray, chance: float | None) -> float:
     """Share of the task that the frozen model's top latent space already solves: 1 - D_L / chance, in [0, 1].
 
-    ``chance`` is the trace's deviation of knowing nothing (``salf.trace.Trace.chance``; for the probe, the
+    ``chance`` is the trace's deviation of knowing nothing (``salf.method.trace.Trace.chance``; for the probe, the
     entropy of the class frequencies). Without one, D_0 stands in: exact for a first-token probe, whose
     latent 0 is one constant vector, and an underestimate otherwise (so the share errs low: more training).
     """
@@ -245,7 +245,7 @@ def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR, f
     """Fit the depth law to the trace and turn it into per-block gains with the named estimator.
 
     ``fit``: the law already fitted to this trace (sweeping estimators over one trace fits it once).
-    ``chance``: the trace's chance level (``salf.trace.Trace.chance``), for estimators that use it.
+    ``chance``: the trace's chance level (``salf.method.trace.Trace.chance``), for estimators that use it.
     A trace with no gain anywhere (flat, or rising everywhere) gets uniform gains, with a note.
     """
     compute = ESTIMATORS.get(estimator)

@@ -3,17 +3,17 @@
 The Hugging Face ``Trainer`` does the distributed work (process group, ``DistributedDataParallel``,
 sharded data loading); salf only has to make sure that (see docs/DISTRIBUTED.md)
 
-- frozen parameters have ``requires_grad=False`` *before* the model is wrapped (``salf.train.train``
+- frozen parameters have ``requires_grad=False`` *before* the model is wrapped (``salf.training.trainer.train``
   applies the plan before building the ``Trainer``), so DDP leaves them out of its gradient buckets and
   never waits for their gradients, and the optimizer never sees them;
-- the no-grad prefix hooks (``salf.freeze``) run inside the wrapped module's forward, where DDP neither
+- the no-grad prefix hooks (``salf.method.freeze``) run inside the wrapped module's forward, where DDP neither
   looks nor cares: the prefix output simply does not require grad, like any input;
 - only the main process writes the run's files, and every rank checks the output directory the same
   way (``is_main_process``, based on the launcher's environment before the process group exists);
 - the per-step loss and token count in ``history.json`` are global (``reduce_step``), and a non-finite
   loss stops every rank at the same step (a rank stopping alone would leave the others waiting).
 
-``python -m salf.distributed selfcheck --out DIR`` trains a tiny model with a plan and writes its loss
+``python -m salf.training.distributed selfcheck --out DIR`` trains a tiny model with a plan and writes its loss
 curve; run it under ``torchrun --nproc_per_node 2`` and once without, and compare (``compare``), to check a
 machine's distributed setup end to end. ``run_forked`` starts the same check in forked processes on the
 CPU with the gloo backend (used by the tests: no interpreter start-up, no torchrun).
@@ -102,7 +102,7 @@ class SelfCheck:
     boundary: int = 2
     """Plan: blocks 0..boundary-1 and the embeddings frozen (no-grad prefix)."""
     model_type: str = "gpt2"
-    """A ``salf.tiny`` architecture."""
+    """A ``salf.models.tiny`` architecture."""
     seq_len: int = 12
     """Tokens per datum (all equal, so every rank averages over the same number of targets)."""
     learning_rate: float = 1e-2
@@ -148,10 +148,10 @@ def selfcheck(out_dir: str | os.PathLike, check: SelfCheck = SelfCheck()) -> dic
 
     Every rank also writes ``out_dir/weights-rank<r>.json``: a hash of its trained weights, which DDP
     must keep identical on all ranks."""
-    from salf.arch import find_parts
-    from salf.freeze import FreezeSpec
-    from salf.tiny import tiny_model
-    from salf.train import TrainConfig, train
+    from salf.method.freeze import FreezeSpec
+    from salf.models.arch import find_parts
+    from salf.models.tiny import tiny_model
+    from salf.training.trainer import TrainConfig, train
 
     rank, world = rank_and_world()
     if check.global_batch % world:
@@ -276,11 +276,11 @@ def run_forked(fn: Callable[..., Any], world_size: int, *args: Any, timeout: flo
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m salf.distributed",
+        prog="python -m salf.training.distributed",
         description="Distributed self-check: train a tiny plan on this launcher's processes, write the loss curve.",
-        epilog="example: torchrun --nproc_per_node 2 -m salf.distributed selfcheck --out /tmp/dist && "
-        "python -m salf.distributed selfcheck --out /tmp/single && "
-        "python -m salf.distributed compare /tmp/single /tmp/dist",
+        epilog="example: torchrun --nproc_per_node 2 -m salf.training.distributed selfcheck --out /tmp/dist && "
+        "python -m salf.training.distributed selfcheck --out /tmp/single && "
+        "python -m salf.training.distributed compare /tmp/single /tmp/dist",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("selfcheck", help="train the tiny plan; rank 0 writes OUT/selfcheck.json")
@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({runs[0]['world_size']} vs {runs[1]['world_size']} processes)"
             )
     except SalfError as e:
-        print(f"salf.distributed: error: {e}", file=sys.stderr)
+        print(f"salf.training.distributed: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -133,7 +133,7 @@ def _fallback_spec(base: nn.Module, model_type: str) -> ArchSpec:
     if not lists:
         raise SalfError(
             f"unsupported architecture {model_type!r}: no list of transformer blocks found",
-            f"salf supports {', '.join(supported_types())}; add an entry to salf.arch.ARCHITECTURES",
+            f"salf supports {', '.join(supported_types())}; add an entry to salf.models.arch.ARCHITECTURES",
         )
     blocks_name, _ = max(lists, key=lambda item: len(item[1]))
     embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None

@@ -38,7 +38,7 @@ instead of the T x T probabilities; on an H200 this matched real ``sdpa`` steps 
 ``FlopCounterMode`` has no formula for the fused CPU kernel
 (``_scaled_dot_product_flash_attention_for_cpu``) and counts that attention as zero, so a real CPU
 step of an ``sdpa`` model measures less than its profile by the attention FLOPs; measure CPU steps
-with ``eager`` attention (as ``salf.tiny`` models use).
+with ``eager`` attention (as ``salf.models.tiny`` models use).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from salf.arch import ARCHITECTURES, ModelParts, find_parts
 from salf.errors import SalfError
-from salf.pooling import apply_head_pooling
+from salf.models.arch import ARCHITECTURES, ModelParts, find_parts
+from salf.models.pooling import apply_head_pooling
 
 TASKS = ("causal-lm", "classification")
 
@@ -585,7 +585,7 @@ class _Probe:
                 rest = (args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
             else:
                 raise SalfError(f"cannot find the hidden states passed to block {j} of {self.parts.model_type!r}",
-                                "salf.cost expects blocks called with the hidden states first")
+                                "salf.method.cost expects blocks called with the hidden states first")
             self.saved.share([t for t in tree_flatten(rest)[0] if isinstance(t, torch.Tensor)])
             if j == 0:
                 self.roots["embeddings"] = x
@@ -697,7 +697,7 @@ def build_model(config: Any, task: str, num_labels: int, dtype: torch.dtype, att
 
     On the meta device (profiling) a fused attention implementation is replaced by ``_fused_attention``,
     which costs what the GPU kernel costs; on a real device the model keeps ``attn`` itself. A classifier
-    pools as its config records (``salf.pooling``: a mean-pooling head saves its token weights for backward).
+    pools as its config records (``salf.models.pooling``: a mean-pooling head saves its token weights for backward).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -826,7 +826,7 @@ def profile_cost(
     attention to the config's or 'eager'. ``lora_rank`` also profiles LoRA as ``lora_config_for``
     places it.
 
-    ``replicate``: every block of a model type in ``salf.arch.ARCHITECTURES`` has the same code and
+    ``replicate``: every block of a model type in ``salf.models.arch.ARCHITECTURES`` has the same code and
     shapes, differing at most in per-layer config lists (``layer_types``: sliding or full attention).
     A block's cost depends only on those, so one block of each kind is measured on a shallow copy of
     the model and its figures are copied to every block of the same kind (the tests check this

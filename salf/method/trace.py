@@ -37,10 +37,10 @@ try:
 except ImportError:  # optional: without it the probe fits are only slower
     threadpool_limits = None
 
-from salf.arch import ModelParts, find_parts
-from salf.batch import IGNORE_INDEX, collate
+from salf.data.batch import IGNORE_INDEX, collate
 from salf.errors import SalfError
-from salf.pooling import head_pooling
+from salf.models.arch import ModelParts, find_parts
+from salf.models.pooling import head_pooling
 from salf.registry import Registry
 
 LENSES: Registry[type[Lens]] = Registry("lens")
@@ -103,7 +103,7 @@ class TraceConfig:
     pooling: str = "auto"
     """Probe input per datum: 'first' token, 'last' non-pad token, 'mean' of non-pad tokens, or 'auto'
     (what the model's classification head reads: the last token for causal LMs, the first token for
-    encoders, the token mean for encoders given a mean-pooling head, see ``salf.pooling``)."""
+    encoders, the token mean for encoders given a mean-pooling head, see ``salf.models.pooling``)."""
     probe_folds: int = 5
     """Cross-fitting folds of the probe: each datum's deviation comes from a probe fitted without it,
     so 1/probe_folds of the sample is held out from each fit."""
@@ -158,7 +158,7 @@ class Trace:
     chance: float | None = None
     """The deviation of knowing nothing about a datum, in the trace's units (the probe: the entropy of the
     traced data's class frequencies, the loss of always predicting them); None where a lens has none.
-    It turns a deviation into the share of the task still unsolved (``salf.gain``'s sufficiency)."""
+    It turns a deviation into the share of the task still unsolved (``salf.method.gain``'s sufficiency)."""
     mean: np.ndarray = field(init=False)
     """[L+1] the trace D_l: mean deviation over data."""
     std: np.ndarray = field(init=False)
@@ -498,7 +498,7 @@ def label_kind(data: Sequence[dict]) -> str:
         kinds = {CLASS_LABELS if _is_class_label(d["labels"]) else TOKEN_LABELS for d in data}
     except (KeyError, TypeError):
         raise SalfError(
-            "a datum lacks 'input_ids' or 'labels'", "tokenize the data with salf.data (see salf/batch.py)"
+            "a datum lacks 'input_ids' or 'labels'", "tokenize the data with salf.data.files (see salf/batch.py)"
         ) from None
     if len(kinds) > 1:
         raise SalfError(

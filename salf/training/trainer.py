@@ -1,7 +1,7 @@
 """Fine-tune a model with a plan, on the real Hugging Face ``Trainer``, and measure what it cost.
 
 ``train`` is the whole run: it checks the output directory, optionally adds LoRA adapters to the
-planned blocks only, applies the plan (``salf.freeze.apply_plan``), builds the optimizer over the
+planned blocks only, applies the plan (``salf.method.freeze.apply_plan``), builds the optimizer over the
 trainable parameters only (a fresh classification head gets its own learning rate), trains with
 checkpoints and resume, evaluates, and writes
 
@@ -42,14 +42,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
 
-from salf.arch import find_parts
-from salf.batch import Collator, ListDataset
-from salf.distributed import is_distributed, is_main_process, rank_and_world, reduce_step
+from salf.data.batch import Collator, ListDataset
 from salf.errors import SalfError
 from salf.fileio import write_json
-from salf.freeze import FreezeReport, FreezeSpec, applied_report, apply_plan
+from salf.method.freeze import FreezeReport, FreezeSpec, applied_report, apply_plan
+from salf.models.arch import find_parts
+from salf.training.distributed import is_distributed, is_main_process, rank_and_world, reduce_step
 
-log = logging.getLogger("salf.train")
+log = logging.getLogger("salf.training.trainer")
 
 TASKS = ("lm", "completion", "classification")
 FRESH_HEAD_LEARNING_RATE = 1e-3
@@ -128,7 +128,7 @@ class TrainConfig:
     nan_check: bool = True
     """Stop at the first non-finite loss and report the step and the last good checkpoint."""
     prefix_cache: str | None = None
-    """Directory of a frozen-prefix activation cache (``salf.cache``): built there on first use (reused
+    """Directory of a frozen-prefix activation cache (``salf.training.cache``): built there on first use (reused
     when its keys match, refused when stale), then training feeds it to the first trainable block."""
     prefix_cache_dtype: str = "float32"
     """Storage dtype of a new prefix cache: 'float32' or 'bfloat16' (half the disk, rounded states)."""
@@ -341,7 +341,7 @@ class SalfCallback(TrainerCallback):
             # A copy: the Trainer may scale the returned loss in place (by the world size) after this hook.
             self._step_losses.append(loss.detach().float().clone())
             # A loss divided by the token count of *all* ranks is each rank's share (the Trainer scales it
-            # back by the world size): see salf.distributed.reduce_step.
+            # back by the world size): see salf.training.distributed.reduce_step.
             self._normalized = kwargs.get("num_items_in_batch") is not None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -555,7 +555,7 @@ def _check_data(data: Sequence[dict], task: str, what: str) -> None:
         if not isinstance(datum, dict) or "input_ids" not in datum or "labels" not in datum:
             raise SalfError(
                 f"{what} datum {i} is not a dict with input_ids and labels",
-                "tokenize the data with salf.data",
+                "tokenize the data with salf.data.files",
             )
         if not datum["input_ids"]:
             raise SalfError(f"{what} datum {i} has no tokens", "drop empty texts before training")
@@ -741,9 +741,9 @@ def train(
     a non-finite loss (naming the step and the last good checkpoint) and ``TrainingInterrupted`` after
     SIGINT/SIGTERM (a checkpoint is saved first).
 
-    ``boundaries``: one boundary per training datum (``salf.perdatum``); batches then group data of one
+    ``boundaries``: one boundary per training datum (``salf.training.perdatum``); batches then group data of one
     boundary and each step trains from its batch's boundary up (``spec`` must be None or the boundary
-    of the smallest). ``config.prefix_cache`` trains from a frozen-prefix cache (``salf.cache``).
+    of the smallest). ``config.prefix_cache`` trains from a frozen-prefix cache (``salf.training.cache``).
     Under torchrun/accelerate only the main process writes files (docs/DISTRIBUTED.md).
     """
     if task not in TASKS:
@@ -762,7 +762,7 @@ def train(
 
     num_layers = find_parts(model).num_layers
     if boundaries is not None:
-        from salf.perdatum import base_spec
+        from salf.training.perdatum import base_spec
 
         spec = base_spec(boundaries, len(train_data), num_layers, spec, config.prefix_cache)
     spec = spec if spec is not None else FreezeSpec.full(num_layers)
@@ -770,14 +770,14 @@ def train(
         model = _add_lora(model, spec, config, task)
     report = apply_plan(model, spec)
     callback: SalfCallback | None = None
-    batching: Any = None  # salf.cache.CachedTraining | salf.perdatum.PerDatumTraining
+    batching: Any = None  # salf.training.cache.CachedTraining | salf.training.perdatum.PerDatumTraining
     try:
         train_dataset: torch.utils.data.Dataset = ListDataset(train_data)
         collator: Any = Collator(pad_id)
         batch_sampler = None
         args = _training_arguments(config, ckpt_dir, task, eval_data is not None)
         if config.prefix_cache is not None:
-            from salf.cache import prepare_cached_training
+            from salf.training.cache import prepare_cached_training
 
             batching = prepare_cached_training(
                 model,
@@ -793,7 +793,7 @@ def train(
                 device=args.device,  # build on the training device, where the Trainer puts the model anyway
             )
         elif boundaries is not None:
-            from salf.perdatum import prepare_per_datum_training
+            from salf.training.perdatum import prepare_per_datum_training
 
             batching = prepare_per_datum_training(
                 model, train_data, boundaries, pad_id, batch_size=config.batch_size, seed=config.seed

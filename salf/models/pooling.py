@@ -7,7 +7,7 @@ of a frozen e5 is a vector nobody trained to summarise the text. ``use_mean_pool
 for one that reads the masked mean of the last hidden states, keeping the pooler's own parameters
 (``pooler.dense``), so the head's size, its learning rate, the freezing plan and the cost model stay as
 they are. The choice is stored in the config (``salf_head_pooling``): a model saved by salf and loaded
-back through ``salf.models.load_model`` pools the same way, and the probe lens reads what the head reads.
+back through ``salf.models.loading.load_model`` pools the same way, and the probe lens reads what the head reads.
 """
 
 from __future__ import annotations

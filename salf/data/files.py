@@ -9,7 +9,7 @@ Three shapes of data, recognised from the fields of the file unless the task is 
 
 Files are read with ``datasets.load_dataset``. JSON files are first checked line by line here, so a
 syntax error is reported with its line number instead of a pyarrow traceback. Every datum follows
-``salf.batch``: ``{"input_ids": [...], "labels": [...] | int}``.
+``salf.data.batch``: ``{"input_ids": [...], "labels": [...] | int}``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from salf.batch import IGNORE_INDEX
+from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
 from salf.fileio import fingerprint
 
@@ -54,7 +54,7 @@ class DataConfig:
     """Field holding the class, a string or an integer (classification)."""
     max_length: int = 512
     """Longest sequence in tokens; longer ones are truncated and counted. Also capped at the
-    tokenizer's ``model_max_length`` (which ``salf.models.load_model`` sets from the model)."""
+    tokenizer's ``model_max_length`` (which ``salf.models.loading.load_model`` sets from the model)."""
     limit: int | None = None
     """Keep at most this many rows, a seeded random subset in file order; None keeps all."""
     label_mode: str = "head"
@@ -85,7 +85,7 @@ class DataConfig:
 
 @dataclass
 class TaskData:
-    """Tokenized data of one task, ready for ``salf.batch.collate``."""
+    """Tokenized data of one task, ready for ``salf.data.batch.collate``."""
 
     task: str
     """'lm', 'completion' or 'classification' (label words are 'completion')."""

@@ -1,11 +1,11 @@
 """Measure real training steps per boundary, to check the cost model on this machine (``salf cost --measure``).
 
-For each boundary k the model is frozen with salf's own plan (``salf.freeze.apply_plan``: no-grad
+For each boundary k the model is frozen with salf's own plan (``salf.method.freeze.apply_plan``: no-grad
 prefix, no optimizer state for frozen parameters) and trained for a few real optimizer steps on one
 fixed batch. Recorded per k:
 
 - step FLOPs and the bytes saved for backward, from one step under ``FlopCounterMode`` and the
-  saved-tensor hooks (``salf.cost.measure_step_flops``): the quantities the cost model predicts;
+  saved-tensor hooks (``salf.method.cost.measure_step_flops``): the quantities the cost model predicts;
 - gradient and optimizer-state bytes actually allocated after an optimizer step;
 - the median wall time of a full step (forward, backward, optimizer step), and on CUDA the peak
   allocated memory.
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from salf.cost import measure_step_flops, tensor_bytes
-from salf.freeze import FreezeSpec, apply_plan
+from salf.method.cost import measure_step_flops, tensor_bytes
+from salf.method.freeze import FreezeSpec, apply_plan
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -109,7 +109,7 @@ def measure_boundaries(
     """
     if steps < 1 or warmup < 0 or repeats < 1:
         raise ValueError(f"steps {steps} must be >= 1, warmup {warmup} >= 0, repeats {repeats} >= 1")
-    from salf.arch import find_parts
+    from salf.models.arch import find_parts
 
     num_layers = find_parts(model).num_layers
     device = next(model.parameters()).device

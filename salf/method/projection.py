@@ -2,7 +2,7 @@
 
 Only the model's config is needed (a local ``config.json`` or a hub name). The model is built on the
 ``meta`` device, so a 70B config costs no memory, and costed with exactly the code the planner uses
-(``salf.cost.profile_cost`` + ``salf.cost.boundary_costs``). Step time is FLOPs divided by an
+(``salf.method.cost.profile_cost`` + ``salf.method.cost.boundary_costs``). Step time is FLOPs divided by an
 accelerator's dense bf16 peak times a utilisation (model FLOPs utilisation, MFU) that you supply:
 0.4 is typical of a well-tuned fine-tuning run, 0.2-0.3 of an untuned one (on an H200, a 1B-class
 Llama in bf16 with sdpa, batch 4 x 2048, ran real steps at 0.38-0.39 of 989 TFLOP/s, and the measured
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from salf import table
-from salf.builtin import is_builtin, resolve_builtin
-from salf.cost import CostProfile, boundary_costs, profile_cost
 from salf.errors import SalfError
-from salf.measure import MeasuredBoundary
+from salf.method.cost import CostProfile, boundary_costs, profile_cost
+from salf.method.measure import MeasuredBoundary
+from salf.models.builtin import is_builtin, resolve_builtin
 
 # Dense (no structured sparsity) bf16 tensor-core peak per accelerator, FLOP/s, from the vendors' datasheets.
 ACCELERATORS: dict[str, float] = {
@@ -142,7 +142,7 @@ class Projection:
 
 def load_config(config_or_path: Any):
     """A transformers config from a config object, a local ``config.json`` / model folder, a hub name or a
-    ``builtin:NAME`` (``salf.builtin``)."""
+    ``builtin:NAME`` (``salf.models.builtin``)."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config_or_path, PretrainedConfig):
@@ -169,13 +169,13 @@ def load_config(config_or_path: Any):
 
 
 def tiny_spec_config(spec: str):
-    """``tiny:TYPE[:key=value,...]``: a small random config of a supported type (``salf.tiny``), with overrides.
+    """``tiny:TYPE[:key=value,...]``: a small random config of a supported type (``salf.models.tiny``), with overrides.
 
     E.g. ``tiny:llama`` or ``tiny:llama:hidden_size=1024,intermediate_size=4096,num_hidden_layers=4``.
     """
     import json
 
-    from salf.tiny import TINY_CONFIGS, tiny_config
+    from salf.models.tiny import TINY_CONFIGS, tiny_config
 
     _, _, rest = spec.partition(":")
     model_type, _, overrides = rest.partition(":")
@@ -318,7 +318,7 @@ class CostResult:
 
     projection: Projection
     measured: list[MeasuredBoundary] | None = None
-    """Real training steps per boundary (``salf.measure``), when asked for."""
+    """Real training steps per boundary (``salf.method.measure``), when asked for."""
     device: str | None = None
     """Where the steps were measured, in words."""
 
@@ -411,7 +411,7 @@ def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_
 
     ``measure``: also build the model with random weights on this machine (CUDA if present, in bf16 with
     sdpa; else the CPU in fp32 with eager attention, whose matmuls FlopCounterMode counts) and time real
-    optimizer steps at every projected boundary (``salf.measure``), projected with the same dtype and attention.
+    optimizer steps at every projected boundary (``salf.method.measure``), projected with the same dtype and attention.
     ``threads``: torch CPU threads while measuring (1 is steadiest on a machine shared with other jobs).
     """
     import torch
@@ -429,8 +429,8 @@ def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_
                          utilisation=utilisation, task=task, optimizer=optimizer, dtype=dtype, attention=attention)
     if not measure:
         return CostResult(projection)
-    from salf.cost import build_model
-    from salf.measure import measure_boundaries
+    from salf.method.cost import build_model
+    from salf.method.measure import measure_boundaries
 
     if threads:
         torch.set_num_threads(threads)

@@ -27,7 +27,7 @@ the cached hidden states in the block's own output structure instead of computin
 receives exactly what the frozen prefix would have given it. The batch carries the cached states under
 the key ``salf_prefix`` (added by ``CachedPrefixCollator`` from the datum index that ``IndexedDataset``
 adds); a forward pre-hook on the model takes the key out before the model's ``forward`` sees it. A
-forward without ``salf_prefix`` (evaluation) runs the real prefix. ``salf.train.train`` does all of this
+forward without ``salf_prefix`` (evaluation) runs the real prefix. ``salf.training.trainer.train`` does all of this
 when ``TrainConfig.prefix_cache`` names a directory.
 """
 
@@ -53,11 +53,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salf import __version__
-from salf.arch import ModelParts, find_parts
-from salf.batch import ListDataset, collate
-from salf.distributed import is_distributed, is_main_process
+from salf.data.batch import ListDataset, collate
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_json
+from salf.models.arch import ModelParts, find_parts
+from salf.training.distributed import is_distributed, is_main_process
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -129,7 +129,7 @@ def prefix_weights_fingerprint(model: nn.Module, boundary: int, parts: ModelPart
 def model_key(model: nn.Module, boundary: int, parts: ModelParts | None = None) -> dict[str, Any]:
     """What identifies the prefix computation: type, depth, config fingerprint, prefix weights.
 
-    Like ``salf.plan.model_fingerprint`` (same config hash) but over the prefix's parameters only, so
+    Like ``salf.method.plan.model_fingerprint`` (same config hash) but over the prefix's parameters only, so
     adapters placed on the trained suffix (LoRA) leave a cache valid, and a model with other weights
     in the prefix does not.
     """
@@ -321,7 +321,7 @@ class PrefixCache:
         if not manifest_path.is_file():
             raise SalfError(
                 f"{path} is not a salf prefix cache (no {MANIFEST})",
-                "build one with salf.cache.build_prefix_cache or give the directory it was built in",
+                "build one with salf.training.cache.build_prefix_cache or give the directory it was built in",
             )
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -417,7 +417,7 @@ def _check_data(data: Sequence[dict]) -> None:
         raise SalfError("the data to cache is empty", "give at least one datum")
     for i, datum in enumerate(data):
         if not isinstance(datum, dict) or not datum.get("input_ids"):
-            raise SalfError(f"datum {i} has no input_ids", "tokenize the data with salf.data")
+            raise SalfError(f"datum {i} has no input_ids", "tokenize the data with salf.data.files")
 
 
 def _replace_dir(tmp: Path, out: Path, keys: CacheKeys, replace_existing: bool) -> None:
@@ -751,7 +751,7 @@ def attach_prefix_cache(model: nn.Module, boundary: int) -> CacheAttachment:
     if trainable:
         raise SalfError(
             f"the prefix cache skips blocks 0..{boundary - 1}, but {trainable[0]} there is trainable",
-            "apply a plan whose first trainable block is at or above the cache's boundary (salf.freeze.apply_plan)",
+            "apply a plan whose first trainable block is at or above the cache's boundary (salf.method.freeze.apply_plan)",
         )
     state = _SkipState()
     attachment = CacheAttachment(boundary=boundary, _model=model)
@@ -799,7 +799,7 @@ def attach_prefix_cache(model: nn.Module, boundary: int) -> CacheAttachment:
 
 @dataclass
 class CachedTraining:
-    """Everything ``salf.train.train`` swaps in to train from a prefix cache."""
+    """Everything ``salf.training.trainer.train`` swaps in to train from a prefix cache."""
 
     cache: PrefixCache
     dataset: IndexedDataset
@@ -807,7 +807,7 @@ class CachedTraining:
     attachment: CacheAttachment
 
     def metrics(self) -> dict[str, Any]:
-        """What ``salf.train.train`` adds to metrics.json."""
+        """What ``salf.training.trainer.train`` adds to metrics.json."""
         return {
             "prefix_cache": {
                 "path": str(self.cache.path),
