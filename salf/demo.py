@@ -22,8 +22,8 @@ from salf.method.plan import DEFAULT_POLICY, Plan
 from salf.pipeline import load, run_plan, run_trace
 from salf.report import write_report
 from salf.table import render_table
-from salf.training.trainer import TrainConfig
-from salf.training.trainer import train as run_training
+from salf.training.config import TrainConfig
+from salf.training.run import train as run_training
 
 # One recipe for both runs: the fresh head gets its own larger learning rate (METHOD, "How we know").
 DEMO_LR = 1e-4

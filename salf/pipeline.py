@@ -23,8 +23,8 @@ from salf.method.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, mode
 from salf.method.trace import Trace, TraceConfig, trace_model
 from salf.models.loading import LoadedModel, load_config, load_model, load_tokenizer
 from salf.table import render_table
-from salf.training.trainer import TrainConfig
-from salf.training.trainer import train as run_training
+from salf.training.config import TrainConfig
+from salf.training.run import train as run_training
 
 
 @dataclass

@@ -25,7 +25,8 @@ from salf.data.files import load_task_data
 from salf.fileio import write_atomic
 from salf.method.freeze import FreezeSpec
 from salf.pipeline import load
-from salf.training.trainer import TrainConfig, train
+from salf.training.config import TrainConfig
+from salf.training.run import train
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "head-pooling"
 MODEL = "builtin:e5-small"

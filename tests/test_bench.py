@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import salf.training.trainer
+import salf.training.run
 from salf.bench.baselines import (
     BASELINES,
     BaselineContext,
@@ -41,7 +41,8 @@ from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
 from salf.models.loading import tiny_tokenizer
 from salf.models.tiny import tiny_model
-from salf.training.trainer import TrainConfig, train
+from salf.training.config import TrainConfig
+from salf.training.run import train
 
 # ---------------------------------------------------------------------------------------------- analysis
 
@@ -563,7 +564,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(salf.training.trainer, "train", no_training)
+    monkeypatch.setattr(salf.training.run, "train", no_training)
     again = run_bench(suite, out, show_progress=False)
     assert again.trained == 0 and again.skipped >= len(keys) - len(suite.tasks)
     assert json.loads((out / "runs.json").read_text())["runs"] == runs
@@ -585,7 +586,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # --replan: a plan record and a boundary baseline lost (as when an estimator is new) come back from a
     # fresh trace, scored on the finished sweep; nothing trains.
-    monkeypatch.setattr(salf.training.trainer, "train", no_training)
+    monkeypatch.setattr(salf.training.run, "train", no_training)
     plan_key = f"{suite.tasks[0].name}|seed=0|salf/probe/sufficiency/knee"
     baseline_key = f"{suite.tasks[0].name}|seed=0|baseline/cosine-change"
     kept = [r for r in json.loads((out / "runs.json").read_text())["runs"] if r["key"] not in (plan_key, baseline_key)]

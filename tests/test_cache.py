@@ -13,21 +13,18 @@ import pytest
 import torch
 from helpers import ragged_lm_data as lm_data
 
-import salf.training.cache as cache_mod
+import salf.training.cache_store as cache_mod
 from salf.data.batch import collate
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec, apply_plan
 from salf.models.arch import find_parts
 from salf.models.loading import tiny_tokenizer
 from salf.models.tiny import tiny_model
-from salf.training.cache import (
-    CacheKeys,
-    PrefixCache,
-    attach_prefix_cache,
-    build_prefix_cache,
-    data_fingerprint,
-)
-from salf.training.trainer import TrainConfig, train
+from salf.training.cache import attach_prefix_cache
+from salf.training.cache_keys import CacheKeys, data_fingerprint
+from salf.training.cache_store import PrefixCache, build_prefix_cache
+from salf.training.config import TrainConfig
+from salf.training.run import train
 
 L = 4
 

@@ -13,17 +13,11 @@ import pytest
 import torch
 
 from salf.errors import SalfError
-from salf.training.distributed import (
-    SelfCheck,
-    compare,
-    is_main_process,
-    rank_and_world,
-    reduce_step,
-    run_forked,
-    selfcheck,
-)
+from salf.training.config import TrainConfig
+from salf.training.distributed import is_main_process, rank_and_world, reduce_step
+from salf.training.outputs import prepare_out_dir as _prepare_out_dir
 from salf.training.perdatum import BoundaryBatchSampler
-from salf.training.trainer import TrainConfig, _prepare_out_dir
+from salf.training.selfcheck import SelfCheck, compare, run_forked, selfcheck
 
 WORLD = 2
 # run_forked forks CPU processes; a machine with a GPU would put both ranks on it (use the torchrun test there).
@@ -108,7 +102,7 @@ def test_rank_helpers_without_a_process_group(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_selfcheck_matches_one_process(tmp_path):
-    """The real launcher: ``torchrun --nproc_per_node 2 -m salf.training.distributed selfcheck`` (slow: 3 interpreters)."""
+    """The real launcher: ``torchrun --nproc_per_node 2 -m salf.training.selfcheck selfcheck`` (slow: 3 interpreters)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -116,7 +110,7 @@ def test_torchrun_selfcheck_matches_one_process(tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
         "CUDA_VISIBLE_DEVICES": "",
     }  # gloo on the CPU, also on a machine with one GPU
-    base = [sys.executable, "-m", "salf.training.distributed"]
+    base = [sys.executable, "-m", "salf.training.selfcheck"]
     subprocess.run([*base, "selfcheck", "--out", str(tmp_path / "single")], check=True, env=env, timeout=300)
     subprocess.run(
         [
@@ -126,7 +120,7 @@ def test_torchrun_selfcheck_matches_one_process(tmp_path):
             "--standalone",
             f"--nproc_per_node={WORLD}",
             "-m",
-            "salf.training.distributed",
+            "salf.training.selfcheck",
             "selfcheck",
             "--out",
             str(tmp_path / "multi"),

@@ -19,6 +19,7 @@ from salf.method.plan import per_datum_boundaries
 from salf.method.trace import Trace
 from salf.models.arch import find_parts
 from salf.models.tiny import tiny_model
+from salf.training.config import TrainConfig
 from salf.training.perdatum import (
     BoundaryBatchSampler,
     PerDatumCollator,
@@ -27,7 +28,7 @@ from salf.training.perdatum import (
     boundaries_from_plan,
     datum_boundaries,
 )
-from salf.training.trainer import TrainConfig, train
+from salf.training.run import train
 
 L = 4
 

@@ -18,7 +18,9 @@ from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
 from salf.models.arch import find_parts
 from salf.models.tiny import tiny_model
-from salf.training.trainer import SalfCallback, TrainConfig, TrainingInterrupted, train
+from salf.training.callback import SalfCallback
+from salf.training.config import TrainConfig, TrainingInterrupted
+from salf.training.run import train
 
 L = 4
 
@@ -341,7 +343,7 @@ def test_refuses_non_empty_out_dir_and_bad_settings(tmp_path):
 
 
 def _user_trainer(tmp_path, model, max_steps: int, callbacks, **args) -> Trainer:
-    """A Trainer built the way a user would, without salf.training.trainer."""
+    """A Trainer built the way a user would, without salf.training.run."""
     training_args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, report_to="none",
         remove_unused_columns=False, save_strategy="no", disable_tqdm=True, **args,

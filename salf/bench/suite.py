@@ -15,7 +15,7 @@ seeds. For every task and seed the benchmark runs
 4. **per-datum** (METHOD §4, ``BenchSuite.per_datum``): the default lens's trace (the one the plans
    above already made; not traced again), ``PER_DATUM_ESTIMATOR`` and ``knee`` give every traced datum its
    own boundary and every other datum the plan's global boundary; one run of its own trains each batch
-   at its data's boundary (``salf.training.trainer.train(..., boundaries=...)``) with the oracle's recipe, steps and
+   at its data's boundary (``salf.training.run.train(..., boundaries=...)``) with the oracle's recipe, steps and
    seed, and is compared with the single-boundary plan. Its FLOPs are every boundary's measured FLOPs per
    padded token (the oracle run at that boundary) times the padded tokens it trained at that boundary;
 5. optionally a **ceiling** (full fine-tuning for ``ceiling_steps``) and **equal-compute** runs (each
@@ -121,7 +121,7 @@ class BenchTask:
     lr: float = 1e-4
     """Learning rate of the pretrained blocks."""
     head_lr: float | None = None
-    """Learning rate of the head (None: salf.training.trainer's default, larger for a fresh classification head)."""
+    """Learning rate of the head (None: salf.training.config's default, larger for a fresh classification head)."""
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     max_length: int = 64
@@ -784,8 +784,8 @@ class TaskBench:
 
     def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
                   run: TrainVariant | None, extra: dict, boundaries: Sequence[int] | None = None) -> dict[str, Any]:
-        from salf.training.trainer import TrainConfig, TrainingInterrupted
-        from salf.training.trainer import train as run_training
+        from salf.training import run as training_run  # looked up per call: tests stand in for run.train
+        from salf.training.config import TrainConfig, TrainingInterrupted
 
         t = self.t
         lm = self.fresh_model(seed)
@@ -805,7 +805,7 @@ class TaskBench:
         with PeakRSS() as rss, open(run_dir / "train.log", "w") as log, \
                 contextlib.redirect_stdout(log):
             try:
-                metrics = run_training(lm.model, lm.tokenizer, self.loaded.data.data, self.eval_data.data, spec,
+                metrics = training_run.train(lm.model, lm.tokenizer, self.loaded.data.data, self.eval_data.data, spec,
                                        config, run_dir, task=self.loaded.data.task, callbacks=callbacks,
                                        boundaries=boundaries)
             except TrainingInterrupted:

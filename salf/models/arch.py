@@ -142,6 +142,13 @@ def _fallback_spec(base: nn.Module, model_type: str) -> ArchSpec:
     return ArchSpec(embeddings=embeddings, blocks=blocks_name, norm=norms[-1] if norms else None)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper, or the model itself."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def find_parts(model: nn.Module) -> ModelParts:
     """Locate embeddings, blocks, final norm and head of a Hugging Face model."""
     config = getattr(model, "config", None)

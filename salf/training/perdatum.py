@@ -10,7 +10,7 @@ trace; ``datum_boundaries`` spreads them over the whole training set (row i of t
   trains more). Cheap and label-free, but only as good as "similar words, similar depth".
 
 ``BoundaryBatchSampler`` yields batches of indices that share one boundary, shuffled by seed and epoch;
-``salf.training.trainer.train(..., boundaries=...)`` trains with it: the optimizer holds every parameter trainable at
+``salf.training.run.train(..., boundaries=...)`` trains with it (``PerDatumStrategy``): the optimizer holds every parameter trainable at
 the *smallest* boundary (AdamW skips a parameter whose gradient is None, so a batch that freezes it leaves
 its weights and optimizer state alone), and a forward pre-hook on the model switches the plan to the
 batch's boundary (``salf.method.freeze.apply_plan``: ``requires_grad`` flags and hooks only, no copies) before
@@ -33,19 +33,19 @@ from torch.utils.data import Sampler
 from salf.data.batch import collate
 from salf.errors import SalfError
 from salf.method.freeze import FreezeReport, FreezeSpec, apply_plan
-from salf.models.arch import find_parts
-from salf.training.cache import IndexedDataset, pop_indices
+from salf.models.arch import find_parts, unwrap_peft
+from salf.training.config import TrainConfig
+from salf.training.strategy import IndexedDataset, pop_indices
 
 BOUNDARY_KEY = "salf_boundary"
 """Batch key holding the batch's boundaries [B] (taken out before the model's forward)."""
 FILLS = ("global", "nearest")
 NEAREST_BUCKETS = 512
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
+PER_DATUM_FLOPS_NOTE = (
+    "; with per-datum boundaries the sampled step trained from boundary {k} only, so this extrapolates that "
+    "boundary's cost to every step: weigh each boundary's FLOPs per padded token by "
+    "per_datum.padded_tokens_per_boundary for the run's cost"
+)
 
 
 def _token_profile(data: Sequence[dict], rows: Sequence[int]) -> np.ndarray:
@@ -249,7 +249,7 @@ def attach_per_datum(model: nn.Module) -> BoundarySwitcher:
     to its smallest value (a batch made by ``BoundaryBatchSampler`` has one value; a mixed batch trains
     from the smallest, which covers all of its data). Forwards without the key (evaluation) change nothing.
     """
-    parts = find_parts(_inner(model))
+    parts = find_parts(unwrap_peft(model))
     switcher = BoundarySwitcher(num_layers=parts.num_layers, _model=model, _parts=parts)
 
     def take_boundary(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -301,26 +301,26 @@ def base_spec(
 
 @dataclass
 class PerDatumTraining:
-    """Everything ``salf.training.trainer.train`` swaps in to train with per-datum boundaries."""
+    """The ``Batching`` of the per-datum strategy: what the loop swaps in to train with per-datum boundaries."""
 
     dataset: IndexedDataset
     collator: PerDatumCollator
     sampler: BoundaryBatchSampler
     switcher: BoundarySwitcher
 
-    def metrics(self) -> dict[str, Any]:
-        """What ``salf.training.trainer.train`` adds to metrics.json."""
+    def add_metrics(self, metrics: dict[str, Any]) -> None:
+        """What the run adds to metrics.json; the FLOP estimate says which boundary it sampled."""
         counts = Counter(int(k) for k in self.sampler.boundaries)
-        return {
-            "per_datum": {
-                "data_per_boundary": {str(k): counts[k] for k in sorted(counts)},
-                "forwards_per_boundary": {str(k): n for k, n in sorted(self.switcher.forwards.items())},
-                "padded_tokens_per_boundary": {str(k): n for k, n in sorted(self.switcher.tokens.items())},
-                "first_boundary": self.switcher.first,
-                "switches": self.switcher.switches,
-                "switch_seconds": self.switcher.switch_seconds,
-            }
+        per_datum = metrics["per_datum"] = {
+            "data_per_boundary": {str(k): counts[k] for k in sorted(counts)},
+            "forwards_per_boundary": {str(k): n for k, n in sorted(self.switcher.forwards.items())},
+            "padded_tokens_per_boundary": {str(k): n for k, n in sorted(self.switcher.tokens.items())},
+            "first_boundary": self.switcher.first,
+            "switches": self.switcher.switches,
+            "switch_seconds": self.switcher.switch_seconds,
         }
+        if metrics.get("train_flops_method") and len(per_datum["padded_tokens_per_boundary"]) > 1:
+            metrics["train_flops_method"] += PER_DATUM_FLOPS_NOTE.format(k=per_datum["first_boundary"])
 
     def remove(self) -> None:
         self.switcher.remove()
@@ -351,10 +351,38 @@ def prepare_per_datum_training(
     )
 
 
+@dataclass
+class PerDatumStrategy:
+    """Train each batch from its data's own boundary (a ``TrainingStrategy``): ``boundaries`` has one
+    boundary per training datum."""
+
+    boundaries: Sequence[int]
+
+    def plan_spec(
+        self, spec: FreezeSpec | None, n_data: int, num_layers: int, config: TrainConfig
+    ) -> FreezeSpec | None:
+        return base_spec(self.boundaries, n_data, num_layers, spec, config.prefix_cache)
+
+    def prepare(
+        self,
+        model: nn.Module,
+        train_data: Sequence[dict],
+        report: FreezeReport,
+        pad_id: int,
+        tokenizer: Any,
+        config: TrainConfig,
+        device: torch.device,
+    ) -> PerDatumTraining:
+        return prepare_per_datum_training(
+            model, train_data, self.boundaries, pad_id, batch_size=config.batch_size, seed=config.seed
+        )
+
+
 __all__ = [
     "BoundaryBatchSampler",
     "BoundarySwitcher",
     "PerDatumCollator",
+    "PerDatumStrategy",
     "PerDatumTraining",
     "attach_per_datum",
     "base_spec",

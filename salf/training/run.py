@@ -1,0 +1,81 @@
+"""``train``: fine-tune a model with a plan, choosing how the data reach it from what the run asks for.
+
+- ``boundaries`` (one per training datum, ``salf.training.perdatum``): each batch trains from its own
+  data's boundary (``PerDatumStrategy``);
+- ``config.prefix_cache`` (a directory, ``salf.training.cache``): the frozen prefix runs once into a
+  cache and training feeds the first trainable block from it (``PrefixCacheStrategy``);
+- neither: batch by batch through the whole model.
+
+This is the one place that names the strategies; the loop (``salf.training.trainer.fit``) only sees
+the ``salf.training.strategy`` contract.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+
+from salf.method.freeze import FreezeSpec
+from salf.training.cache import PrefixCacheStrategy
+from salf.training.config import TrainConfig
+from salf.training.perdatum import PerDatumStrategy
+from salf.training.strategy import TrainingStrategy
+from salf.training.trainer import fit
+
+
+def choose_strategy(config: TrainConfig, boundaries: Sequence[int] | None) -> TrainingStrategy | None:
+    """The strategy a run asks for (None: the plain loop). Asking for both is refused by the per-datum
+    strategy, which needs every batch to pick its own prefix."""
+    if boundaries is not None:
+        return PerDatumStrategy(boundaries)
+    if getattr(config, "prefix_cache", None) is not None:
+        return PrefixCacheStrategy()
+    return None
+
+
+def train(
+    model: nn.Module,
+    tokenizer_or_pad_id: Any,
+    train_data: Sequence[dict],
+    eval_data: Sequence[dict] | None,
+    spec: FreezeSpec | None,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    plan_dict: dict | None = None,
+    task: str = "lm",
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
+    boundaries: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` with ``spec`` (None: full fine-tuning); returns the metrics written to metrics.json.
+
+    The model is trained in place (with LoRA, adapters are injected into it). Raises ``SalfError`` on
+    a non-finite loss (naming the step and the last good checkpoint) and ``TrainingInterrupted`` after
+    SIGINT/SIGTERM (a checkpoint is saved first); ``salf.training.trainer.fit`` lists what is written.
+
+    ``boundaries``: one boundary per training datum (``salf.training.perdatum``); batches then group data
+    of one boundary and each step trains from its batch's boundary up (``spec`` must be None or the
+    boundary of the smallest). ``config.prefix_cache`` trains from a frozen-prefix cache
+    (``salf.training.cache``). Under torchrun/accelerate only the main process writes files
+    (docs/DISTRIBUTED.md).
+    """
+    return fit(
+        model,
+        tokenizer_or_pad_id,
+        train_data,
+        eval_data,
+        spec,
+        config,
+        out_dir,
+        plan_dict,
+        task,
+        callbacks=callbacks,
+        strategy=choose_strategy(config, boundaries),
+    )
+
+
+__all__ = ["choose_strategy", "train"]
