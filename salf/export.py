@@ -46,7 +46,7 @@ from salf.registry import Registry
 LORA_RANK = 8
 LORA_ALPHA = 16.0
 LORA_DROPOUT = 0.0
-"""LoRA defaults of the PEFT export: those of ``salf train --lora`` (``salf.training.trainer.TrainConfig``)."""
+"""LoRA defaults of the PEFT export: those of ``salf train --lora`` (``salf.training.config.TrainConfig``)."""
 
 TORCHTUNE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 """Model types torchtune builds with its own ``tok_embeddings / layers / norm / output`` modules."""
@@ -85,6 +85,8 @@ class ExportContext:
     """'causal-lm' or 'classification' (the head the model carries)."""
     lora_targets: tuple[str, ...]
     """Leaf names of the linear layers inside the blocks (LoRA's ``target_modules``)."""
+    conv1d: bool = False
+    """The blocks' linear layers are transformers' ``Conv1D`` (GPT-2): LoRA needs ``fan_in_fan_out=True``."""
     plan_id: str = ""
     notes: list[str] = field(default_factory=list)
     """Remarks about how the model was found (printed in every snippet)."""
@@ -232,10 +234,12 @@ def export_context(plan: Plan, model: nn.Module | None = None, model_path: str |
     from transformers.pytorch_utils import Conv1D
 
     block_prefix = parts.blocks_name + "."
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in skeleton.named_modules()
-                      if name.startswith(block_prefix) and isinstance(m, (nn.Linear, Conv1D))})
+    linears = [(name, m) for name, m in skeleton.named_modules()
+               if name.startswith(block_prefix) and isinstance(m, (nn.Linear, Conv1D))]
+    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
     return ExportContext(plan=plan, spec=spec, parts=parts, names=names, trainable=trainable,
-                         task=_task_of(skeleton), lora_targets=tuple(targets), plan_id=plan_fingerprint(plan),
+                         task=_task_of(skeleton), lora_targets=tuple(targets),
+                         conv1d=any(isinstance(m, Conv1D) for _, m in linears), plan_id=plan_fingerprint(plan),
                          notes=notes)
 
 
@@ -445,6 +449,8 @@ def to_peft(ctx: ExportContext) -> str:
         f"    target_modules={json.dumps(list(ctx.lora_targets))},  # every linear layer inside a block",
         f"    layers_to_transform={json.dumps(blocks)},  # the planned blocks; the others get no adapter",
         f"    layers_pattern={json.dumps(ctx.parts.blocks_name.rsplit('.', 1)[-1])},  # {ctx.parts.blocks_name}.<i>",
+        *(["    fan_in_fan_out=True,  # the blocks use transformers' Conv1D (weights stored transposed)"]
+          if ctx.conv1d else []),
         f"    modules_to_save={json.dumps(save) if save else None},",
         f"    task_type=TaskType.{task_type},",
         ")",
