@@ -269,8 +269,9 @@ def export(plan: str, to: str, out: str | None = None, model: str | None = None,
 # -- shared helpers ---------------------------------------------------------------------------------
 
 
-REQUIRES_GRAD_ONLY = ("this sets requires_grad only; salf's own training (SalfCallback) also runs the frozen prefix "
-                      "without autograd and keeps dropout off in frozen blocks")
+REQUIRES_GRAD_ONLY = ("this only sets requires_grad; SalfCallback also keeps autograd off in the frozen prefix when "
+                      "gradient checkpointing (enable_input_require_grads) makes the embeddings' output require grad, "
+                      "and keeps dropout off in frozen blocks")
 
 
 def _yaml_list(items: Iterable[str], indent: str = "  ") -> list[str]:
@@ -347,7 +348,7 @@ def to_llamafactory(ctx: ExportContext) -> str:
             kept = sorted(m for m in outside if m in ctx.trainable and m.split(".")[-2:-1] == [token])
             notes.append(f"left out {token!r}: LLaMA-Factory matches freeze_extra_modules by substring, so it would "
                          f"also train {', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}; "
-                         f"{', '.join(kept)} stay(s) frozen")
+                         f"so {', '.join(kept)} {'stays' if len(kept) == 1 else 'stay'} frozen")
     if ctx.task == "classification":
         notes.append("LLaMA-Factory trains causal LMs; the head names here are those of the planned classifier")
     notes += _diff_note("LLaMA-Factory", llamafactory_selects(ctx.names, L, n, extras), ctx)
