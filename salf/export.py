@@ -181,7 +181,7 @@ def _skeleton_from_plan(plan: Plan, model_path: str | None) -> tuple[nn.Module, 
     """Build the plan's model from its config on the meta device; prefer the head whose fingerprint matches."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from salf.models.loading import _label_kwargs, load_config
+    from salf.models.loading import load_config
 
     name = model_path or plan.model.get("name_or_path")
     if not name:
@@ -189,7 +189,10 @@ def _skeleton_from_plan(plan: Plan, model_path: str | None) -> tuple[nn.Module, 
     labels = plan.data.get("label_names") if plan.data.get("task") == "classification" else None
     candidates: list[tuple[Any, dict]] = []
     if labels:
-        candidates.append((AutoModelForSequenceClassification, _label_kwargs("classification", None, list(labels))))
+        labels = [str(label) for label in labels]
+        candidates.append((AutoModelForSequenceClassification, {
+            "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}}))
     candidates.append((AutoModelForCausalLM, {}))
     built: list[nn.Module] = []
     for auto, kwargs in candidates:

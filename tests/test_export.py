@@ -369,6 +369,7 @@ def test_cli_export_reads_the_model_from_the_plan(tmp_path: Path, capsys):
     assert main(["export", str(plan_file), "--to", "axolotl"]) == 0
     printed = capsys.readouterr().out
     assert '"^score."' in printed and plan_fingerprint(Plan.load(plan_file)) in printed
+    assert "does not match the fingerprint" not in printed  # the classifier head was found through the plan
     out = tmp_path / "cfg" / "lora.py"
     assert main(["export", str(plan_file), "--to", "peft", "--out", str(out)]) == 0
     assert 'modules_to_save=["score"]' in out.read_text()
@@ -383,3 +384,16 @@ def test_cli_export_errors(tmp_path: Path, capsys):
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "plan.json", "--to", "nemo"])
+
+
+def test_export_says_when_the_config_is_not_the_planned_model(tmp_path: Path):
+    from helpers import save_tiny
+
+    folder = save_tiny(tmp_path, "llama")
+    plan = make_plan(make_model("llama", "causal-lm"), [2, 3], name_or_path=str(folder))
+    plan.model["fingerprint"] = "0000000000000000"
+    text = export_plan(plan, "axolotl")
+    assert "does not match the fingerprint recorded in the plan" in text
+    with pytest.raises(SalfError, match="blocks"):
+        export_plan(make_plan(make_model("llama", "causal-lm"), [2, 3], name_or_path=str(save_tiny(
+            tmp_path, "llama", name="two", num_hidden_layers=2))), "axolotl")
