@@ -5,6 +5,7 @@ Every value is checked when the config is made, so a bad flag fails before a mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from transformers.trainer_utils import SchedulerType
@@ -83,6 +84,12 @@ class TrainConfig:
     """Storage dtype of a new prefix cache: 'float32' or 'bfloat16' (half the disk, rounded states)."""
     prefix_cache_rebuild: bool = False
     """Rebuild the prefix cache even when one is there (stale or not)."""
+    save_model: bool = True
+    """Write the trained model (and tokenizer) to ``out_dir/model``; the learning-rate search's short
+    candidate runs skip it."""
+    max_flops: float | None = None
+    """Compute-matched training: stop before the measured training FLOPs would pass this budget
+    (``salf.training.budget``). ``max_steps`` still sets the schedule's length; needs FLOP sampling."""
     ddp_find_unused_parameters: bool | None = None
     """DDP's ``find_unused_parameters`` under torchrun/accelerate (None: the Trainer's default). Frozen
     parameters never need it (see docs/DISTRIBUTED.md); per-datum boundaries do."""
@@ -91,8 +98,8 @@ class TrainConfig:
         def positive(name: str, value: float | None, allow_none: bool = True) -> None:
             if value is None and allow_none:
                 return
-            if value is None or value <= 0:
-                raise SalfError(f"{name} must be positive, got {value!r}")
+            if value is None or not math.isfinite(value) or value <= 0:
+                raise SalfError(f"{name} must be a positive number, got {value!r}")
 
         positive("max_steps", self.max_steps)
         positive("epochs", self.epochs, allow_none=False)
@@ -106,6 +113,10 @@ class TrainConfig:
         positive("logging_steps", self.logging_steps, allow_none=False)
         positive("lora_rank", self.lora_rank, allow_none=False)
         positive("lora_alpha", self.lora_alpha, allow_none=False)
+        positive("max_flops", self.max_flops)
+        if self.max_flops is not None and self.flop_sample_steps < 1:
+            raise SalfError("max_flops needs the FLOPs measured (flop_sample_steps >= 1)",
+                            "leave flop_sample_steps at its default of 1")
         if self.weight_decay < 0:
             raise SalfError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:

@@ -41,8 +41,10 @@ from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.method.freeze import FreezeSpec, apply_plan
 from salf.models.arch import find_parts
+from salf.training.budget import FlopBudgetStop
 from salf.training.callback import SalfCallback
 from salf.training.config import FRESH_HEAD_LEARNING_RATE, TASKS, TrainConfig, TrainingInterrupted
+from salf.training.diagnosis import diagnose
 from salf.training.distributed import is_main_process, rank_and_world
 from salf.training.lora import add_lora
 from salf.training.outputs import merge_history, prepare_out_dir
@@ -139,7 +141,7 @@ def _check_data(data: Sequence[dict], task: str, what: str) -> None:
         if not isinstance(datum, dict) or "input_ids" not in datum or "labels" not in datum:
             raise SalfError(
                 f"{what} datum {i} is not a dict with input_ids and labels",
-                "tokenize the data with salf.data.files",
+                "tokenize the data with salf.data.encode.load_task_data",
             )
         if not datum["input_ids"]:
             raise SalfError(f"{what} datum {i} has no tokens", "drop empty texts before training")
@@ -215,6 +217,21 @@ def _training_arguments(config: TrainConfig, ckpt_dir: Path, task: str, has_eval
     return TrainingArguments(**kwargs)
 
 
+def _save_model(model: nn.Module, tokenizer: Any, model_dir: Path, config: TrainConfig) -> None:
+    model.save_pretrained(str(model_dir))  # safetensors; with LoRA, the adapters only
+    if config.lora and config.lora_save_merged:
+        model.merge_and_unload().save_pretrained(str(model_dir.parent / "model-merged"))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(model_dir))
+
+
+def resumed_step_of(checkpoint: str | None) -> int | None:
+    """The step a Trainer checkpoint was saved at (None: not resuming)."""
+    if checkpoint is None:
+        return None
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
 def fit(
     model: nn.Module,
     tokenizer_or_pad_id: Any,
@@ -283,6 +300,12 @@ def fit(
             nan_check=config.nan_check,
             raise_on_nan=False,
         )
+        budget_stop = None
+        if config.max_flops is not None:
+            before = merge_history(out / "history.json", resumed_step_of(resume_from), [])
+            longest = max(len(d["input_ids"]) for d in train_data)
+            budget_stop = FlopBudgetStop(config.max_flops, callback, config.batch_size * longest,
+                                         sum(int(h.get("tokens", 0)) for h in before))
         trainer = _SalfTrainer(
             model=model,
             args=args,
@@ -291,16 +314,12 @@ def fit(
             eval_dataset=ListDataset(eval_data) if eval_data is not None else None,
             processing_class=tokenizer,
             compute_metrics=_classification_metrics if task == "classification" else None,
-            callbacks=[callback, *callbacks],
+            callbacks=[callback, *([budget_stop] if budget_stop else []), *callbacks],
             head_param_ids=head_ids,
             head_learning_rate=head_lr,
             train_batch_sampler=batch_sampler,
         )
-        resumed_step = None
-        if resume_from is not None:
-            resumed_step = int(
-                json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
-            )
+        resumed_step = resumed_step_of(resume_from)
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -335,14 +354,8 @@ def fit(
         report.remove()  # the saved model and the caller's model carry no hooks
 
         model_dir = out / "model"
-        if main and config.lora:
-            model.save_pretrained(str(model_dir), safe_serialization=True)
-            if config.lora_save_merged:
-                model.merge_and_unload().save_pretrained(str(out / "model-merged"))
-        elif main:
-            model.save_pretrained(str(model_dir))
-        if main and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(model_dir))
+        if main and config.save_model:  # probe runs (the learning-rate search's candidates) keep no model
+            _save_model(model, tokenizer, model_dir, config)
         if main and plan_dict is not None:
             write_json(out / "plan.json", plan_dict)
 
@@ -371,9 +384,15 @@ def fit(
                 "resumed_from": resume_from,
                 "model_dir": str(model_dir),
                 "eval_history": eval_history,
+                "diagnosis": diagnose(history, metrics.get("eval_loss")),
                 "config": asdict(config),
             }
         )
+        if config.max_flops is not None:
+            spent = metrics["train_flops"]
+            metrics["flops_budget"] = {"budget": config.max_flops, "spent": spent,
+                                       "share_used": spent / config.max_flops if spent is not None else None,
+                                       "stopped_by_budget": budget_stop.stopped_at is not None}
         if batching is not None:
             batching.add_metrics(metrics)
     finally:

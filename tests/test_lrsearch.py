@@ -1,0 +1,64 @@
+"""--lr auto: successive halving over a log-spaced grid, within its budget, picks the clearly best rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from salf.errors import SalfError
+from salf.training.lrsearch import LRSearchConfig, rung_sizes, rung_steps, split_validation
+
+
+def test_rungs_halve_and_split_the_budget():
+    assert rung_sizes(4, 4) == [4]
+    assert rung_sizes(4, 2) == [4, 2]
+    assert rung_sizes(9, 3) == [9, 3]
+    # 60 step equivalents over two rungs, one evaluation costing 1: (30 - 4) // 4 and (30 - 2) // 2.
+    assert rung_steps([4, 2], 60.0, 1.0, 2) == [6, 14]
+    with pytest.raises(SalfError, match="--lr-search-budget"):
+        rung_steps([4], 8.0, 1.0, 2)
+
+
+def test_validation_split_is_seeded_disjoint_and_bounded():
+    data = [{"input_ids": [i], "labels": 0} for i in range(100)]
+    search = LRSearchConfig(val_min=8, val_max=20)
+    rest, val = split_validation(data, search, seed=1)
+    assert len(val) == 10 and len(rest) == 90
+    assert {d["input_ids"][0] for d in rest}.isdisjoint(d["input_ids"][0] for d in val)
+    assert split_validation(data, search, seed=1)[1] == val
+    assert split_validation(data, search, seed=2)[1] != val
+
+
+@pytest.mark.parametrize("bad", [dict(budget=0), dict(budget=float("nan")), dict(factors=(1.0,)),
+                                 dict(factors=(1.0, -1.0)), dict(eta=1), dict(val_fraction=1.0)])
+def test_search_config_refuses_bad_settings(bad):
+    with pytest.raises(SalfError):
+        LRSearchConfig(**bad)
+
+
+def class_data(n: int, seed: int = 0) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (torch.randint(3, 40, (8,), generator=g) + 40 * (i % 3)).tolist(), "labels": i % 3}
+            for i in range(n)]
+
+
+def test_search_picks_the_clearly_best_rate_within_budget(tmp_path):
+    """1e-6 learns nothing in a few steps and 3.0 wrecks the model; 3e-3 is clearly best."""
+    from salf.models.tiny import tiny_model
+    from salf.training.config import TrainConfig
+    from salf.training.lrsearch import search_learning_rate
+
+    config = TrainConfig(max_steps=60, batch_size=8, learning_rate=3e-3, head_learning_rate=3e-3,
+                         save_steps=None, logging_steps=50, seed=0)
+    search = LRSearchConfig(factors=(1 / 3000, 1.0, 1000.0), budget=1.0)
+    result = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),
+                                  0, class_data(96), None, config, tmp_path, task="classification", search=search)
+    assert result.learning_rate == pytest.approx(3e-3) and result.head_learning_rate == pytest.approx(3e-3)
+    assert len(result.candidates) == 3 and {c.steps for c in result.candidates} == {rung_steps(
+        [3], 60.0, 0.5 * 4, 2)[0]}
+    assert result.step_share <= 1.0 and result.flops > 0 and result.val_size == 32
+    assert not any((tmp_path / d / "model").exists() for d in ("rung0-x1",))  # candidates keep no model
+    again = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),
+                                 0, class_data(96), None, config, tmp_path, task="classification", search=search)
+    assert [c.val_loss for c in again.candidates] == [c.val_loss for c in result.candidates]  # reproducible
