@@ -26,8 +26,8 @@ HANDLERS = {
     "train": "salf.pipeline:train",
     "demo": "salf.demo:demo",
     "report": "salf.report:report",
-    "bench": "salf.bench.suite:bench",
-    "bench-table": "salf.bench.suite:bench_table",
+    "bench": "salf.bench.runner:bench",
+    "bench-table": "salf.bench.report:bench_table",
     "cost": "salf.method.projection:cost",
     "export": "salf.export:export",
 }

@@ -14,13 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from salf.data.files import DataConfig, TaskData, load_task_data, split_holdout
+from salf.data.encode import load_task_data
+from salf.data.tasks import DataConfig, TaskData, split_holdout
 from salf.errors import SalfError
 from salf.fileio import write_json
-from salf.method.cost import boundary_costs, profile_cost
+from salf.method.cost import boundary_costs
+from salf.method.cost_profile import profile_cost
 from salf.method.gain import DEFAULT_ESTIMATOR, estimate_gains
+from salf.method.lenses import TraceConfig
 from salf.method.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, model_fingerprint
-from salf.method.trace import Trace, TraceConfig, trace_model
+from salf.method.trace import Trace, trace_model
 from salf.models.loading import LoadedModel, load_config, load_model, load_tokenizer
 from salf.table import render_table
 from salf.training.config import TrainConfig

@@ -21,7 +21,7 @@ import torch
 
 from salf.bench.suite import BenchSuite
 from salf.data.corpora import build_corpus
-from salf.data.files import load_task_data
+from salf.data.encode import load_task_data
 from salf.fileio import write_atomic
 from salf.method.freeze import FreezeSpec
 from salf.pipeline import load

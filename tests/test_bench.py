@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import salf.training.run
+from salf.bench.analysis import ALL_MODELS, analyze, combined_regret, default_plan, regret_by_model
 from salf.bench.baselines import (
     BASELINES,
     BaselineContext,
@@ -17,26 +18,12 @@ from salf.bench.baselines import (
     variability_boundary,
     variability_ratio,
 )
-from salf.bench.suite import (
-    ALL_MODELS,
-    BenchSuite,
-    BenchTask,
-    RunStore,
-    analyze,
-    bench_table,
-    combined_regret,
-    default_plan,
-    exact_match,
-    pareto_frontier,
-    parse_seeds,
-    per_datum_flops,
-    quality_points,
-    regret,
-    regret_by_model,
-    run_bench,
-    share_kept,
-    tradeoff_regret,
-)
+from salf.bench.measured import exact_match, per_datum_flops
+from salf.bench.report import bench_table
+from salf.bench.runner import run_bench
+from salf.bench.scoring import pareto_frontier, quality_points, regret, share_kept, tradeoff_regret
+from salf.bench.store import RunStore
+from salf.bench.suite import BenchSuite, BenchTask, parse_seeds
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
 from salf.models.loading import tiny_tokenizer
@@ -381,7 +368,8 @@ def test_suites_load_and_validate(tmp_path):
 def test_fresh_models_share_their_fresh_head_within_a_seed(tmp_path):
     from types import SimpleNamespace
 
-    from salf.bench.suite import PreparedTask, TaskBench
+    from salf.bench.taskbench import TaskBench
+    from salf.bench.tasks import PreparedTask
     from salf.models.loading import minilm_path
 
     task = BenchTask(name="t", model="minilm", corpus="docstring-module")
@@ -402,7 +390,8 @@ def test_head_pooling_task_option_keeps_the_old_recipes(tmp_path):
 
     from helpers import save_tiny
 
-    from salf.bench.suite import PreparedTask, TaskBench
+    from salf.bench.taskbench import TaskBench
+    from salf.bench.tasks import PreparedTask
     from salf.fileio import fingerprint
 
     task = BenchTask(name="e5-x", model="builtin:e5-small", corpus="debian-section", steps=150, lr=1e-4,
@@ -470,7 +459,7 @@ def test_only_tasks_selects_by_name_and_names_the_choices():
 
 
 def test_target_check_names_the_boundaries_and_rows_that_meet_it():
-    from salf.bench.suite import _target_check
+    from salf.bench.analysis import _target_check
 
     def row(q, c, **extra):
         return {"quality_ratio": {"mean": q}, "flops_ratio": {"mean": c}, **extra}

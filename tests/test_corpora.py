@@ -11,7 +11,8 @@ import pytest
 
 from salf.data import corpora
 from salf.data.corpora import CORPORA, CorpusFiles, build_corpus
-from salf.data.files import DataConfig, load_task_data
+from salf.data.encode import load_task_data
+from salf.data.tasks import DataConfig
 from salf.errors import SalfError
 from salf.models.loading import tiny_tokenizer
 

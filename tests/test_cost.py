@@ -18,18 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from salf.errors import SalfError
 from salf.fileio import to_json
-from salf.method.cost import (
-    LORA_MODES,
-    MODES,
-    CostProfile,
-    StepCost,
-    boundary_costs,
-    head_key,
-    lora_config_for,
-    measure_step_flops,
-    profile_cost,
-    step_cost,
-)
+from salf.method.cost import LORA_MODES, MODES, CostProfile, StepCost, boundary_costs, head_key, step_cost
+from salf.method.cost_counting import measure_step_flops
+from salf.method.cost_lora import lora_config_for
+from salf.method.cost_profile import profile_cost
 from salf.models.arch import find_parts
 from salf.models.tiny import CAUSAL_TYPES, TINY_CONFIGS, tiny_config, tiny_model
 
@@ -104,7 +96,7 @@ def test_every_boundary_matches_a_real_step(model_type, task):
 def test_a_mean_pooling_head_matches_a_real_step():
     """A classifier whose head reads the token mean (salf.models.pooling): the meta-device copy pools as the config
     records, so FLOPs and saved bytes still agree exactly at every boundary."""
-    from salf.method.cost import build_model
+    from salf.method.cost_profile import build_model
     from salf.models.pooling import MaskedMeanPooler, use_mean_pooling
 
     model = use_mean_pooling(_model("bert", "classification"))

@@ -1,4 +1,4 @@
-"""salf.data.files: local files -> tokenized TaskData, every shape, every user mistake."""
+"""salf.data (files, tasks, encode): local files -> tokenized TaskData, every shape, every user mistake."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from salf.data.batch import IGNORE_INDEX, collate
-from salf.data.files import DataConfig, TaskData, load_task_data, records_from_file, split_holdout
+from salf.data.encode import load_task_data
+from salf.data.files import records_from_file
+from salf.data.tasks import DataConfig, TaskData, split_holdout
 from salf.errors import SalfError
 from salf.models.loading import minilm_path, tiny_tokenizer
 from salf.models.tiny import tiny_model

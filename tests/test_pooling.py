@@ -16,7 +16,8 @@ from salf.bench.baselines import BASELINES, BaselineContext, cosine_change
 from salf.data.batch import collate
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec, apply_plan
-from salf.method.trace import TraceConfig, trace_model
+from salf.method.lenses import TraceConfig
+from salf.method.trace import trace_model
 from salf.models.arch import find_parts
 from salf.models.loading import load_model
 from salf.models.pooling import (

@@ -16,7 +16,8 @@ import pytest
 
 from salf.errors import SalfError
 from salf.fileio import to_json
-from salf.method.cost import boundary_costs, profile_cost
+from salf.method.cost import boundary_costs
+from salf.method.cost_profile import profile_cost
 from salf.method.projection import ACCELERATORS, Projection, load_config, project, render_table
 from salf.models.tiny import tiny_config
 

@@ -6,19 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import salf.method.trace as trace_mod
+import salf.method.lenses as trace_mod
 from salf.data.batch import collate
 from salf.errors import SalfError
-from salf.method.trace import (
-    LENSES,
-    Trace,
-    TraceConfig,
-    choose_lens,
-    chunked_cross_entropy,
-    label_kind,
-    stratified_folds,
-    trace_model,
-)
+from salf.method.lenses import LENSES, TraceConfig, choose_lens, chunked_cross_entropy, label_kind
+from salf.method.probe import stratified_folds
+from salf.method.trace import Trace, trace_model
 from salf.models.arch import find_parts
 from salf.models.tiny import CAUSAL_TYPES, tiny_model
 

@@ -39,11 +39,11 @@ import torch
 from transformers import TrainerCallback
 
 from salf.data.batch import IGNORE_INDEX, collate
-from salf.data.files import TaskData
+from salf.data.tasks import TaskData
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
+from salf.method.lenses import POOLERS, head_reads
 from salf.method.plan import POLICIES, PolicyContext
-from salf.method.trace import POOLERS, head_reads
 from salf.models.arch import find_parts
 from salf.models.loading import LoadedModel
 from salf.registry import Registry

@@ -1,7 +1,7 @@
 """Built-in datasets made at run time from real text already on the machine.
 
 Nothing here ships third-party text: each builder reads it where it lies and writes JSONL files
-(``train`` and ``eval``) that ``salf.data.files.load_task_data`` reads as they are.
+(``train`` and ``eval``) that ``salf.data.encode.load_task_data`` reads as they are.
 
 - ``docstring-module``: a Python standard library docstring -> the module it comes from
   (classification over ``DOCSTRING_MODULES``; the stdlib sources are parsed with ``ast``);

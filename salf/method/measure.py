@@ -5,7 +5,7 @@ prefix, no optimizer state for frozen parameters) and trained for a few real opt
 fixed batch. Recorded per k:
 
 - step FLOPs and the bytes saved for backward, from one step under ``FlopCounterMode`` and the
-  saved-tensor hooks (``salf.method.cost.measure_step_flops``): the quantities the cost model predicts;
+  saved-tensor hooks (``salf.method.cost_counting.measure_step_flops``): the quantities the cost model predicts;
 - gradient and optimizer-state bytes actually allocated after an optimizer step;
 - the median wall time of a full step (forward, backward, optimizer step), and on CUDA the peak
   allocated memory.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salf.method.cost import measure_step_flops, tensor_bytes
+from salf.method.cost_counting import measure_step_flops, tensor_bytes
 from salf.method.freeze import FreezeSpec, apply_plan
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]

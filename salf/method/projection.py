@@ -2,7 +2,7 @@
 
 Only the model's config is needed (a local ``config.json`` or a hub name). The model is built on the
 ``meta`` device, so a 70B config costs no memory, and costed with exactly the code the planner uses
-(``salf.method.cost.profile_cost`` + ``salf.method.cost.boundary_costs``). Step time is FLOPs divided by an
+(``salf.method.cost_profile.profile_cost`` + ``salf.method.cost.boundary_costs``). Step time is FLOPs divided by an
 accelerator's dense bf16 peak times a utilisation (model FLOPs utilisation, MFU) that you supply:
 0.4 is typical of a well-tuned fine-tuning run, 0.2-0.3 of an untuned one (on an H200, a 1B-class
 Llama in bf16 with sdpa, batch 4 x 2048, ran real steps at 0.38-0.39 of 989 TFLOP/s, and the measured
@@ -24,7 +24,8 @@ from typing import Any
 
 from salf import table
 from salf.errors import SalfError
-from salf.method.cost import CostProfile, boundary_costs, profile_cost
+from salf.method.cost import CostProfile, boundary_costs
+from salf.method.cost_profile import profile_cost
 from salf.method.measure import MeasuredBoundary
 from salf.models.builtin import is_builtin, resolve_builtin
 
@@ -429,7 +430,7 @@ def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_
                          utilisation=utilisation, task=task, optimizer=optimizer, dtype=dtype, attention=attention)
     if not measure:
         return CostResult(projection)
-    from salf.method.cost import build_model
+    from salf.method.cost_profile import build_model
     from salf.method.measure import measure_boundaries
 
     if threads:

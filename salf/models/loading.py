@@ -330,7 +330,7 @@ def _check_vocab(model, tokenizer, name: str) -> None:
 
 
 def _cap_max_length(config, tokenizer) -> None:
-    """Make ``tokenizer.model_max_length`` the real limit, which salf.data.files truncates to."""
+    """Make ``tokenizer.model_max_length`` the real limit, which salf.data.encode truncates to."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     current = getattr(tokenizer, "model_max_length", None)
     if isinstance(positions, int) and positions > 0:

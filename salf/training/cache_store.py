@@ -234,7 +234,7 @@ def _check_data(data: Sequence[dict]) -> None:
         raise SalfError("the data to cache is empty", "give at least one datum")
     for i, datum in enumerate(data):
         if not isinstance(datum, dict) or not datum.get("input_ids"):
-            raise SalfError(f"datum {i} has no input_ids", "tokenize the data with salf.data.files")
+            raise SalfError(f"datum {i} has no input_ids", "tokenize the data with salf.data.encode.load_task_data")
 
 
 def _replace_dir(tmp: Path, out: Path, keys: CacheKeys, replace_existing: bool) -> None:

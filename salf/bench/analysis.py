@@ -1,0 +1,273 @@
+"""From the runs of a suite to numbers: per task the oracle, plans, baselines and per-datum variants
+over seeds (``analyze``), and every plan's and baseline's regret per model, pooled over tasks and seeds
+(``regret_by_model``, ``combined_regret`` over several output directories).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from salf.bench.scoring import (
+    REGRET_KEYS,
+    TRADEOFF_LAMBDAS,
+    pareto_frontier,
+    ratio,
+    regret,
+    regret_key,
+    tradeoff_fields,
+)
+from salf.bench.store import complete_records, load_runs
+from salf.bench.suite import LOSS, QUALITY
+from salf.method.plan import DEFAULT_POLICY
+
+PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_ratio")
+"""What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
+
+
+def _stats(values: Iterable[float | None]) -> dict[str, Any]:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def analyze(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per task: the oracle per boundary, and plans / baselines with quality, cost and regret, over seeds."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    return {task: _analyze_task(rs) for task, rs in by_task.items()}
+
+
+def _analyze_task(records: list[dict]) -> dict[str, Any]:
+    meta = next((r for r in records if r["variant"] == "meta"), None)
+    if meta is None:
+        return {}
+    n, data_task = meta["num_layers"], meta["data_task"]
+    q_name, q_high = QUALITY[data_task]
+    seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
+    oracle: dict[int, dict[int, dict]] = {s: {} for s in seeds}
+    for r in records:
+        if r.get("kind") == "oracle" and r.get("status") == "done":
+            oracle[r["seed"]][r["boundary"]] = r["metrics"]
+
+    def point(seed: int, metrics: dict) -> dict[str, Any]:
+        full = oracle[seed].get(0, {})
+        ks = sorted(oracle[seed])
+        costs = [oracle[seed][k].get("train_flops") for k in ks]
+        cost = metrics.get("train_flops")
+        quality, loss = metrics.get(q_name), metrics.get(LOSS[0])
+        return {
+            "quality": quality, "loss": loss,
+            # share of full fine-tuning's quality kept (same seed); for higher-is-better metrics only
+            "quality_ratio": ratio(quality, full.get(q_name)) if q_high else None,
+            "flops_ratio": ratio(cost, full.get("train_flops")),
+            "step_time_ratio": ratio(metrics.get("step_seconds_median"), full.get("step_seconds_median")),
+            "regret": regret(cost, quality, costs, [oracle[seed][k].get(q_name) for k in ks], q_high),
+            "regret_loss": regret(cost, loss, costs, [oracle[seed][k].get(LOSS[0]) for k in ks], LOSS[1]),
+            **tradeoff_fields(metrics, oracle[seed], q_name, q_high),
+            "full_train_seconds": full.get("train_seconds"),
+        }
+
+    rows: dict[str, list[dict]] = {}
+    for r in records:
+        kind = r.get("kind")
+        if kind not in ("plan", "per-datum", "baseline", "ceiling", "equal-compute") or r.get("status") != "done":
+            continue
+        if r.get("metrics"):  # its own run
+            metrics = r["metrics"]
+        elif r.get("boundary") is not None and r["boundary"] in oracle.get(r["seed"], {}):
+            metrics = oracle[r["seed"]][r["boundary"]]  # the oracle run at its boundary: identical by construction
+        else:
+            continue
+        p = point(r["seed"], metrics)
+        boundary = r.get("mean_boundary") if kind == "per-datum" else r.get("boundary")
+        p.update(seed=r["seed"], boundary=boundary, kind=kind,
+                 profiling_seconds=r.get("profiling_seconds"), reuses_oracle=not r.get("metrics"),
+                 profiling_fraction=ratio(r.get("profiling_seconds"), p["full_train_seconds"]))
+        rows.setdefault(r["variant"], []).append(p)
+
+    unavailable = [{"variant": r["variant"], "seed": r["seed"], "status": r.get("status"), "error": r.get("error")}
+                   for r in records if r.get("status") not in (None, "done")]
+    fields = ("quality", "quality_ratio", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss",
+              *REGRET_KEYS, "share_kept", "profiling_seconds", "profiling_fraction", "boundary")
+    variants = {}
+    for variant, ps in sorted(rows.items()):
+        variants[variant] = {"kind": ps[0]["kind"], "boundaries": [p["boundary"] for p in ps],
+                             "seeds": [p["seed"] for p in ps], "reuses_oracle": ps[0]["reuses_oracle"],
+                             **{f: _stats(p[f] for p in ps) for f in fields},
+                             # per seed, so that tables over several tasks (``regret_by_model``) pool seeds
+                             "per_seed": [{f: p[f] for f in ("seed", *PER_SEED_FIELDS)} for p in ps]}
+
+    predicted = meta["predicted_step_flops_ratio"]
+    per_k = []
+    for k in range(n + 1):
+        ms = [oracle[s][k] for s in seeds if k in oracle[s]]
+        pts = [point(s, oracle[s][k]) for s in seeds if k in oracle[s]]
+        per_k.append({
+            "k": k, "predicted_flops_ratio": predicted[k], "predicted_memory_ratio": meta["predicted_memory_ratio"][k],
+            "n": len(ms), **{f: _stats(p[f] for p in pts) for f in ("quality", "quality_ratio", "loss", "flops_ratio",
+                                                                   "step_time_ratio", *REGRET_KEYS, "share_kept")},
+            "train_seconds": _stats(m.get("train_seconds") for m in ms),
+            "run_rss_growth_bytes": _stats(m.get("run_rss_growth_bytes") for m in ms),
+        })
+    mean_cost = [row["flops_ratio"]["mean"] for row in per_k]
+    mean_quality = [row["quality"]["mean"] for row in per_k]
+    on_frontier = set(pareto_frontier(mean_cost, mean_quality, q_high))
+    for row in per_k:
+        row["on_frontier"] = row["k"] in on_frontier
+    return {"data_task": data_task, "num_layers": n, "quality_metric": q_name, "higher_is_better": q_high,
+            "seeds": seeds, "oracle": per_k, "variants": variants, "model": meta.get("model"),
+            "unavailable": unavailable, "plan_regret": _plan_regret(rows),
+            "per_datum": _per_datum_comparison(records, oracle, point),
+            "n_train": meta.get("n_train"), "n_eval": meta.get("n_eval"),
+            "recipe": meta.get("task_config", {}), "target": _target_check(per_k, variants)}
+
+
+TARGET_QUALITY, TARGET_FLOPS = 0.99, 0.60
+"""The headline target: keep >= 99% of full fine-tuning's quality at <= 60% of its training FLOPs (means over seeds)."""
+
+
+def _target_check(per_k: list[dict], variants: dict[str, dict]) -> dict[str, Any]:
+    """Which oracle boundaries and which rows meet the headline target (None where quality has no ratio)."""
+
+    def meets(row: dict) -> bool:
+        q, c = (row.get("quality_ratio") or {}).get("mean"), (row.get("flops_ratio") or {}).get("mean")
+        return q is not None and c is not None and q >= TARGET_QUALITY and c <= TARGET_FLOPS + 1e-9
+
+    keeping = [row for row in per_k if (row.get("quality_ratio") or {}).get("mean") is not None
+               and row["quality_ratio"]["mean"] >= TARGET_QUALITY]
+    cheapest = min(keeping, key=lambda row: row["flops_ratio"]["mean"], default=None)
+    return {"quality": TARGET_QUALITY, "flops": TARGET_FLOPS,
+            "cheapest_oracle_keeping_quality": None if cheapest is None else
+            {"k": cheapest["k"], "flops_ratio": cheapest["flops_ratio"]["mean"],
+             "quality_ratio": cheapest["quality_ratio"]["mean"]},
+            "oracle_meeting": [row["k"] for row in per_k if meets(row)],
+            "variants_meeting": sorted(name for name, v in variants.items() if meets(v))}
+
+
+def _per_datum_comparison(records: list[dict], oracle: dict[int, dict[int, dict]],
+                          point: Callable[[int, dict], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each per-datum variant against its single-boundary plan (the oracle run at the global boundary)."""
+    fields = ("quality", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss", *REGRET_KEYS, "share_kept")
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for r in records if r.get("kind") == "per-datum" and r.get("status") == "done"),
+                    key=lambda r: (r["variant"], r["seed"])):
+        seed, k = r["seed"], r.get("global_boundary")
+        single = point(seed, oracle[seed][k]) if k in oracle.get(seed, {}) else {}
+        entry = out.setdefault(r["variant"], {
+            "lens": r.get("lens"), "estimator": r.get("estimator"), "policy": r.get("policy"),
+            "single_variant": f"salf/{r.get('lens')}/{r.get('estimator')}/{r.get('policy')}", "per_seed": []})
+        entry["per_seed"].append({
+            "seed": seed, "global_boundary": k, "mean_boundary": r.get("mean_boundary"),
+            "mean_boundary_trained": r.get("mean_boundary_trained"), "boundary_histogram": r.get("boundary_histogram"),
+            "per_datum": {f: point(seed, r["metrics"])[f] for f in fields},
+            "single": {f: single.get(f) for f in fields}})
+    for entry in out.values():
+        seeds = entry["per_seed"]
+        entry["per_datum"] = {f: _stats(s["per_datum"][f] for s in seeds) for f in fields}
+        entry["single"] = {f: _stats(s["single"][f] for s in seeds) for f in fields}
+        entry["quality_gain"] = _stats(None if s["per_datum"]["quality"] is None or s["single"]["quality"] is None
+                                       else s["per_datum"]["quality"] - s["single"]["quality"] for s in seeds)
+        entry["mean_boundary"] = _stats(s["mean_boundary"] for s in seeds)
+        entry["global_boundary"] = _stats(s["global_boundary"] for s in seeds)
+    return out
+
+
+def _plan_regret(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Regret of salf plans by '<lens>/<estimator>' (rows) and policy (columns), over seeds."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, ps in rows.items():
+        if ps[0]["kind"] != "plan":
+            continue
+        _, lens, estimator, policy = variant.split("/", 3)
+        table.setdefault(f"{lens}/{estimator}", {})[policy] = {
+            f: _stats(p[f] for p in ps) for f in ("regret", "regret_loss", *REGRET_KEYS)}
+    return table
+
+
+ALL_MODELS = "all models"
+"""The per-model table's key for every task of every model pooled (present when there are several models)."""
+
+
+REGRET_TABLE_KINDS = ("plan", "per-datum", "baseline")
+"""Rows of the per-model table: ways of choosing what to train. Ceiling and equal-compute runs train the same
+boundaries on other budgets, so they stay in the per-task tables."""
+
+
+REGRET_TABLE_ORDER = regret_key(max(TRADEOFF_LAMBDAS))
+"""The per-model table is sorted by the trade-off regret that weighs cost most (the largest lambda: salf is
+there to save compute, and this one still charges a point of quality at a tenth of full fine-tuning's FLOPs),
+then by name."""
+
+
+def default_plan(data_task: str) -> str:
+    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved')."""
+    from salf.method.gain import DEFAULT_ESTIMATOR
+    from salf.method.lenses import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+
+    lens = DEFAULT_LENS[CLASS_LABELS if data_task == "classification" else TOKEN_LABELS]
+    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY}"
+
+
+def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """One row of the per-model table: means over every (task, seed) of the variant."""
+    seeds = entry["per_seed"]
+    return {"variant": variant, "kind": entry["kind"], "default": entry["default"], "tasks": entry["tasks"],
+            "n": len(seeds),
+            # the plain regret in points too (x 100; for a loss task: 100 x the loss regret), like the lambda columns
+            "regret_points": _stats(None if s["regret"] is None else 100.0 * s["regret"] for s in seeds),
+            **{f: _stats(s[f] for s in seeds) for f in (*REGRET_KEYS, "share_kept", "flops_ratio")}}
+
+
+def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:
+    mean = row[REGRET_TABLE_ORDER]["mean"]
+    return (mean is None, mean if mean is not None else 0.0, row["variant"])
+
+
+def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model (a task's ``model``), every plan, per-datum variant and baseline pooled over all its tasks and
+    seeds: mean regret (points), trade-off regrets, share kept and FLOPs, sorted by ``REGRET_TABLE_ORDER``.
+
+    ``analyses``: one ``analyze`` result per result directory, so that one table may span several benchmarks.
+    A per-task table answers "which boundary here"; this one answers "which way of choosing, across tasks".
+    Every (task, seed) weighs the same; ``tasks`` and ``n`` say how many a row holds (a baseline unavailable
+    on a task has fewer). With tasks of several models, one more table, ``ALL_MODELS``, pools them all.
+    """
+    pooled: dict[str, dict[str, dict[str, Any]]] = {}
+    tasks: dict[str, list[str]] = {}
+    for analysis in analyses:
+        for name, task in analysis.items():
+            if not task:
+                continue
+            model = str(task.get("model"))
+            default = default_plan(task["data_task"])
+            for group in (model, ALL_MODELS):
+                tasks.setdefault(group, []).append(name)
+                for variant, v in task["variants"].items():
+                    if v["kind"] not in REGRET_TABLE_KINDS:
+                        continue
+                    entry = pooled.setdefault(group, {}).setdefault(
+                        variant, {"kind": v["kind"], "default": False, "tasks": [], "per_seed": []})
+                    entry["default"] = entry["default"] or variant == default
+                    entry["tasks"].append(name)
+                    entry["per_seed"] += v["per_seed"]
+    if len(tasks) <= 2:  # one model (or none): the pooled table would repeat it
+        pooled.pop(ALL_MODELS, None)
+        tasks.pop(ALL_MODELS, None)
+    return {model: {"tasks": tasks[model], "sort_by": REGRET_TABLE_ORDER, "lambdas": list(TRADEOFF_LAMBDAS),
+                    "rows": sorted((_pooled_row(v, e) for v, e in variants.items()), key=_table_order)}
+            for model, variants in pooled.items()}
+
+
+def combined_regret(dirs: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+    """``regret_by_model`` over the finished seeds of several benchmark output directories at once."""
+    return regret_by_model(analyze(complete_records(load_runs(d))) for d in dirs)
+
+
+__all__ = ["ALL_MODELS", "PER_SEED_FIELDS", "REGRET_TABLE_KINDS", "REGRET_TABLE_ORDER", "TARGET_FLOPS", "TARGET_QUALITY", "analyze", "combined_regret", "default_plan", "regret_by_model"]

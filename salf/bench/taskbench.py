@@ -1,0 +1,412 @@
+"""``TaskBench``: every unit of one task (oracle sweep, plans, baselines, per-datum, ceiling and
+equal-compute runs) for one seed at a time, loading the model and data only when needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from salf.bench.baselines import BASELINES, BaselineContext, TrainVariant
+from salf.bench.measured import PeakRSS, boundary_histogram, exact_match, per_datum_flops
+from salf.bench.progress import Progress, now
+from salf.bench.store import RunStore
+from salf.bench.suite import PER_DATUM_ESTIMATOR, PER_DATUM_FILL, PER_DATUM_POLICY, BenchSuite
+from salf.bench.tasks import PreparedTask
+from salf.errors import SalfError
+from salf.method.freeze import FreezeSpec
+
+
+class TaskBench:
+    """Runs every unit of one task for one seed at a time, loading the model and data only when needed."""
+
+    def __init__(self, prepared: PreparedTask, suite: BenchSuite, store: RunStore, progress: Progress):
+        self.p = prepared
+        self.t = prepared.task
+        self.suite = suite
+        self.store = store
+        self.progress = progress
+        self.recipe = self.t.recipe_fingerprint()
+        self.trained = 0
+        self.skipped = 0
+
+    # -- resources ----------------------------------------------------------------------------
+    @cached_property
+    def loaded(self):
+        from salf.pipeline import load
+
+        return load(self.p.model_path, str(self.p.train_file), label_mode=self.t.label_mode,
+                    max_length=self.t.max_length, limit=self.t.train_limit, seed=self.t.data_seed,
+                    head_pooling=self.t.head_pooling)
+
+    @cached_property
+    def eval_data(self):
+        from salf.data.encode import load_task_data
+        from salf.data.tasks import DataConfig
+
+        data = self.loaded.data
+        names = data.label_names if data.label_names is not None else None
+        config = DataConfig(max_length=self.t.max_length, limit=self.t.eval_limit, seed=self.t.data_seed,
+                            label_mode=self.t.label_mode)
+        return load_task_data(self.p.eval_file, self.loaded.model.tokenizer, config, label_names=names)
+
+    @cached_property
+    def costs(self) -> dict[str, Any]:
+        """The cost model's step cost of every boundary, timed (it is part of every plan's profiling time)."""
+        from salf.method.cost import boundary_costs
+        from salf.method.cost_profile import profile_cost
+
+        model = self.fresh_model(0).model
+        seq = max(2, round(float(np.mean([len(d["input_ids"]) for d in self.loaded.data.data]))))
+        started = time.perf_counter()
+        per_k = boundary_costs(profile_cost(model, self.t.batch_size, seq))
+        seconds = time.perf_counter() - started
+        full = per_k[0].total
+        return {"step_costs": per_k, "ratio": np.array([c.total / full for c in per_k]), "seconds": seconds,
+                "seq_len": seq,
+                "memory_ratio": [c.memory_bytes / per_k[0].memory_bytes for c in per_k]}
+
+    def fresh_model(self, seed: int):
+        """The pretrained model again, with its fresh head drawn from ``seed`` (the same for every boundary),
+        pooling as the task says."""
+        from salf.models.loading import load_model
+
+        data = self.loaded.data
+        torch.manual_seed(seed)
+        lm = load_model(self.p.model_path, data.task,
+                        label_names=data.label_names if data.task == "classification" else None,
+                        head_pooling=self.t.head_pooling)
+        # Eager attention: its matmuls are what FlopCounterMode counts on every backend (CPU sdpa counts 0).
+        if hasattr(lm.model, "set_attn_implementation"):
+            lm.model.set_attn_implementation("eager")
+        return lm
+
+    # -- units --------------------------------------------------------------------------------
+    def _unit(self, seed: int | None, variant: str, weight: float, make: Callable[[], dict[str, Any]]) -> dict:
+        key = RunStore.key(self.t.name, seed, variant)
+        found = self.store.get(key, self.recipe)
+        if found is not None:
+            self.skipped += 1
+            self.progress.finish(key, weight, None, "skip")
+            return found
+        started = time.perf_counter()
+        body = make()
+        seconds = time.perf_counter() - started
+        record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
+                  **body, "seconds": seconds, "finished": now()}
+        self.store.add(record)
+        self.progress.finish(key, weight, seconds, body.get("status", "done"))
+        return record
+
+    def units_weight(self) -> float:
+        """Progress weight of the planned work of one seed (a training step weighs 1)."""
+        t, n = self.t, self.p.num_layers
+        runs = (n + 1) * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
+        runs += t.steps if self._per_datum_lens() else 0
+        profiling = len(self.p.lenses(self.suite.lenses)) * self._trace_weight() + len(self._baselines())
+        return runs + profiling + (t.ceiling_steps or 0)
+
+    def _trace_weight(self) -> float:
+        return max(1.0, self.t.trace_sample / (3 * self.t.batch_size))
+
+    def _baselines(self) -> list[str]:
+        return list(self.suite.baselines) if self.suite.baselines is not None else BASELINES.names()
+
+    def _per_datum_lens(self) -> str | None:
+        """The lens whose trace the per-datum variant uses (None: no per-datum variant)."""
+        return self.p.default_lens(self.suite.lenses) if self.suite.per_datum else None
+
+    @staticmethod
+    def per_datum_variants(lens: str) -> tuple[str, str]:
+        """(its boundaries, its run): the record names of the per-datum variant from ``lens``."""
+        name = f"{lens}/{PER_DATUM_ESTIMATOR}/{PER_DATUM_POLICY}"
+        return f"salf-per-datum-plan/{name}", f"salf-per-datum/{name}"
+
+    def meta(self) -> dict:
+        def make() -> dict[str, Any]:
+            c, data = self.costs, self.loaded.data
+            return {"kind": "meta", "data_task": data.task, "num_layers": self.p.num_layers,
+                    "model_path": self.p.model_path, "model": self.t.model, "n_train": len(data.data),
+                    "n_eval": len(self.eval_data.data), "label_names": data.label_names,
+                    "train_file": str(self.p.train_file), "eval_file": str(self.p.eval_file),
+                    "predicted_step_flops_ratio": c["ratio"].tolist(), "predicted_memory_ratio": c["memory_ratio"],
+                    "cost_profile_seconds": c["seconds"],
+                    "cost_seq_len": c["seq_len"], "task_config": asdict(self.t)}
+
+        return self._unit(None, "meta", 0.0, make)
+
+    def run_seed(self, seed: int) -> None:
+        n = self.p.num_layers
+        self.meta()
+        oracle = {0: self._train(seed, "oracle/k=0", "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
+        plans = self._plans(seed)
+        baselines = self._run_baselines(seed, trained=False)
+        for k in range(1, n + 1):
+            oracle[k] = self._train(seed, f"oracle/k={k}", "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
+        # Baselines with runs of their own come after the sweep: a seed whose sweep is done scores every
+        # plan and boundary baseline even if the session ends during LoRA or LISA.
+        baselines += self._run_baselines(seed, trained=True)
+        if self._per_datum_lens():
+            self._per_datum(seed, oracle)
+        if self.t.ceiling_steps:
+            self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.t.ceiling_steps)
+        if self.t.equal_compute_for(seed):
+            self._equal_compute(seed, oracle, [*plans, *baselines])
+
+    def replan_seed(self, seed: int) -> None:
+        """Only what decides boundaries: every lens x estimator x policy plan and every baseline that does not
+        train, for a seed whose sweep has started. Trains nothing: a new estimator or policy is scored against
+        the oracle runs already finished (a plan's quality is the oracle run at its boundary)."""
+        if self.store.get(RunStore.key(self.t.name, seed, "oracle/k=0"), self.recipe) is None:
+            return
+        self.meta()
+        self._plans(seed)
+        self._run_baselines(seed, trained=False)
+
+    def _train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None = None,
+               steps: int | None = None, run: TrainVariant | None = None, extra: dict | None = None) -> dict:
+        steps = steps or self.t.steps
+        return self._unit(seed, variant, steps, lambda: self._do_train(seed, variant, kind, spec, boundary, steps,
+                                                                       run, extra or {}))
+
+    def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
+                  run: TrainVariant | None, extra: dict, boundaries: Sequence[int] | None = None) -> dict[str, Any]:
+        from salf.training import run as training_run  # looked up per call: tests stand in for run.train
+        from salf.training.config import TrainConfig, TrainingInterrupted
+
+        t = self.t
+        lm = self.fresh_model(seed)
+        config = TrainConfig(
+            max_steps=steps, batch_size=t.batch_size, learning_rate=(run.learning_rate if run and run.learning_rate
+                                                                     else t.lr),
+            head_learning_rate=t.head_lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, save_steps=None,
+            seed=seed, lora=bool(run and run.lora), lora_rank=run.lora_rank if run else 8, overwrite=True,
+            logging_steps=max(1, steps // 10), show_progress=False)
+        callbacks = list(run.callbacks()) if run else []
+        run_dir = self.p.out_dir / "runs" / t.name / f"seed{seed}" / variant.replace("/", "_").replace("=", "")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        status, error = "done", None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # The Trainer prints its log lines when its progress bar is off: they go to the run's train.log.
+        with PeakRSS() as rss, open(run_dir / "train.log", "w") as log, \
+                contextlib.redirect_stdout(log):
+            try:
+                metrics = training_run.train(lm.model, lm.tokenizer, self.loaded.data.data, self.eval_data.data, spec,
+                                       config, run_dir, task=self.loaded.data.task, callbacks=callbacks,
+                                       boundaries=boundaries)
+            except TrainingInterrupted:
+                raise
+            except SalfError as e:  # a diverged run is a result (recorded, not retried), not a crash
+                metrics, status, error = {}, "failed", str(e)
+        metrics.pop("model_dir", None)
+        metrics["process_peak_rss_bytes"] = metrics.pop("peak_rss_bytes", None)
+        metrics.update(run_peak_rss_bytes=rss.peak, run_rss_growth_bytes=rss.peak - rss.start)
+        if status == "done" and self.loaded.data.task == "completion":
+            started = time.perf_counter()
+            metrics.update(exact_match(lm.model, lm.tokenizer, self.eval_data.data[: t.em_limit], t.generation_batch))
+            metrics["exact_match_seconds"] = time.perf_counter() - started
+        if not self.suite.keep_models:
+            shutil.rmtree(run_dir / "model", ignore_errors=True)
+        self.trained += 1
+        details = dict(extra)
+        if run is not None:
+            details.update(run.describe(callbacks))
+        del lm
+        return {"kind": kind, "boundary": boundary, "status": status, "error": error, "steps": steps,
+                "spec": spec.to_dict(), "metrics": metrics, "details": details}
+
+    def _plans(self, seed: int) -> list[dict]:
+        from salf.method.gain import ESTIMATORS
+
+        estimators = self.suite.estimators or ESTIMATORS.names()
+        per_datum_lens = self._per_datum_lens()
+        records = []
+        for lens in self.p.lenses(self.suite.lenses):
+            variants = [f"salf/{lens}/{e}/{p}" for e in estimators for p in self.suite.policies]
+            keys = [RunStore.key(self.t.name, seed, v) for v in variants]
+            planned = all(self.store.get(k, self.recipe) for k in keys)
+            # The per-datum boundaries come from this lens's trace: trace again only when they are lost
+            # (a runs.json from before the per-datum variant, whose plans are all finished).
+            per_datum = lens == per_datum_lens and not any(
+                self.store.get(RunStore.key(self.t.name, seed, v), self.recipe) for v in self.per_datum_variants(lens))
+            if planned and not per_datum:
+                self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(), None, "skip")
+                records += [self.store.get(k, self.recipe) for k in keys]
+                self.skipped += len(keys)
+                continue
+            if planned:
+                records += [self.store.get(k, self.recipe) for k in keys]
+                self.skipped += len(keys)
+            records += self._trace_and_plan(seed, lens, [] if planned else estimators, per_datum)
+        return records
+
+    def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
+        """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
+        from salf.method.gain import estimate_gains, fit_depth_law
+        from salf.method.lenses import TraceConfig
+        from salf.method.plan import make_plan
+        from salf.method.trace import trace_model
+        from salf.pipeline import data_info, model_info
+
+        costs = self.costs
+        lm = self.fresh_model(seed)
+        config = TraceConfig(lens=lens, sample_size=self.t.trace_sample, batch_size=self.t.batch_size, seed=seed,
+                             show_progress=False)
+        began = started = time.perf_counter()
+        trace = trace_model(lm.model, self.loaded.data.data, config, lm.pad_token_id)
+        trace_seconds = time.perf_counter() - started
+        info_model, info_data = model_info(lm), data_info(self.loaded.data)
+        out = []
+        gains_of: dict[str, tuple[Any, float]] = {}
+        started = time.perf_counter()
+        fit = fit_depth_law(trace.mean)  # one fit per trace, shared by every estimator
+        fit_seconds = time.perf_counter() - started
+        for estimator in estimators:
+            started = time.perf_counter()
+            gains = estimate_gains(trace.mean, estimator, fit, trace.chance)  # the same for every policy
+            gains_of[estimator] = gains, fit_seconds + time.perf_counter() - started
+            for policy in self.suite.policies:
+                variant = f"salf/{lens}/{estimator}/{policy}"
+                key = RunStore.key(self.t.name, seed, variant)
+                started = time.perf_counter()
+                plan = make_plan(trace, gains, costs["step_costs"], policy, info_model, info_data, seed=seed)
+                plan_seconds = gains_of[estimator][1] + time.perf_counter() - started
+                profiling = trace_seconds + costs["seconds"] + plan_seconds
+                record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
+                          "kind": "plan", "boundary": plan.boundary, "status": "done", "lens": lens,
+                          "estimator": estimator, "policy": policy, "profiling_seconds": profiling,
+                          "trace_seconds": trace_seconds, "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
+                          "details": {"trace": plan.trace, "gains": plan.gains, "fit": plan.fit,
+                                      "predicted": plan.predicted, "note": gains.note,
+                                      "chance": trace.chance, "frozen_share": gains.frozen_share},
+                          "seconds": profiling, "finished": now()}
+                out.append(record)
+        if per_datum:
+            started = time.perf_counter()
+            if PER_DATUM_ESTIMATOR in gains_of:
+                gains, gain_seconds = gains_of[PER_DATUM_ESTIMATOR]
+            else:
+                gains = estimate_gains(trace.mean, PER_DATUM_ESTIMATOR, fit, trace.chance)
+                gain_seconds = fit_seconds + time.perf_counter() - started
+            started = time.perf_counter()
+            plan = make_plan(trace, gains, costs["step_costs"], PER_DATUM_POLICY, info_model, info_data, seed=seed,
+                             per_datum=True)
+            plan_seconds = gain_seconds + time.perf_counter() - started
+            profiling = trace_seconds + costs["seconds"] + plan_seconds
+            variant = self.per_datum_variants(lens)[0]
+            out.append({"key": RunStore.key(self.t.name, seed, variant), "task": self.t.name, "seed": seed,
+                        "variant": variant, "recipe": self.recipe, "kind": "per-datum-plan", "status": "done",
+                        "lens": lens, "estimator": PER_DATUM_ESTIMATOR, "policy": PER_DATUM_POLICY,
+                        "boundary": plan.boundary, "n_train": len(self.loaded.data.data),
+                        # rows of the trace are positions in the training data (trace_model read that list)
+                        "traced_indices": plan.per_datum_indices, "traced_boundaries": plan.per_datum_boundaries,
+                        "profiling_seconds": profiling, "trace_seconds": trace_seconds,
+                        "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
+                        "details": {"trace": plan.trace, "gains": plan.gains, "predicted": plan.predicted,
+                                    "note": gains.note},
+                        "seconds": profiling, "finished": now()})
+        self.store.add(*out)
+        plans = [r for r in out if r["kind"] == "plan"]
+        self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(),
+                             time.perf_counter() - began, f"traced and planned ({len(plans)} plans"
+                             + (", per-datum boundaries)" if per_datum else ")"))
+        del lm
+        return plans
+
+    def _per_datum(self, seed: int, oracle: dict[int, dict]) -> dict:
+        """The per-datum variant's own run: every batch trained from its data's boundary."""
+        lens = self._per_datum_lens()
+        assert lens is not None
+        plan_variant, variant = self.per_datum_variants(lens)
+
+        def make() -> dict[str, Any]:
+            from salf.training.perdatum import datum_boundaries
+
+            plan = self.store.get(RunStore.key(self.t.name, seed, plan_variant), self.recipe)
+            if plan is None:
+                raise SalfError(f"{self.t.name} seed {seed}: the per-datum boundaries of lens {lens} are missing",
+                                "rerun the benchmark with resume: the trace is redone")
+            n, data = self.p.num_layers, self.loaded.data.data
+            if plan["n_train"] != len(data):
+                raise SalfError(f"the per-datum boundaries were made for {plan['n_train']} training data, "
+                                f"the task has {len(data)}", "rerun without resume")
+            boundaries = datum_boundaries(plan["traced_boundaries"], plan["traced_indices"], len(data),
+                                          plan["boundary"], n, fill=PER_DATUM_FILL)
+            counts = np.bincount(boundaries, minlength=n + 1)
+            histogram = {str(k): int(c) for k, c in enumerate(counts) if c}
+            body = self._do_train(seed, variant, "per-datum", FreezeSpec.from_boundary(int(boundaries.min()), n),
+                                  None, self.t.steps, None, {}, boundaries=boundaries.tolist())
+            body.update(lens=lens, estimator=plan["estimator"], policy=plan["policy"], fill=PER_DATUM_FILL,
+                        global_boundary=plan["boundary"], boundary_histogram=histogram,
+                        mean_boundary=float(boundaries.mean()), n_traced=len(plan["traced_indices"]),
+                        traced_boundary_histogram=boundary_histogram(plan["traced_boundaries"]),
+                        profiling_seconds=plan["profiling_seconds"])
+            if body["status"] == "done":
+                body["metrics"].update(per_datum_flops(body["metrics"], oracle, self.costs["ratio"]))
+                tokens = body["metrics"]["per_datum"]["padded_tokens_per_boundary"]
+                total = sum(tokens.values())
+                body["mean_boundary_trained"] = sum(int(k) * v for k, v in tokens.items()) / total if total else None
+            return body
+
+        return self._unit(seed, variant, self.t.steps, make)
+
+    def _run_baselines(self, seed: int, trained: bool) -> list[dict]:
+        """The baselines that train runs of their own (``trained``), or those that only choose a boundary."""
+        out = []
+        for name in self._baselines():
+            baseline = BASELINES.get(name)
+            variant = f"baseline/{name}"
+            if baseline.trains != trained:
+                continue
+            if baseline.trains:
+                key = RunStore.key(self.t.name, seed, variant)
+                if self.store.get(key, self.recipe) is None:
+                    choice = baseline.decide(self._baseline_context(seed))
+                    out.append(self._train(seed, variant, "baseline", choice.variant.spec, run=choice.variant,
+                                           extra=choice.details))
+                else:
+                    out.append(self._train(seed, variant, "baseline", FreezeSpec.full(self.p.num_layers)))
+                continue
+
+            def decide(baseline=baseline) -> dict[str, Any]:
+                ctx = self._baseline_context(seed)
+                started = time.perf_counter()
+                try:
+                    choice = baseline.decide(ctx)
+                except SalfError as e:  # e.g. too few classes for the variability ratio: reported, not fatal
+                    return {"kind": "baseline", "boundary": None, "status": "unavailable", "error": str(e)}
+                profiling = time.perf_counter() - started - ctx.load_seconds
+                return {"kind": "baseline", "boundary": choice.boundary, "status": "done",
+                        "profiling_seconds": profiling, "details": choice.details}
+
+            out.append(self._unit(seed, variant, 1.0, decide))
+        return out
+
+    def _baseline_context(self, seed: int) -> BaselineContext:
+        return BaselineContext(load=lambda: self.fresh_model(seed), data=self.loaded.data, num_layers=self.p.num_layers,
+                               cost=self.costs["ratio"], seed=seed, batch_size=self.t.batch_size,
+                               learning_rate=self.t.lr, settings=self.t.baselines)
+
+    def _equal_compute(self, seed: int, oracle: dict[int, dict], chosen: list[dict]) -> None:
+        full = oracle[0].get("metrics", {}).get("flops_per_padded_token")
+        boundaries = sorted({r["boundary"] for r in chosen if r.get("boundary") not in (None, 0)})
+        for k in boundaries:
+            per = oracle[k].get("metrics", {}).get("flops_per_padded_token")
+            if not full or not per:
+                continue
+            steps = max(1, round(self.t.steps * full / per))
+            self.progress.grow(steps)
+            self._train(seed, f"equal-compute/k={k}", "equal-compute", FreezeSpec.from_boundary(k, self.p.num_layers),
+                        boundary=k, steps=steps, extra={"steps_for_full_flops": steps})
+
+
+__all__ = ["Progress", "TaskBench"]

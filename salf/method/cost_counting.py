@@ -1,0 +1,273 @@
+"""Counting one pass of a training step: FLOPs (``FlopCounterMode``) and the bytes autograd saves for
+backward (``saved_tensors_hooks``), per block, with the model cut at every block boundary (``_Probe``).
+
+``measure_step_flops`` counts a real step of a real model the same way (used to check the profile).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from salf.errors import SalfError
+from salf.models.arch import ModelParts
+
+
+def _flop_mode() -> tuple[Any, Callable[[], int]]:
+    """A dispatch mode that counts FLOPs exactly as ``FlopCounterMode`` does, and a reader of the total.
+
+    ``FlopCounterMode`` also tracks the module hierarchy with global hooks, which the profile does
+    not need (it cuts the model itself) and which nearly doubles the time of a meta-device pass.
+    Its inner dispatch mode, used alone, applies the same FLOP formulas and decompositions.
+    """
+    counter = FlopCounterMode(display=False)
+    try:
+        from torch.utils.flop_counter import _FlopCounterMode
+
+        return _FlopCounterMode(counter), counter.get_total_flops
+    except ImportError:  # private class moved: use the public counter, hooks and all
+        return counter, counter.get_total_flops
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError):  # tensor subclasses without a storage
+        return None
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s storage (its own size where it has none)."""
+    try:
+        return int(t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return t.numel() * t.element_size()
+
+
+class _SavedBytes:
+    """Adds up the bytes autograd saves for backward: once per storage, parameters excluded.
+
+    ``part()`` names who is running (the bytes are attributed to it). Storages in ``shared`` (tensors
+    every block receives) are counted once per part in ``shared_bytes`` instead, since all blocks
+    save the same one.
+    """
+
+    def __init__(self, model: nn.Module, part: Callable[[], Any] = lambda: None):
+        self.exclude = {k for p in model.parameters() if (k := _storage_key(p)) is not None}
+        self.part = part
+        self.shared: set[int] = set()
+        self._alive: list[torch.Tensor] = []
+        self.seen: set[Any] = set()
+        self.bytes: dict[Any, int] = defaultdict(int)
+        self.shared_bytes: dict[Any, int] = defaultdict(int)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def share(self, tensors: list[torch.Tensor]) -> None:
+        """Mark tensors as shared by all blocks. They are kept alive for the pass: a storage key is an
+        address, and a freed one could be reused by a later tensor (the logits) and miscounted."""
+        for t in tensors:
+            key = _storage_key(t)
+            if key is not None and key not in self.shared:
+                self.shared.add(key)
+                self._alive.append(t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key is None:
+            self.bytes[self.part()] += t.numel() * t.element_size()
+        elif key in self.shared:
+            if (self.part(), key) not in self.seen:
+                self.seen.add((self.part(), key))
+                self.shared_bytes[self.part()] += tensor_bytes(t)
+        elif key not in self.exclude and key not in self.seen:
+            self.seen.add(key)
+            self.bytes[self.part()] += tensor_bytes(t)
+        return t
+
+    def __enter__(self) -> _SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+@dataclass
+class MeasuredStep:
+    """What one real training step cost, as ``FlopCounterMode`` and the saved-tensor hooks saw it."""
+
+    forward: int
+    """FLOPs counted during the forward pass (loss included)."""
+    backward: int
+    """FLOPs counted during ``loss.backward()``."""
+    activation_bytes: int
+    """Bytes saved for backward (one count per storage, parameters excluded)."""
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+
+def measure_step_flops(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    trainable_param_predicate: Callable[[str], bool] | None = None,
+    module_tracking: bool = False,
+) -> MeasuredStep:
+    """Run one real training step (forward, ``loss.backward()``) under ``FlopCounterMode`` and count it.
+
+    The count is ``FlopCounterMode``'s (same formulas and decompositions); ``module_tracking=True``
+    runs the public ``FlopCounterMode`` itself, with its per-module hooks, which only makes it slower.
+
+    ``trainable_param_predicate(name)`` sets ``requires_grad`` of every parameter in
+    ``model.named_parameters()`` (a tied weight appears once, under its first name: the
+    embedding's); None keeps the model's own pattern. The flags and ``.grad`` fields are restored
+    afterwards; no optimizer step is taken.
+    """
+    params = list(model.named_parameters())
+    before = {name: (p.requires_grad, p.grad) for name, p in params}
+    try:
+        if trainable_param_predicate is not None:
+            for name, p in params:
+                p.requires_grad_(bool(trainable_param_predicate(name)))
+        for _, p in params:
+            p.grad = None
+        mode, flops = (FlopCounterMode(display=False), None) if module_tracking else _flop_mode()
+        with mode:
+            with _SavedBytes(model) as saved:
+                out = model(**batch)
+            flops = flops or mode.get_total_flops
+            forward = flops()
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise SalfError("the model returned no loss", "include labels in the batch")
+            if loss.requires_grad:
+                loss.backward()
+            total = flops()
+    finally:
+        for name, p in params:
+            p.requires_grad_(before[name][0])
+            p.grad = before[name][1]
+    return MeasuredStep(forward=int(forward), backward=int(total - forward), activation_bytes=saved.total)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _replace_first(value: Any, new: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return new
+    return type(value)((new, *value[1:]))
+
+
+class _Probe:
+    """Hooks that cut a model at every block boundary, run one step, and count every part alone.
+
+    Each block receives a fresh leaf as its input (``requires_grad=input_grad``) and the head a fresh
+    leaf in place of the last block's output, so each part is its own autograd graph. Forward FLOPs
+    and saved bytes go to the part running at the time; each part's backward is run on its own.
+    Parts: 'embeddings' (everything before block 0), block indices, 'other' (between blocks),
+    'head' (everything after the last block, loss included).
+    """
+
+    def __init__(self, model: nn.Module, parts: ModelParts, input_grad: bool, head_input_grad: bool):
+        self.model = model
+        self.parts = parts
+        self.input_grad = input_grad
+        self.head_input_grad = head_input_grad
+        self.part: Any = "embeddings"
+        self.forward: dict[Any, int] = defaultdict(int)
+        self.backward: dict[Any, int] = defaultdict(int)
+        self.roots: dict[Any, torch.Tensor] = {}
+        self.mode, self.flops = _flop_mode()
+        self.saved = _SavedBytes(model, lambda: self.part)
+        self._mark = 0
+
+    def _switch(self, part: Any) -> None:
+        now = self.flops()
+        self.forward[self.part] += now - self._mark
+        self._mark = now
+        self.part = part
+
+    def _leaf(self, t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+        return t.detach().requires_grad_(requires_grad)
+
+    def _pre(self, j: int):
+        def hook(module, args, kwargs):
+            self._switch(j)
+            if args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                args = (self._leaf(x, self.input_grad), *args[1:])
+                rest = (args[1:], kwargs)
+            elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+                x = kwargs["hidden_states"]
+                kwargs = {**kwargs, "hidden_states": self._leaf(x, self.input_grad)}
+                rest = (args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            else:
+                raise SalfError(f"cannot find the hidden states passed to block {j} of {self.parts.model_type!r}",
+                                "salf.method.cost expects blocks called with the hidden states first")
+            self.saved.share([t for t in tree_flatten(rest)[0] if isinstance(t, torch.Tensor)])
+            if j == 0:
+                self.roots["embeddings"] = x
+            return args, kwargs
+
+        return hook
+
+    def _post(self, j: int, last: bool):
+        def hook(module, args, output):
+            h = _first_tensor(output)
+            if h is None:
+                raise SalfError(f"block {j} of {self.parts.model_type!r} returned no tensor")
+            self.roots[j] = h
+            self._switch("head" if last else "other")
+            return _replace_first(output, self._leaf(h, self.head_input_grad)) if last else None
+
+        return hook
+
+    def run(self, batch: Mapping[str, torch.Tensor]) -> _Probe:
+        handles = []
+        for j, block in enumerate(self.parts.blocks):
+            handles.append(block.register_forward_pre_hook(self._pre(j), with_kwargs=True))
+            handles.append(block.register_forward_hook(self._post(j, j == len(self.parts.blocks) - 1)))
+        try:
+            with self.mode:
+                with self.saved:
+                    out = self.model(**batch)
+                self._switch("done")
+                self.roots["head"] = out.loss
+                for part, root in self.roots.items():
+                    if root.requires_grad:
+                        before = self.flops()
+                        (root if root.dim() == 0 else root.sum()).backward()
+                        self.backward[part] += self.flops() - before
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self
+
+
+def run_probe(model: nn.Module, parts: ModelParts, batch: dict, input_grad: bool,
+         trainable: Callable[[str], bool], head_input_grad: bool | None = None) -> _Probe:
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(trainable(name)))
+    head_input_grad = input_grad if head_input_grad is None else head_input_grad
+    return _Probe(model, parts, input_grad, head_input_grad).run(batch)
+
+
+__all__ = ["MeasuredStep", "measure_step_flops", "run_probe", "tensor_bytes"]

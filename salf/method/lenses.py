@@ -1,0 +1,381 @@
+"""Lenses: what reads each latent state and turns it into per-datum deviations, and ``TraceConfig``,
+the settings they read. ``LENSES`` holds them by name; ``choose_lens`` picks one from the labels (token
+labels: ``logit-lens``; class labels: ``probe``) and the model.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from salf.data.batch import IGNORE_INDEX
+from salf.errors import SalfError
+from salf.method.probe import check_probe_data, cross_fitted_probe_loss, one_blas_thread, stratified_folds
+from salf.models.arch import ModelParts
+from salf.models.pooling import head_pooling
+from salf.registry import Registry
+
+LENSES: Registry[type[Lens]] = Registry("lens")
+
+
+TOKEN_LABELS = "tokens"
+
+
+CLASS_LABELS = "classes"
+
+
+_LABEL_WORDS = {
+    TOKEN_LABELS: "token labels (lists aligned with input_ids)",
+    CLASS_LABELS: "class labels (one int)",
+}
+
+
+DEFAULT_LENS = {CLASS_LABELS: "probe", TOKEN_LABELS: "logit-lens"}
+"""The lens used when none is asked for, by label kind."""
+
+
+# Upper bound on the elements of one [tokens, vocab chunk] logit block: keeps the lens's own memory
+# small (64 MiB in float32) whatever the batch size and sequence length.
+_MAX_LOGIT_ELEMENTS = 1 << 24
+
+
+def _first_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return hidden[:, 0]
+
+
+def _last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # collate right-pads, so the last real token sits at length - 1.
+    last = mask.sum(dim=1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _mean_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "first": _first_token,
+    "last": _last_token,
+    "mean": _mean_tokens,
+}
+
+
+def head_reads(parts: ModelParts) -> str:
+    """The ``POOLERS`` entry matching what ``parts.model``'s classification head reads."""
+    return head_pooling(parts.model) if parts.encoder else "last"
+
+
+@dataclass
+class TraceConfig:
+    """How to trace a model: which lens, how much data, and the probe's settings."""
+
+    lens: str | None = None
+    """Lens name from ``LENSES``; None picks one from the labels and the model (see ``choose_lens``)."""
+    sample_size: int = 256
+    """At most this many data are traced; a larger dataset is sampled without replacement by ``seed``."""
+    batch_size: int = 8
+    """Data per forward pass."""
+    seed: int = 0
+    """Seed of the data sample and of the probe's cross-fitting folds; same seed, same trace."""
+    vocab_chunk: int = 8192
+    """Vocabulary rows projected at a time by the token lenses (streaming logsumexp over chunks)."""
+    pooling: str = "auto"
+    """Probe input per datum: 'first' token, 'last' non-pad token, 'mean' of non-pad tokens, or 'auto'
+    (what the model's classification head reads: the last token for causal LMs, the first token for
+    encoders, the token mean for encoders given a mean-pooling head, see ``salf.models.pooling``)."""
+    probe_folds: int = 5
+    """Cross-fitting folds of the probe: each datum's deviation comes from a probe fitted without it,
+    so 1/probe_folds of the sample is held out from each fit."""
+    probe_l2: float = 0.1
+    """Weight of the squared L2 norm of the probe weights, added to the mean training cross-entropy
+    (features are standardised per layer, so one value suits every layer). Weaker values let a probe
+    memorise a small sample and score held-out data worse than chance, which shows up as noise in
+    the trace."""
+    probe_max_iter: int = 100
+    """L-BFGS-B iterations per probe fit."""
+    show_progress: bool = True
+    """Show tqdm progress bars (with ETA) for the forward pass and the probe fits."""
+
+    def __post_init__(self) -> None:
+        if self.lens is not None:
+            LENSES.get(self.lens)
+        for name in ("sample_size", "batch_size", "vocab_chunk", "probe_max_iter"):
+            if getattr(self, name) < 1:
+                raise SalfError(
+                    f"trace {name} must be at least 1, got {getattr(self, name)}", f"set {name} >= 1"
+                )
+        if self.pooling != "auto" and self.pooling not in POOLERS:
+            raise SalfError(
+                f"unknown pooling {self.pooling!r}", f"choose one of: auto, {', '.join(sorted(POOLERS))}"
+            )
+        if self.probe_folds < 2:
+            raise SalfError(f"probe_folds must be at least 2, got {self.probe_folds}", "set probe_folds >= 2")
+        if not self.probe_l2 >= 0:
+            raise SalfError(
+                f"probe_l2 must be >= 0, got {self.probe_l2}", "set probe_l2 to 0 or a small positive value"
+            )
+
+
+class Lens(abc.ABC):
+    """Reads each latent state as it is produced and turns what it read into per-datum deviations.
+
+    A lens is built once per trace from the model parts, the config and the sample; then, for every
+    batch, ``begin_batch`` is called with the sample rows of the batch, and ``read`` once per latent
+    space (l = 0..L) with that batch's hidden states [B, T, H]. ``result`` returns [N, L+1].
+    """
+
+    label_kind: str = TOKEN_LABELS
+    """Which labels the lens reads: TOKEN_LABELS (lists aligned with input_ids) or CLASS_LABELS (ints)."""
+    needs_head: bool = True
+    """Whether the lens reads the model's vocabulary head (and so needs a causal LM with one)."""
+    pooling: str = "targets"
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        self.parts = parts
+        self.config = config
+        self.n_data = len(sample)
+        self.num_latents = parts.num_layers + 1
+
+    @abc.abstractmethod
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None: ...
+
+    @abc.abstractmethod
+    def read(self, layer: int, hidden: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def result(self) -> np.ndarray: ...
+
+    def chance(self) -> float | None:
+        """``Trace.chance`` for this lens and sample (None: the lens has no natural 'knows nothing' level)."""
+        return None
+
+
+class TargetLens(Lens):
+    """A token lens: averages a per-token deviation over the target positions of each datum.
+
+    Position t is a target when labels[t+1] is not -100 (the Hugging Face shift: position t predicts
+    token t+1), so at l = L a lens that scores the model's own head reproduces the model's loss.
+    """
+
+    in_nats = False
+    """Whether the deviation is a cross-entropy (then the target tokens' frequencies give a chance level)."""
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        super().__init__(parts, config, sample)
+        head = parts.output_head()
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise SalfError(
+                f"{type(parts.model).__name__} has no vocabulary head with a weight matrix to read latent states with",
+                "use lens 'probe' (class labels) or load the model with its language-model head",
+            )
+        self.weight = weight
+        self.bias = getattr(head, "bias", None)
+        self.norm = parts.norm if parts.norm is not None else nn.Identity()
+        # Accumulated on the CPU in float64: one small transfer per layer and batch, exact sums.
+        self.sums = torch.zeros(self.n_data, self.num_latents, dtype=torch.float64)
+        self.counts = torch.zeros(self.n_data, dtype=torch.float64)
+        self.target_counts: dict[int, int] = {}
+
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        targets = batch["labels"][:, 1:]
+        b, t = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        self._b, self._t, self._y = b, t, targets[b, t]
+        self._owner = rows[b.cpu()]
+        self.counts.index_add_(0, self._owner, torch.ones(len(self._owner), dtype=torch.float64))
+        for token, n in zip(*np.unique(self._y.cpu().numpy(), return_counts=True)):
+            self.target_counts[int(token)] = self.target_counts.get(int(token), 0) + int(n)
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        # A model split over devices hands each layer's states over on that layer's device; the head's
+        # device is where they are read (`.to` is free when everything is on one device).
+        rows, cols = self._b.to(hidden.device), self._t.to(hidden.device)
+        x = self.norm(hidden[rows, cols].to(self.weight.device))
+        deviation = self.token_deviation(x, self._y.to(self.weight.device))
+        self.sums[:, layer].index_add_(0, self._owner, deviation.detach().to("cpu", torch.float64))
+
+    @abc.abstractmethod
+    def token_deviation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[n] deviation of normed latent states x [n, H] from target tokens y [n]."""
+
+    def result(self) -> np.ndarray:
+        return (self.sums / self.counts.clamp(min=1).unsqueeze(1)).numpy()
+
+    def chance(self) -> float | None:
+        """Entropy (nats) of the target tokens' frequencies in the sample: the loss of predicting them without
+        reading the text. In cross-entropy units, so only the logit lens has it (cosine has no such level)."""
+        if not self.in_nats or not self.target_counts:
+            return None
+        p = np.array(list(self.target_counts.values()), dtype=np.float64)
+        p /= p.sum()
+        return float(-(p * np.log(p)).sum())
+
+
+@LENSES.register("logit-lens")
+class LogitLens(TargetLens):
+    """d_{i,l} = mean over targets of CE(W . N(h_{i,l,t}), y_{i,t}): the model's loss read at depth l."""
+
+    in_nats = True
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        super().__init__(parts, config, sample)
+        # Gemma 2 squashes its logits before the loss; without it the l = L deviation is not the loss.
+        self.softcap = getattr(parts.model.config, "final_logit_softcapping", None)
+
+    def token_deviation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(x, self.weight, self.bias, y, self.config.vocab_chunk, self.softcap)
+
+
+@LENSES.register("basis-cosine")
+class BasisCosineLens(TargetLens):
+    """d_{i,l} = mean over targets of 1 - cos(N(h_{i,l,t}), W[y_{i,t}]), in [0, 2]."""
+
+    def token_deviation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        basis = self.weight[y]
+        return 1.0 - F.cosine_similarity(x.float(), basis.float(), dim=-1, eps=1e-8)
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    vocab_chunk: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Per-row CE of logits ``x @ weight.T + bias`` against ``y`` without materialising all logits.
+
+    The vocabulary is projected ``vocab_chunk`` rows at a time (and the rows of x in pieces), keeping a
+    running logsumexp and picking each target's logit from the chunk that holds it.
+    """
+    rows = max(1, _MAX_LOGIT_ELEMENTS // vocab_chunk)
+    pieces = [
+        _chunked_ce_rows(x[s : s + rows], weight, bias, y[s : s + rows], vocab_chunk, softcap)
+        for s in range(0, x.shape[0], rows)
+    ]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, dtype=torch.float32)
+
+
+def _chunked_ce_rows(x, weight, bias, y, vocab_chunk, softcap) -> torch.Tensor:
+    n = x.shape[0]
+    lse = torch.full((n,), -math.inf, dtype=torch.float32, device=x.device)
+    target = torch.zeros(n, dtype=torch.float32, device=x.device)
+    for start in range(0, weight.shape[0], vocab_chunk):
+        stop = start + vocab_chunk
+        logits = F.linear(x, weight[start:stop], None if bias is None else bias[start:stop]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        inside = (y >= start) & (y < stop)
+        idx = inside.nonzero(as_tuple=True)[0]
+        target[idx] = logits[idx, y[idx] - start]
+    return lse - target
+
+
+@LENSES.register("probe")
+class ProbeLens(Lens):
+    """d_{i,l} = held-out CE of a linear probe on the pooled latent state of datum i at layer l.
+
+    The pooled vector is the one a classification head reads (``TraceConfig.pooling``). Probes are
+    multinomial logistic regressions with L2, fitted by L-BFGS-B on standardised features, cross-fitted
+    over ``probe_folds`` stratified folds so that every datum is scored by a probe that never saw it.
+    """
+
+    label_kind = CLASS_LABELS
+    needs_head = False
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        super().__init__(parts, config, sample)
+        classes, self.labels = np.unique([int(d["labels"]) for d in sample], return_inverse=True)
+        self.num_classes = len(classes)
+        check_probe_data(self.labels, self.num_classes, config.probe_folds)
+        self.pooling = head_reads(parts) if config.pooling == "auto" else config.pooling
+        self._pool = POOLERS[self.pooling]
+        self.features: np.ndarray | None = None  # [N, L+1, H], allocated at the first read
+
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self._rows = rows
+        self._mask = batch["attention_mask"]
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        pooled = self._pool(hidden, self._mask.to(hidden.device)).detach().to("cpu", torch.float32).numpy()
+        if self.features is None:
+            self.features = np.zeros((self.n_data, self.num_latents, pooled.shape[-1]), dtype=np.float32)
+        self.features[self._rows.numpy(), layer] = pooled
+
+    def chance(self) -> float:
+        """Entropy (nats) of the sample's class frequencies: the cross-entropy of the best constant guess."""
+        p = np.bincount(self.labels, minlength=self.num_classes) / len(self.labels)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    def result(self) -> np.ndarray:
+        assert self.features is not None, "result() before any batch was read"
+        folds = stratified_folds(self.labels, self.config.probe_folds, self.config.seed)
+        out = np.empty((self.n_data, self.num_latents))
+        layers = tqdm(
+            range(self.num_latents), desc="probe", unit="layer", disable=not self.config.show_progress
+        )
+        with one_blas_thread():
+            for layer in layers:
+                x = self.features[:, layer].astype(np.float64)
+                out[:, layer] = cross_fitted_probe_loss(
+                    x, self.labels, self.num_classes, folds, self.config.probe_l2, self.config.probe_max_iter
+                )
+        return out
+
+
+def label_kind(data: Sequence[dict]) -> str:
+    """CLASS_LABELS when every datum's label is one int, TOKEN_LABELS when every one is a list."""
+    if not data:
+        raise SalfError("no data to trace", "give at least one tokenized datum")
+    try:
+        kinds = {CLASS_LABELS if _is_class_label(d["labels"]) else TOKEN_LABELS for d in data}
+    except (KeyError, TypeError):
+        raise SalfError(
+            "a datum lacks 'input_ids' or 'labels'", "tokenize the data with salf.data.encode.load_task_data (see salf/data/batch.py)"
+        ) from None
+    if len(kinds) > 1:
+        raise SalfError(
+            "the data mix class labels (ints) and token labels (lists)", "trace one task's data at a time"
+        )
+    return kinds.pop()
+
+
+def _is_class_label(labels: Any) -> bool:
+    return isinstance(labels, (int, np.integer)) and not isinstance(labels, bool)
+
+
+def choose_lens(parts: ModelParts, kind: str, requested: str | None) -> str:
+    """The lens to trace with: the requested one if it fits the labels and model, else the default."""
+    if requested is None:
+        requested = DEFAULT_LENS[kind]
+        fix = "give token labels with a causal LM that has its language-model head, or class labels"
+    else:
+        fix = "use lens 'probe' with class labels" if kind == CLASS_LABELS else "use lens 'logit-lens'"
+    lens = LENSES.get(requested)
+    if lens.label_kind != kind:
+        raise SalfError(
+            f"lens {requested!r} reads {_LABEL_WORDS[lens.label_kind]}, but the data have {_LABEL_WORDS[kind]}",
+            fix,
+        )
+    if lens.needs_head and (parts.encoder or parts.output_head() is None):
+        raise SalfError(
+            f"lens {requested!r} reads next-token predictions, but {type(parts.model).__name__} has no "
+            "causal language-model head",
+            "use lens 'probe' with class labels (a classification task)",
+        )
+    return requested
+
+
+__all__ = ["BasisCosineLens", "CLASS_LABELS", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "choose_lens", "chunked_cross_entropy", "head_reads", "label_kind"]
