@@ -1,1 +1,1 @@
-"""models"""
+"""The models: where each architecture keeps its parts, loading, built-in and tiny models, head pooling."""
