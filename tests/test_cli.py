@@ -339,3 +339,29 @@ def test_cli_defaults_are_the_library_defaults():
         args = parser.parse_args([command, "--model", "m", "--data", "d", "--out", "p"] if command == "plan" else [command])
         assert args.policy == DEFAULT_POLICY
     assert parser.parse_args(["plan", "--model", "m", "--data", "d", "--out", "p"]).estimator == DEFAULT_ESTIMATOR
+
+
+# ------------------------------------------------------------------------------ bad inputs, no traceback
+
+@pytest.mark.parametrize("name, content, line", [
+    ("latin1.jsonl", '{"text": "the cat sat"}\n{"text": "caf\u00e9 au lait"}\n', 2),
+    ("latin1.csv", "text\nthe cat sat\ncaf\u00e9 au lait\n", 3),
+])
+def test_data_file_that_is_not_utf8(tmp_path, capsys, llama, name, content, line):
+    bad = tmp_path / name
+    bad.write_bytes(content.encode("latin-1"))
+    rc, _, err = run(capsys, "plan", "--model", llama, "--data", bad, "--out", tmp_path / "p.json", *FAST_TRACE)
+    assert_clear_error(rc, err, name, "not UTF-8", f"line {line}", "re-encode the file as UTF-8")
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("flag, value, name", [
+    ("--lr", "nan", "--lr"), ("--lr", "inf", "--lr"), ("--lr", "-0.001", "--lr"), ("--head-lr", "nan", "head_learning_rate"),
+])
+def test_learning_rate_must_be_a_positive_number(tmp_path, capsys, llama, text_file, flag, value, name):
+    rc, _, err = run(capsys, "train", "--model", llama, "--data", text_file, "--out", tmp_path / "run",
+                     *FAST_TRAIN, flag, value)
+    assert rc == 2 and "Traceback" not in err
+    error = next(line for line in err.splitlines() if ": error: " in line)
+    assert name in error and "must be a positive" in error, err
+    assert not (tmp_path / "run" / "metrics.json").exists()

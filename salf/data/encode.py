@@ -167,7 +167,7 @@ def _single_text_data(
 ) -> tuple[list[list[int]], list[int]]:
     prefix, suffix = _special_affixes(tokenizer, texts[:3])
     if limit < len(prefix) + len(suffix) + 1:
-        raise SalfError(f"max_length {limit} leaves no room for text between the special tokens", "raise max_length")
+        raise SalfError(f"max_length {limit} leaves no room for text between the special tokens", "raise --max-length (max_length from Python)")
     ids, truncated, empty = [], [], []
     for number, body in enumerate(_encode(tokenizer, texts), start=1):
         seq, cut = _wrap(prefix, body, suffix, limit)
@@ -202,7 +202,7 @@ def _completion_data(prompts, completions, tokenizer, limit, path) -> tuple[list
     prefix, _ = _special_affixes(tokenizer, prompts[:3])
     eos = getattr(tokenizer, "eos_token_id", None)
     if limit < len(prefix) + 2:
-        raise SalfError(f"max_length {limit} leaves no room for a prompt and a completion", "raise max_length")
+        raise SalfError(f"max_length {limit} leaves no room for a prompt and a completion", "raise --max-length (max_length from Python)")
     data, truncated, empty = [], [], []
     prompt_ids, completion_ids = _encode(tokenizer, prompts), _encode(tokenizer, completions)
     for number, (p, c) in enumerate(zip(prompt_ids, completion_ids), start=1):
@@ -272,7 +272,7 @@ def load_task_data(
     if truncated:
         warnings.warn(
             f"{len(truncated)} of {len(data)} examples in {str(path)!r} were longer than {limit} tokens and were "
-            "truncated (raise max_length to keep them whole, up to the model's limit)",
+            "truncated (raise --max-length to keep them whole, up to the model's limit)",
             stacklevel=2,
         )
     return TaskData(

@@ -6,6 +6,7 @@ syntax error is reported with its line number instead of a pyarrow traceback.
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,41 @@ def records_from_file(path: str | Path) -> list[dict]:
         )
     if path.stat().st_size == 0:
         raise SalfError(f"data file {str(path)!r} is empty", "fill it with rows, one example each")
+    if fmt in ("json", "csv"):
+        _check_utf8(path)
     if fmt == "json":
         _check_json(path)
     rows = _load_with_datasets(path, fmt)
     if not rows:
         raise SalfError(f"data file {str(path)!r} has no rows", "fill it with rows, one example each")
     return rows
+
+
+def _check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Text files must be UTF-8: say so, with the line of the first bad byte, instead of a decoding traceback."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                # The decoder may hold up to 3 bytes of an unfinished character from the chunk before.
+                where = line + chunk[: max(e.start - len(e.object) + len(chunk), 0)].count(b"\n")
+                raise SalfError(
+                    f"data file {str(path)!r} is not UTF-8 text: line {where} has the byte "
+                    f"{e.object[e.start:e.start + 1]!r}, which UTF-8 does not allow there",
+                    f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name} "
+                    "(name the encoding it is in after -f)",
+                ) from None
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise SalfError(
+                f"data file {str(path)!r} is not UTF-8 text: it ends inside a character",
+                "re-encode the file as UTF-8 (e.g. with iconv), or check that it was copied whole",
+            ) from None
 
 
 def _check_json(path: Path) -> None:

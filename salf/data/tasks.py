@@ -51,7 +51,7 @@ class DataConfig:
         if self.label_mode == "words" and self.task not in (None, "classification"):
             raise SalfError(
                 f"label_mode 'words' turns classification data into completion data, but task is {self.task!r}",
-                "leave the task unset or set it to 'classification', or use label_mode 'head'",
+                "leave --task unset or set it to classification, or use --label-mode head",
             )
         if self.max_length < 2:
             raise SalfError(f"max_length must be at least 2 tokens, got {self.max_length}", "raise max_length")
@@ -124,8 +124,10 @@ def detect_task(fields: list[str], config: DataConfig) -> str:
 
 def _fields_fix(config: DataConfig) -> str:
     return (
-        "rename the fields in the file, or tell salf their names "
-        "(text_field / prompt_field / completion_field / label_field)"
+        f"rename the fields in the file to {config.text_field!r} (lm), {config.prompt_field!r} + "
+        f"{config.completion_field!r} (completion) or {config.text_field!r} + {config.label_field!r} "
+        "(classification); from Python, DataConfig's text_field / prompt_field / completion_field / label_field "
+        "name other fields"
     )
 
 

@@ -109,10 +109,12 @@ class TraceConfig:
     def __post_init__(self) -> None:
         if self.lens is not None:
             LENSES.get(self.lens)
+        flags = {"sample_size": "--sample-size", "batch_size": "--trace-batch-size"}  # the others: Python only
         for name in ("sample_size", "batch_size", "vocab_chunk", "probe_max_iter"):
             if getattr(self, name) < 1:
                 raise SalfError(
-                    f"trace {name} must be at least 1, got {getattr(self, name)}", f"set {name} >= 1"
+                    f"trace {name} must be at least 1, got {getattr(self, name)}",
+                    f"set {flags.get(name, name)} to 1 or more",
                 )
         if self.pooling != "auto" and self.pooling not in POOLERS:
             raise SalfError(

@@ -34,7 +34,8 @@ def check_probe_data(labels: np.ndarray, num_classes: int, folds: int) -> None:
     if len(labels) < need:
         raise SalfError(
             f"the probe lens with {folds} folds needs at least {need} data, got {len(labels)}",
-            "give more data (and --sample-size), or lower --probe-folds",
+            f"give at least {need} data with class labels (more rows in the file, and --sample-size {need} or more); "
+            "from Python, TraceConfig(probe_folds=...) with fewer folds needs fewer",
         )
 
 

@@ -16,6 +16,7 @@ vocabulary) serves tests without a model hub.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ from salf.models.pooling import HEAD_POOLINGS, apply_head_pooling, has_pooler
 from salf.models.pooling import head_pooling as _pooling_of
 
 log = logging.getLogger(__name__)
+
+_SAID_FRESH: set[tuple[str, tuple[str, ...]]] = set()
+"""(model, modules) already reported as freshly initialised in this process: said once, not per load."""
 
 MODEL_TASKS = ("lm", "completion", "classification")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,13 +104,12 @@ def load_model(
     tokenizer = load_tokenizer(name)
     model, info = _load_weights(name, task, config, torch_dtype)
     fresh = _fresh_head(model, info)
+    _say_fresh(given, _fresh_modules(model, info))
     _ensure_pad_token(model, tokenizer)
     _check_vocab(model, tokenizer, name)
     _cap_max_length(model.config, tokenizer)
     pooling = _apply_pooling(model, task, head_pooling)
     model.eval()
-    if fresh:
-        log.info("%s: the %s head is newly initialised and will be trained from scratch", name, task)
     return LoadedModel(model, tokenizer, task, fresh, model_type, given, pooling)
 
 
@@ -249,19 +252,20 @@ def _load_weights(name: str, task: str, config, dtype):
     try:
         # ignore_mismatched_sizes: a classifier checkpoint with another number of classes gets a
         # fresh head instead of an error (reported through fresh_head).
-        return auto.from_pretrained(
-            name,
-            config=config,
-            dtype=dtype,
-            output_loading_info=True,
-            ignore_mismatched_sizes=task == "classification",
-        )
+        with _without_load_report():
+            return auto.from_pretrained(
+                name,
+                config=config,
+                dtype=dtype,
+                output_loading_info=True,
+                ignore_mismatched_sizes=task == "classification",
+            )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             kind = "sequence-classification" if task == "classification" else "causal-LM"
             raise SalfError(
                 f"transformers has no {kind} class for model type {config.model_type!r}",
-                "pick a task this model supports (classification of a causal LM: label_mode 'words')",
+                "pick a task this model supports (classification of a causal LM: --label-mode words)",
             ) from e
         raise
     except OSError as e:
@@ -280,12 +284,53 @@ def _head_modules(model) -> list[str]:
     return names
 
 
+_LOAD_CHATTER = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+"""Loggers whose warnings while loading are about weights salf reports itself (``_say_fresh``): the load
+report's table of every missing or resized weight, and the list of layers no tensor-parallel plan shards
+(salf never loads with one)."""
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """Silence transformers' load-time warnings (``_LOAD_CHATTER``) for one ``from_pretrained``; errors still show."""
+    loggers = [logging.getLogger(name) for name in _LOAD_CHATTER]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _mismatched(info: dict) -> set[str]:
+    return {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys", ())}
+
+
+def _new_keys(model, info: dict) -> set[str]:
+    """Parameters the checkpoint did not provide (missing, or of another shape); tied ones excluded."""
+    return (set(info.get("missing_keys", ())) | _mismatched(info)) - _tied_names(model)
+
+
+def _fresh_modules(model, info: dict) -> list[str]:
+    """The modules holding newly initialised parameters, e.g. ['bert.pooler.dense', 'classifier']."""
+    return sorted({key.rsplit(".", 1)[0] for key in _new_keys(model, info)})
+
+
+def _say_fresh(name: str, modules: list[str]) -> None:
+    if not modules or (name, tuple(modules)) in _SAID_FRESH:
+        return
+    _SAID_FRESH.add((name, tuple(modules)))
+    shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6 else "")
+    log.warning("%s has no weights for %s in its checkpoint: they start from random values", name, shown)
+
+
 def _fresh_head(model, info: dict) -> bool:
     """True when some head weight was not in the checkpoint (or had the wrong shape)."""
-    tied = _tied_names(model)
     heads = _head_modules(model)
-    mismatched = {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys", ())}
-    new = (set(info.get("missing_keys", ())) | mismatched) - tied
+    mismatched = _mismatched(info)
+    new = _new_keys(model, info)
     outside = sorted(k for k in mismatched if not any(k.startswith(h + ".") for h in heads))
     if outside:
         raise SalfError(

@@ -137,7 +137,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise SalfError(
                 "resume and overwrite were both asked for",
-                "resume continues the run in the output directory; overwrite starts it again: pick one",
+                "--resume continues the run in the output directory, --overwrite starts it again: pick one",
             )
         if isinstance(self.lora_target_modules, list):
             self.lora_target_modules = tuple(self.lora_target_modules)

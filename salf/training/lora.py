@@ -18,7 +18,7 @@ def add_lora(model: nn.Module, spec: FreezeSpec, config: TrainConfig, task: str)
         raise SalfError("LoRA needs the peft package", "pip install 'salf[lora]'") from exc
     if not spec.trainable_blocks:
         raise SalfError(
-            "LoRA needs at least one trainable block in the plan", "use a smaller boundary or drop lora"
+            "LoRA needs at least one trainable block in the plan", "plan a smaller boundary, or train without --lora"
         )
     parts = find_parts(model)
     head_modules = sorted(

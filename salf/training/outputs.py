@@ -36,7 +36,7 @@ def prepare_out_dir(out: Path, config: TrainConfig, main: bool = True) -> str | 
         last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         if last is None:
             raise SalfError(
-                f"nothing to resume: no checkpoint in {ckpt_dir}", "run without resume to start training"
+                f"nothing to resume: no checkpoint in {ckpt_dir}", "run without --resume (TrainConfig.resume) to start training"
             )
         return last
     if not main:
@@ -47,7 +47,8 @@ def prepare_out_dir(out: Path, config: TrainConfig, main: bool = True) -> str | 
         if not config.overwrite:
             raise SalfError(
                 f"the output directory {out} is not empty",
-                "pass resume to continue the run there, overwrite to replace it, or pick another directory",
+                "pass --resume to continue the run there, --overwrite to replace it, or pick another --out "
+                "(from Python: TrainConfig resume / overwrite)",
             )
         for name in OUTPUTS:
             target = out / name

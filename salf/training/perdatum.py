@@ -288,7 +288,8 @@ def base_spec(
     if prefix_cache is not None:
         raise SalfError(
             "a prefix cache and per-datum boundaries were both asked for",
-            "a cache holds one boundary's prefix: drop prefix_cache or the per-datum boundaries",
+            "a cache holds one boundary's prefix: drop --prefix-cache or --per-datum (from Python: prefix_cache or the "
+            "boundaries)",
         )
     want = FreezeSpec.from_boundary(int(values.min()), num_layers)
     if spec is not None and spec != want:
