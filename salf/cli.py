@@ -96,6 +96,9 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--figure", default=None, help="also write the plan figure (PNG) here (default: beside --out)")
     g.add_argument("--per-datum", action="store_true",
                    help="also give each traced datum its own boundary from its own trace (train with --per-datum)")
+    g.add_argument("--head", choices=("tied", "untie"), default=None,
+                   help="for a model whose output head is tied to its input embeddings: keep it tied (default; frozen "
+                        "with the embeddings when k > 0) or untie it (a trainable copy; the embeddings stay frozen)")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -105,10 +108,21 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", default=None, help="plan.json from `salf plan` (absent: full fine-tuning)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is absent")
-    g.add_argument("--batch-size", type=int, default=8, help="per-device training batch size")
-    g.add_argument("--lr", type=float, default=5e-5, help="learning rate of the pretrained weights")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="per-device training batch size (default: the recipe's, 16 for a classifier, else 8)")
+    g.add_argument("--lr", default=None, metavar="LR|auto",
+                   help="learning rate of the pretrained weights (default: the recipe of the run's kind, see README); "
+                        "'auto' searches it for this plan on a held-out split first, within --lr-search-budget")
     g.add_argument("--head-lr", type=float, default=None,
-                   help="learning rate of the head (default: 1e-3 for a freshly initialised classification head, else --lr)")
+                   help="learning rate of the head (default: the recipe's, 2e-3 for a fresh classification head, else --lr)")
+    g.add_argument("--warmup-ratio", type=float, default=None,
+                   help="share of the steps spent warming the rate up (default: the recipe's, 0.1 for a classifier)")
+    g.add_argument("--lr-search-budget", type=float, default=0.15,
+                   help="with --lr auto: the search's cost as a share of this run's steps (default 0.15)")
+    g.add_argument("--match-compute", default=None, metavar="RUN",
+                   help="train as many steps as fit in that salf run's measured training FLOPs (its --out folder)")
+    g.add_argument("--max-flops", type=float, default=None, metavar="N",
+                   help="train as many steps as fit in N training FLOPs (stops before passing them)")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the planned blocks instead of full weights")
     g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")

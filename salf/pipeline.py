@@ -7,6 +7,7 @@ code. Results carry ``render()`` (terminal table) and ``to_json()``.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,10 +25,21 @@ from salf.method.gain import DEFAULT_ESTIMATOR, estimate_gains
 from salf.method.lenses import TraceConfig
 from salf.method.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, model_fingerprint
 from salf.method.trace import Trace, trace_model
+from salf.models.heads import check_head_mode, head_mode_for
 from salf.models.loading import LoadedModel, load_config, load_model, load_tokenizer
 from salf.table import render_table
-from salf.training.config import TrainConfig
+from salf.training.distributed import is_main_process
 from salf.training.run import train as run_training
+from salf.training.trainer import pad_id_of
+from salf.training.tuning import (
+    AUTO,
+    Flags,
+    compute_budget,
+    parse_learning_rate,
+    recipe_config,
+    search_rate,
+    size_to_budget,
+)
 
 
 @dataclass
@@ -136,6 +148,8 @@ class PlanResult:
         elif p.boundary == p.num_layers:
             summary = summary.replace(f"train blocks {p.boundary}..{p.num_layers - 1} + head",
                                       "train only the head (and the final norm)")
+        if p.head is not None:
+            summary += "\n" + HEAD_NOTES[p.head if p.boundary > 0 else "full"]
         if self.out:
             summary += f"\nwrote {self.out}" + (f" and {self.figure}" if self.figure else "")
         return table + summary
@@ -144,19 +158,30 @@ class PlanResult:
         return {**self.plan.to_dict(), "paths": {"plan": str(self.out), "figure": str(self.figure)}}
 
 
+HEAD_NOTES = {
+    "tied": "output head: tied to the input embeddings, so it stays frozen with them "
+            "(`salf plan --head untie` trains its own copy)",
+    "untie": "output head: untied, its own trainable copy of the embedding matrix; the input embeddings stay frozen",
+    "full": "output head: tied to the input embeddings, trained with them (full fine-tuning)",
+}
+
+
 def mean_length(task_data: TaskData) -> int:
     return max(2, int(round(float(np.mean([len(d["input_ids"]) for d in task_data.data])))))
 
 
 def run_plan(loaded: Loaded, trace_result: Trace, policy: str = DEFAULT_POLICY, estimator: str = DEFAULT_ESTIMATOR,
              cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
-             seed: int = 0, per_datum: bool = False) -> Plan:
+             seed: int = 0, per_datum: bool = False, head: str | None = None) -> Plan:
+    """``head``: 'tied' or 'untie' for a model with a tied output head (None: ``DEFAULT_HEAD_MODE``)."""
+    head_mode = head_mode_for(loaded.model.model, head)
     gains = estimate_gains(trace_result.mean, estimator, chance=trace_result.chance)
     profile = profile_cost(loaded.model.model, cost_batch, cost_seq or mean_length(loaded.data),
                            lora_rank=lora_rank if lora else None)
-    costs = boundary_costs(profile)
+    costs = boundary_costs(profile, untie_head=head_mode == "untie")
     info = {**data_info(loaded.data), "trace_sample": trace_result.n_data}
-    return make_plan(trace_result, gains, costs, policy, model_info(loaded.model), info, seed=seed, per_datum=per_datum)
+    return make_plan(trace_result, gains, costs, policy, model_info(loaded.model), info, seed=seed, per_datum=per_datum,
+                     head=head_mode)
 
 
 def plan(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
@@ -164,11 +189,12 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
          trace_batch_size: int = 8, pooling: str = "auto", policy: str = DEFAULT_POLICY, estimator: str = DEFAULT_ESTIMATOR,
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
          trace_file: str | None = None, figure: str | None = None, per_datum: bool = False,
-         head_pooling: str | None = None, no_progress: bool = False, **_: Any) -> PlanResult:
+         head_pooling: str | None = None, no_progress: bool = False, head: str | None = None, **_: Any) -> PlanResult:
     from salf.figures import plot_plan
     from salf.method.gain import ESTIMATORS
 
     check_policy(policy)  # fail in a second, not after a long trace
+    check_head_mode(head)
     ESTIMATORS.get(estimator)
     loaded = load(model, data, task, label_mode, max_length, limit, seed, head_pooling=head_pooling)
     t0 = time.perf_counter()
@@ -177,7 +203,8 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
     else:
         trace_result = run_trace(loaded, lens, sample_size, trace_batch_size, pooling, seed, not no_progress)
     t1 = time.perf_counter()
-    result = run_plan(loaded, trace_result, policy, estimator, cost_seq, cost_batch, lora, lora_rank, seed, per_datum)
+    result = run_plan(loaded, trace_result, policy, estimator, cost_seq, cost_batch, lora, lora_rank, seed, per_datum,
+                      head)
     t2 = time.perf_counter()
     out_path = result.save(out)
     fig_path = plot_plan(result, figure or Path(out).with_suffix(".png"))
@@ -219,7 +246,16 @@ class TrainResult:
         keys = ["boundary", "steps", "train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "train_seconds",
                 "step_seconds_median", "train_flops", "trainable_params", "total_params", "peak_rss_bytes"]
         rows = [[k, m[k]] for k in keys if k in m]
-        return render_table(["metric", "value"], rows, f"training run -> {self.out}")
+        search = m.get("lr_search")
+        if search:
+            tried = ", ".join(f"{c['learning_rate']:.3g}" for c in search["candidates"] if c["rung"] == 0)
+            rows.append(["lr (searched)", f"{search['learning_rate']:.3g} of {tried}; "
+                         f"search cost {search['step_share']:.1%} of the run's steps"])
+        budget = m.get("flops_budget")
+        if budget:
+            rows.append(["FLOPs budget used", budget["share_used"]])
+        text = render_table(["metric", "value"], rows, f"training run -> {self.out}")
+        return text + "".join(f"\nnote: {line}" for line in m.get("diagnosis", []))
 
     def to_json(self) -> dict[str, Any]:
         return self.metrics
@@ -227,17 +263,23 @@ class TrainResult:
 
 def train(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
           limit: int | None = None, seed: int = 0, eval_data: str | None = None, eval_fraction: float = 0.1,
-          plan: str | None = None, max_steps: int | None = None, epochs: float = 1.0, batch_size: int = 8,
-          lr: float = 5e-5, head_lr: float | None = None, lora: bool = False, lora_rank: int = 8,
+          plan: str | None = None, max_steps: int | None = None, epochs: float = 1.0, batch_size: int | None = None,
+          lr: float | str | None = None, head_lr: float | None = None, warmup_ratio: float | None = None,
+          lr_search_budget: float = 0.15, match_compute: str | None = None, max_flops: float | None = None,
+          lora: bool = False, lora_rank: int = 8,
           gradient_checkpointing: bool = False, eval_steps: int | None = None, save_steps: int = 200,
           resume: bool = False, overwrite: bool = False, bf16: bool = False, prefix_cache: str | None = None,
           per_datum: bool = False, head_pooling: str | None = None, no_progress: bool = False,
           **_: Any) -> TrainResult:
     """Fine-tune ``model`` on ``data``, with ``plan`` (a plan file) or fully.
 
-    With a plan, the head pools as the plan's model did: ``head_pooling`` None takes the plan's, and one
-    that differs from it is an error (the plan's trace read the other vector; see ``training_pooling``).
+    Flags left out take the recipe of the run's kind (``salf.training.recipes``); ``lr='auto'`` searches
+    the rate for this plan first, ``match_compute`` / ``max_flops`` train as many steps as the budget
+    buys (``salf.training.tuning``). With a plan, the head pools as the plan's model did: ``head_pooling``
+    None takes the plan's, and one that differs from it is an error (see ``training_pooling``).
     """
+    flags = Flags(lr=parse_learning_rate(lr), head_lr=head_lr, batch_size=batch_size, warmup_ratio=warmup_ratio)
+    budget = compute_budget(match_compute, max_flops)
     plan_obj = Plan.load(plan) if plan else None
     pooling = training_pooling(head_pooling, plan_obj)
     loaded = load(model, data, task, label_mode, max_length, limit, seed, head_pooling=pooling)
@@ -246,21 +288,41 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     train_data, held_out = (loaded.data, None) if eval_data else split_holdout(loaded.data, eval_fraction, seed)
     if eval_data:
         held_out = loaded.load_eval(eval_data)
-    config = TrainConfig(max_steps=max_steps, epochs=epochs, batch_size=batch_size, learning_rate=lr,
-                         head_learning_rate=head_lr, lora=lora, lora_rank=lora_rank,
-                         gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps,
-                         resume=resume, overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress,
-                         prefix_cache=prefix_cache)
+    config, recipe = recipe_config(
+        loaded.data.task, flags, max_steps=max_steps, epochs=epochs, lora=lora, lora_rank=lora_rank,
+        gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps, resume=resume,
+        overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress, prefix_cache=prefix_cache)
     boundaries = None
     if per_datum:
         if plan_obj is None or plan_obj.per_datum_boundaries is None:
             raise SalfError("--per-datum needs a plan with per-datum boundaries", "make the plan with `salf plan --per-datum`")
+        if flags.lr == AUTO or budget is not None:
+            raise SalfError("--per-datum trains each batch at its own boundary; --lr auto and compute budgets size "
+                            "one plan", "pass a fixed --lr and --max-steps with --per-datum")
         boundaries = datum_boundaries_for(plan_obj, loaded.data, train_data)
     # With per-datum boundaries each batch gets its own spec; train() derives the widest one itself.
     spec = plan_obj.freeze_spec() if plan_obj is not None and boundaries is None else None
-    metrics = run_training(loaded.model.model, loaded.model.tokenizer, train_data.data, held_out.data, spec, config, out,
+    tokenizer = loaded.model.tokenizer
+    extra: dict[str, Any] = {"recipe": recipe}
+    if budget is not None:
+        config, extra["compute_budget"] = size_to_budget(loaded.model.model, pad_id_of(tokenizer, loaded.model.model),
+                                                         train_data.data, spec, config, budget)
+    if flags.lr == AUTO:
+        def fresh_model():
+            names = loaded.data.label_names if loaded.data.task == "classification" else None
+            return load_model(model, loaded.data.task, label_names=names, head_pooling=pooling).model
+
+        progress = None if no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+        config, extra["lr_search"] = search_rate(fresh_model, tokenizer, train_data.data, spec, config,
+                                                 loaded.data.task, out, lr_search_budget, progress)
+    metrics = run_training(loaded.model.model, tokenizer, train_data.data, held_out.data, spec, config, out,
                            plan_dict=plan_obj.to_dict() if plan_obj else None, task=loaded.data.task,
                            boundaries=boundaries)
+    if "lr_search" in extra and metrics.get("train_seconds"):
+        extra["lr_search"]["seconds_share_of_run"] = extra["lr_search"]["wall_seconds"] / metrics["train_seconds"]
+    metrics.update(extra)
+    if is_main_process():
+        write_json(Path(out) / "metrics.json", metrics)
     return TrainResult(metrics, Path(out))
 
 

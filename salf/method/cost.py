@@ -143,6 +143,9 @@ class CostProfile:
     profiled_blocks: int = 0
     """Blocks actually run to measure the profile (fewer than ``num_layers`` when identical blocks
     were measured once and replicated); 0 means all."""
+    params_output_projection: int = 0
+    """Parameters of a tied output projection (counted once, in ``params_embeddings``): an untied head
+    (``salf.models.heads.untie_head``) adds a trainable copy of this size. 0 when the head is not tied."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -274,13 +277,16 @@ def step_cost(
     train_embeddings: bool = False,
     train_head: bool = True,
     optimizer: str = "adamw",
+    untie_head: bool = False,
 ) -> StepCost:
     """Cost of one step that trains ``trainable_blocks`` (any set, contiguous or not).
 
     ``train_head`` trains the final norm and the head (with LoRA too: the head is trained fully, as
     peft's ``modules_to_save``). ``train_embeddings`` trains the embeddings, and with them a tied
-    output projection. With a LoRA profile the trainable blocks carry adapters and their base
-    weights stay frozen; frozen blocks carry none.
+    output projection. ``untie_head`` (a no-op for an untied model) gives the head its own copy of a
+    tied projection: one more parameter matrix, trained with the head (its weight gradient and
+    optimizer state), while the embeddings follow ``train_embeddings``. With a LoRA profile the
+    trainable blocks carry adapters and their base weights stay frozen; frozen blocks carry none.
     """
     if optimizer not in OPTIMIZER_STATES:
         raise SalfError(f"unknown optimizer {optimizer!r}", f"use one of {', '.join(OPTIMIZER_STATES)}")
@@ -329,7 +335,11 @@ def step_cost(
         bwd_w += profile.backward_embeddings
         activation += profile.activation_embeddings
     head_input = train_embeddings or bool(chosen)
-    key = head_key(head_input, train_head, train_embeddings and profile.tied_head)
+    untied = untie_head and profile.tied_head
+    # The projection's weight gradient is paid when it trains: with the embeddings while tied, with the
+    # head once untied (the same matmul either way, measured in the tied profile's head passes).
+    projection_trained = (train_head if untied else train_embeddings) and profile.tied_head
+    key = head_key(head_input, train_head, projection_trained)
     head_in = profile.backward_head[head_key(True, False, False)] if head_input else 0.0
     bwd_in += head_in
     bwd_w += profile.backward_head[key] - head_in
@@ -340,6 +350,9 @@ def step_cost(
         trainable += profile.params_embeddings + profile.params_other
     if train_head:
         trainable += profile.params_norm + profile.params_head
+    copy = profile.params_output_projection if untied else 0
+    if train_head:
+        trainable += copy
     adapters = 0
     if lora:
         adapters = sum(profile.lora_params[j] for j in chosen)
@@ -351,27 +364,29 @@ def step_cost(
         forward=float(forward),
         backward_input=float(bwd_in),
         backward_weight=float(bwd_w),
-        param_bytes=profile.total_params * profile.dtype_bytes + adapter_bytes,
+        param_bytes=(profile.total_params + copy) * profile.dtype_bytes + adapter_bytes,
         grad_bytes=trainable * profile.dtype_bytes + adapter_bytes,
         optimizer_bytes=(trainable + adapters) * state_bytes,
         activation_bytes=int(activation),
         trainable_params=trainable + adapters,
-        total_params=profile.total_params + adapters,
+        total_params=profile.total_params + copy + adapters,
     )
 
 
-def boundary_costs(profile: CostProfile, train_head: bool = True, optimizer: str = "adamw") -> list[StepCost]:
+def boundary_costs(profile: CostProfile, train_head: bool = True, optimizer: str = "adamw",
+                   untie_head: bool = False) -> list[StepCost]:
     """Step cost at every boundary k = 0..L.
 
     k = 0 is full fine-tuning (embeddings included; with a LoRA profile: adapters on every block and
     frozen embeddings); k > 0 freezes the embeddings and blocks 0..k-1 and trains blocks k..L-1 plus
-    (``train_head``) the final norm and head. k = L trains the head alone.
+    (``train_head``) the final norm and head. k = L trains the head alone. ``untie_head`` unties a tied
+    head at every k > 0 (at k = 0 the tied projection trains with the embeddings anyway).
     """
     n = profile.num_layers
     lora = profile.lora_rank is not None
     return [
         step_cost(profile, range(k, n), train_embeddings=(k == 0 and not lora), train_head=train_head,
-                  optimizer=optimizer)
+                  optimizer=optimizer, untie_head=untie_head and k > 0)
         for k in range(n + 1)
     ]
 

@@ -296,6 +296,7 @@ def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: 
         params_embeddings=groups["embeddings"],
         params_norm=groups["norm"],
         params_head=groups["head"],
+        params_output_projection=out_emb.weight.numel() if tied else 0,
         params_other=groups["other"],
         forward_embeddings=float(full.forward["embeddings"]),
         forward_head=float(full.forward["head"]),

@@ -22,7 +22,10 @@ Three things happen (METHOD.md section 5):
 Tied embeddings: where the output head shares its weight with the input embeddings (GPT-2's
 ``lm_head`` is ``wte``), the shared weight is one parameter and ``named_parameters`` lists it once,
 under the embeddings. So a tied head is trained only when the embeddings are trainable; with
-``embeddings=False`` the head keeps the pretrained vocabulary projection whatever ``head`` says.
+``embeddings=False`` the head keeps the pretrained vocabulary projection whatever ``head`` says,
+unless the spec says ``untie_head``: ``apply_plan`` then gives the head its own copy of the matrix
+(``salf.models.heads.untie_head``), which trains with the head while the embeddings stay frozen. The
+untying is a change to the model, not a hook: ``remove()`` does not tie the matrices again.
 
 ``FreezeReport.remove()`` takes every hook off and restores each parameter's ``requires_grad``.
 """
@@ -37,6 +40,7 @@ from torch import nn
 
 from salf.errors import SalfError
 from salf.models.arch import ModelParts, find_parts
+from salf.models.heads import untie_head
 
 GROUPS_ORDER = ("embeddings", "block", "norm", "head", "other")
 
@@ -53,7 +57,9 @@ class FreezeSpec:
     """Train the final norm (ignored for models without one)."""
     head: bool = True
     """Train the output head (``lm_head``, ``score``, ``classifier`` and head extras such as BERT's pooler).
-    A head tied to the input embeddings follows ``embeddings`` instead."""
+    A head tied to the input embeddings follows ``embeddings`` instead, unless ``untie_head``."""
+    untie_head: bool = False
+    """Give a head tied to the input embeddings its own trainable copy of the matrix (no-op when untied)."""
 
     def __post_init__(self) -> None:
         blocks = tuple(self.trainable_blocks)
@@ -105,12 +111,15 @@ class FreezeSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "trainable_blocks": list(self.trainable_blocks),
             "embeddings": self.embeddings,
             "norm": self.norm,
             "head": self.head,
         }
+        if self.untie_head:  # only when set: specs (and the fingerprints made of them) stay as they were
+            data["untie_head"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FreezeSpec:
@@ -120,6 +129,7 @@ class FreezeSpec:
                 embeddings=bool(data["embeddings"]),
                 norm=bool(data.get("norm", True)),
                 head=bool(data.get("head", True)),
+                untie_head=bool(data.get("untie_head", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SalfError(
@@ -292,6 +302,8 @@ def apply_plan(
             f"the plan trains block {spec.trainable_blocks[-1]} but the model has {num_layers} blocks (0..{num_layers - 1})",
             "make the plan for this model (check the model name and the plan file)",
         )
+    if spec.untie_head:
+        untie_head(inner)  # before the groups are counted: the untied head is a parameter of its own
     full = spec.is_full(num_layers)
 
     # 1. requires_grad, by one predicate over named_parameters.

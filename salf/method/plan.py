@@ -223,6 +223,10 @@ class Plan:
     """Per-datum policy: one boundary per traced datum (from its own deviation trace)."""
     per_datum_indices: list[int] | None = None
     """Positions, in the planned data file, of the data ``per_datum_boundaries`` belong to."""
+    head: str | None = None
+    """For a model whose output head is tied to its input embeddings: 'tied' (the head stays tied, so it
+    is frozen with the embeddings when k > 0) or 'untie' (it gets its own trainable copy; see
+    ``salf.models.heads``). None for a model without a tied head."""
     format: int = PLAN_FORMAT
     salf_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -241,6 +245,7 @@ class Plan:
         return FreezeSpec(
             trainable_blocks=tuple(t["blocks"]), embeddings=bool(t["embeddings"]),
             norm=bool(t.get("norm", True)), head=bool(t.get("head", True)),
+            untie_head=bool(t.get("untie_head", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,11 +318,12 @@ def model_fingerprint(model) -> dict[str, Any]:
 
 
 def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any], data_info: dict[str, Any],
-              seed: int = 0, per_datum: bool = False) -> Plan:
+              seed: int = 0, per_datum: bool = False, head: str | None = None) -> Plan:
     """Choose the boundary and record the evidence.
 
     ``trace`` is a ``salf.method.trace.Trace``, ``gains`` a ``salf.method.gain.Gains``, ``costs`` the
-    ``salf.method.cost.StepCost`` of every boundary k = 0..L (``salf.method.cost.boundary_costs``).
+    ``salf.method.cost.StepCost`` of every boundary k = 0..L (``salf.method.cost.boundary_costs``, made
+    with the same head choice). ``head``: 'tied' or 'untie' for a model with a tied head, else None.
     """
     full_cost = costs[0]
     cost = np.array([c.total / full_cost.total for c in costs])
@@ -335,10 +341,13 @@ def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any]
         "step_flops": float(chosen.total),
         "full_step_flops": float(full_cost.total),
     }
+    trainable = {"blocks": list(range(k, num_layers)), "embeddings": k == 0, "norm": True, "head": True}
+    if head == "untie" and k > 0:  # at k = 0 the tied head trains with the embeddings anyway
+        trainable["untie_head"] = True
     return Plan(
         boundary=k,
         num_layers=num_layers,
-        trainable={"blocks": list(range(k, num_layers)), "embeddings": k == 0, "norm": True, "head": True},
+        trainable=trainable,
         trace=[float(v) for v in trace.mean],
         trace_std=[float(v) for v in trace.std],
         gains=[float(v) for v in gains.values],
@@ -353,6 +362,7 @@ def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any]
         data=data_info,
         per_datum_boundaries=per_datum_boundaries(trace, cost, policy, seed) if per_datum else None,
         per_datum_indices=[int(i) for i in trace.indices] if per_datum else None,
+        head=head,
     )
 
 

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from salf.errors import SalfError
 from salf.method.freeze import FreezeReport, FreezeSpec, applied_report, apply_plan
+from salf.models.heads import has_tied_head
 from salf.training.distributed import is_distributed, rank_and_world, reduce_step
 
 log = logging.getLogger("salf.training")
@@ -117,6 +118,12 @@ class SalfCallback(TrainerCallback):
             return
         if self.spec is None:
             return
+        if optimizer is not None and self.spec.untie_head and has_tied_head(model):
+            raise SalfError(
+                "the plan unties the output head, but the Trainer built its optimizer before the plan was applied",
+                "pass SalfCallback to the Trainer's constructor (it applies the plan when the Trainer is built), "
+                "or call salf.method.freeze.apply_plan before making the optimizer",
+            )
         self.report = apply_plan(model, self.spec)
         if optimizer is not None:  # built before the plan: drop the frozen parameters and their state
             for group in optimizer.param_groups:

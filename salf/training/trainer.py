@@ -156,6 +156,11 @@ def _check_data(data: Sequence[dict], task: str, what: str) -> None:
             raise SalfError(f"{what} datum {i}: labels and input_ids differ in length")
 
 
+def pad_id_of(tokenizer_or_pad_id: Any, model: nn.Module) -> int:
+    """The pad token id a run collates with (the tokenizer's pad, else its eos, else the config's)."""
+    return _pad_id(tokenizer_or_pad_id, model)[0]
+
+
 def _pad_id(tokenizer_or_pad_id: Any, model: nn.Module) -> tuple[int, Any]:
     if isinstance(tokenizer_or_pad_id, (int, np.integer)) and not isinstance(tokenizer_or_pad_id, bool):
         return int(tokenizer_or_pad_id), None
@@ -408,4 +413,4 @@ def fit(
     return metrics
 
 
-__all__ = ["fit"]
+__all__ = ["fit", "pad_id_of", "resumed_step_of"]
