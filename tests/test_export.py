@@ -21,7 +21,9 @@ import yaml
 from torch import nn
 
 from salf.errors import SalfError
-from salf.export import EXPORTERS, export_plan, plan_fingerprint
+from salf.export import export_plan
+from salf.export_context import plan_fingerprint
+from salf.export_tools import EXPORTERS
 from salf.method.freeze import apply_plan
 from salf.method.plan import Plan, model_fingerprint
 from salf.models.arch import find_parts

@@ -17,9 +17,9 @@ import salf
 
 ROOT = Path(salf.__file__).parent
 
-# Group of a module: the longest matching name (a package name covers everything inside it).
+# Group of a module: the longest matching name (a subpackage covers everything inside it; the package
+# root ``salf`` itself is base, but a new top-level module must be placed here by name).
 GROUPS = {
-    "salf": "base",
     "salf.errors": "base",
     "salf.fileio": "base",
     "salf.registry": "base",
@@ -32,6 +32,8 @@ GROUPS = {
     "salf.pipeline": "commands",
     "salf.demo": "commands",
     "salf.export": "commands",
+    "salf.export_context": "commands",
+    "salf.export_tools": "commands",
     "salf.report": "commands",
     "salf.report_runs": "commands",
     "salf.report_figures": "commands",
@@ -129,6 +131,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def group_of(module: str) -> str | None:
+    if module == "salf":
+        return "base"
     name = _resolve(module, GROUPS)
     return GROUPS[name] if name else None
 
