@@ -17,7 +17,7 @@ and returns a ``BaselineChoice``: either a **boundary** k, whose quality is then
 - ``cosine-change`` (training-free, one forward pass; a 2025 study reports it within 1-2% of full
   fine-tuning on 15 classification tasks): block l's importance is the mean over traced data of
   1 - cos(p_l, p_{l+1}), p being the pooled representation the head reads (the first token, the last or
-  the token mean, as ``salf.method.trace.head_reads`` says); the boundary is the lowest
+  the token mean, as ``salf.method.lenses.head_reads`` says); the boundary is the lowest
   of the ceil(L/4) most-changing blocks (``cosine_change_boundary``);
 - ``lora``: LoRA adapters on every block (PEFT's default modules), embeddings frozen, head trained;
 - ``lisa``: LISA-style layerwise importance sampling: embeddings and head always trained, plus
@@ -255,7 +255,7 @@ def _read_positions(data: Sequence[dict]) -> tuple[list[int], list[int | None], 
     """(data index, position to read, class) per usable datum.
 
     Classification: no one position (None): ``latent_features`` pools what the classification head
-    reads (``salf.method.trace.head_reads``: the first token of an encoder, the token mean for a mean-pooling
+    reads (``salf.method.lenses.head_reads``: the first token of an encoder, the token mean for a mean-pooling
     head, the last non-pad token of a causal LM), class = the label. Token data: the position that
     predicts the first target token, class = that token.
     """
@@ -281,7 +281,7 @@ def latent_features(model: torch.nn.Module, data: Sequence[dict], positions: Seq
                     batch_size: int = 16) -> np.ndarray:
     """[N, L+1, H] hidden state of each datum at its position, at every latent space l = 0..L
     (the input of block 0, then each block's output, before any final norm). A position None reads
-    what the model's classification head reads instead (``salf.method.trace.POOLERS[head_reads(parts)]``:
+    what the model's classification head reads instead (``salf.method.lenses.POOLERS[head_reads(parts)]``:
     the first token, the last non-pad token, or the mean of the non-pad tokens)."""
     parts = find_parts(model)
     pool = POOLERS[head_reads(parts)]
