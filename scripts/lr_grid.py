@@ -1,0 +1,117 @@
+"""Is `salf train`'s default recipe (and `--lr auto`) as good as the best of a learning-rate grid?
+
+For every task of a benchmark suite, full fine-tuning is trained with `salf train` at the suite's steps:
+once per rate of a four-rate grid (body rate; the head keeps the recipe's rate), once with no rate flag
+(the recipe of the run's kind) and once with `--lr auto`. Results go to OUT/results.json (resumable: a
+finished run is read back, not retrained) and OUT/results.md: per task, accuracy by rate, the default
+and --lr auto as shares of the grid's best, and what the search cost.
+
+    python scripts/lr_grid.py --suite minilm-quick --seeds 0,1,2 --out bench_out/lr-grid
+
+Issue #11's targets: default >= 95% of the grid's best; --lr auto likewise at <= 15% of the run's cost;
+the default's standard deviation over three seeds <= 2 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from salf.bench.suite import BenchSuite
+from salf.bench.tasks import PreparedTask
+from salf.fileio import write_atomic, write_json
+from salf.pipeline import train
+
+GRID = (3e-5, 1e-4, 3e-4, 1e-3)
+
+
+def variants(rates: tuple[float, ...]) -> dict[str, dict]:
+    return {**{f"lr={r:g}": {"lr": r} for r in rates}, "default": {}, "auto": {"lr": "auto"}}
+
+
+def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path) -> dict:
+    folder = out / task.name / f"s{seed}" / name.replace("=", "-")
+    done = folder / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    result = train(model=prepared.model_path, data=str(prepared.train_file), eval_data=str(prepared.eval_file),
+                   out=str(folder), max_steps=task.steps, seed=seed, max_length=task.max_length,
+                   head_pooling=task.head_pooling, no_progress=True, overwrite=True, save_steps=10_000, **flags)
+    return result.metrics
+
+
+def _accuracies(rows: list[dict], name: str) -> list[float]:
+    return [r["accuracy"] for r in rows if r["variant"] == name and r["accuracy"] is not None]
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{100 * statistics.mean(values):.1f}{std}"
+
+
+def _share(values: list[float], best: float | None) -> str:
+    return f"{statistics.mean(values) / best:.1%}" if values and best else "-"
+
+
+def summarise(rows: list[dict], rates: tuple[float, ...]) -> str:
+    """One row per task: accuracy (mean ± std over seeds, %) per grid rate, default and --lr auto."""
+    lines = ["| task | seeds | " + " | ".join(f"lr {r:g}" for r in rates)
+             + " | default | default / best | --lr auto | auto / best | auto's rates | search cost |",
+             "|---" * (len(rates) + 8) + "|"]
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
+        grid = [_accuracies(mine, f"lr={r:g}") for r in rates]
+        best = max((statistics.mean(v) for v in grid if v), default=None)
+        default, auto = _accuracies(mine, "default"), _accuracies(mine, "auto")
+        searched = [r for r in mine if r["variant"] == "auto"]
+        chosen = ", ".join(f"{r['chosen_lr']:.3g}" for r in searched)
+        cost = ", ".join(f"{100 * r['search_share']:.0f}%" for r in searched)
+        lines.append(f"| {task} | {seeds} | " + " | ".join(_cell(v) for v in grid)
+                     + f" | {_cell(default)} | {_share(default, best)} | {_cell(auto)} | {_share(auto, best)}"
+                     + f" | {chosen} | {cost} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", default="minilm-quick")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--rates", default=",".join(f"{r:g}" for r in GRID))
+    p.add_argument("--out", type=Path, default=Path("bench_out/lr-grid"))
+    p.add_argument("--data-dir", type=Path, default=None, help="where the suite's data are built (default: --out)")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    suite = BenchSuite.load(a.suite)
+    wanted = set(a.tasks.split(",")) if a.tasks else None
+    rates = tuple(float(r) for r in a.rates.split(","))
+    seeds = [int(s) for s in a.seeds.split(",")]
+    rows: list[dict] = []
+    for task in suite.tasks:
+        if wanted and task.name not in wanted:
+            continue
+        prepared = PreparedTask.prepare(task, a.data_dir or a.out)
+        for seed in seeds:
+            for name, flags in variants(rates).items():
+                m = run_one(task, prepared, seed, name, flags, a.out)
+                search = m.get("lr_search") or {}
+                rows.append({"task": task.name, "seed": seed, "variant": name, "accuracy": m.get("eval_accuracy"),
+                             "learning_rate": m["config"]["learning_rate"], "train_seconds": m.get("train_seconds"),
+                             "chosen_lr": search.get("learning_rate"), "search_share": search.get("step_share"),
+                             "search_seconds_share": search.get("seconds_share_of_run"),
+                             "diagnosis": m.get("diagnosis", [])})
+                write_json(a.out / "results.json", rows)
+                write_atomic(a.out / "results.md", summarise(rows, rates) + "\n")
+                print(f"{task.name} seed {seed} {name}: accuracy {m.get('eval_accuracy')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
