@@ -399,7 +399,7 @@ def test_head_pooling_task_option_keeps_the_old_recipes(tmp_path):
     # the fingerprint this task had before head_pooling existed: finished runs are found by it
     assert task.recipe_fingerprint() == "3d5584261945b1ae"
     old = {k: v for k, v in dataclasses.asdict(task).items()
-           if k not in ("head_pooling", "seeds", "ceiling_steps", "equal_compute")}
+           if k not in ("head_pooling", "seeds", "ceiling_steps", "equal_compute", "lr_search", "head_modes")}
     assert task.recipe_fingerprint() == fingerprint(old)
     for suite in ("smoke", "minilm-quick"):
         for t in BenchSuite.load(suite).tasks:

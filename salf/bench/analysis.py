@@ -5,12 +5,9 @@ over seeds (``analyze``), and every plan's and baseline's regret per model, pool
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from salf.bench.scoring import (
     REGRET_KEYS,
@@ -21,19 +18,14 @@ from salf.bench.scoring import (
     regret_key,
     tradeoff_fields,
 )
+from salf.bench.scoring import stats as _stats
 from salf.bench.store import complete_records, load_runs
 from salf.bench.suite import LOSS, QUALITY
+from salf.bench.sweeps_report import analyze_sweeps
 from salf.method.plan import DEFAULT_POLICY
 
 PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_ratio")
 """What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
-
-
-def _stats(values: Iterable[float | None]) -> dict[str, Any]:
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    if not v:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
 def analyze(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -126,7 +118,9 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
             "unavailable": unavailable, "plan_regret": _plan_regret(rows),
             "per_datum": _per_datum_comparison(records, oracle, point),
             "n_train": meta.get("n_train"), "n_eval": meta.get("n_eval"),
-            "recipe": meta.get("task_config", {}), "target": _target_check(per_k, variants)}
+            "recipe": meta.get("task_config", {}), "target": _target_check(per_k, variants),
+            # extra sweeps (searched rates, untied head): their own tables, never in the regret tables
+            "sweeps": analyze_sweeps(records, oracle, point, meta)}
 
 
 TARGET_QUALITY, TARGET_FLOPS = 0.99, 0.60

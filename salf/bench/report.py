@@ -18,6 +18,7 @@ from salf.bench.analysis import REGRET_TABLE_ORDER, analyze, combined_regret, re
 from salf.bench.progress import duration, now
 from salf.bench.scoring import REGRET_KEYS, TRADEOFF_LAMBDAS
 from salf.bench.suite import BenchSuite
+from salf.bench.sweeps_report import render_sweeps
 from salf.errors import SalfError
 from salf.fileio import write_atomic, write_json
 from salf.method.plan import DEFAULT_POLICY
@@ -200,6 +201,7 @@ def render_markdown(suite: BenchSuite, analysis: dict[str, Any], out_dir: Path) 
                 parts += [f"### {title}", "", _md_table(VARIANT_HEADERS, rows), ""]
             if title == "salf plans" and task.get("per_datum"):
                 parts += _per_datum_section(task["per_datum"])
+        parts += render_sweeps(task)
         if task["unavailable"]:
             parts += ["### Not available", "", *(f"- `{u['variant']}` seed {u['seed']}: {u['status']}: "
                                                  f"{(u['error'] or '').splitlines()[0]}" for u in task["unavailable"]), ""]

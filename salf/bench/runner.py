@@ -20,6 +20,11 @@ seeds. For every task and seed the benchmark runs
    padded token (the oracle run at that boundary) times the padded tokens it trained at that boundary;
 5. optionally a **ceiling** (full fine-tuning for ``ceiling_steps``) and **equal-compute** runs (each
    planned boundary trained for as many steps as fit in the full run's FLOPs).
+6. optionally **extra sweeps** (``salf.bench.sweeps``, task options): every boundary again at its own
+   searched learning rate (``lr_search``: ``oracle-searched/k=K``) and, for a model with a tied output
+   head, every boundary with the head untied plus salf's default plan costed untied (``head_modes``
+   with 'untie': ``oracle-untied/k=K``, ``salf-untied/...``). Shown beside the main sweep in their own
+   tables; the regret tables stay on the main (shared-rate, tied) sweep.
 
 Everything lands in ``out_dir``: ``runs.json`` (every run and plan, rewritten atomically after each),
 ``results.md`` (first every plan and baseline's regret per model, pooled over tasks and seeds; then per task
@@ -112,10 +117,12 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
         # them leaves it only what the run made.
         gc.freeze()
         try:
+            for b in benches:  # an extra sweep the model cannot run is refused before anything trains
+                b.check_sweeps()
             for b in benches:
                 for seed in b.t.seeds:
                     (b.replan_seed if replan else b.run_seed)(seed)
-                for name in ("loaded", "eval_data", "costs"):
+                for name in ("loaded", "eval_data", "costs", "costs_untied"):
                     b.__dict__.pop(name, None)
                 gc.collect()
         finally:

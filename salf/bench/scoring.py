@@ -5,8 +5,18 @@ at the ``TRADEOFF_LAMBDAS`` and the share of the best quality kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+
+def stats(values: Iterable[float | None]) -> dict[str, Any]:
+    """Mean, std (n-1) and count of the finite values (None where there is none)."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(v)}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -106,4 +116,4 @@ def tradeoff_fields(metrics: dict[str, Any], oracle_runs: dict[int, dict], q_nam
             **{regret_key(lam): tradeoff_regret(cost, own, costs, points, lam) for lam in TRADEOFF_LAMBDAS}}
 
 
-__all__ = ["ratio", "REGRET_KEYS", "TRADEOFF_LAMBDAS", "pareto_frontier", "quality_points", "regret", "regret_key", "share_kept", "tradeoff_fields", "tradeoff_regret"]
+__all__ = ["ratio", "stats", "REGRET_KEYS", "TRADEOFF_LAMBDAS", "pareto_frontier", "quality_points", "regret", "regret_key", "share_kept", "tradeoff_fields", "tradeoff_regret"]

@@ -15,7 +15,9 @@ from typing import Any
 from salf.bench.baselines import BASELINES, BaselineSettings
 from salf.errors import SalfError
 from salf.fileio import fingerprint
+from salf.models.heads import HEAD_MODES
 from salf.models.pooling import HEAD_POOLINGS
+from salf.training.lrsearch import LRSearchConfig
 
 BENCH_FORMAT = 1
 
@@ -97,6 +99,14 @@ class BenchTask:
     """Also train every planned boundary for as many steps as fit in the full run's measured FLOPs: ``true``
     for every seed, or a list of the seeds that get these runs (each costs about one full run per boundary)."""
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    lr_search: bool | dict[str, Any] | LRSearchConfig | None = None
+    """Also train every oracle boundary at its own searched rate (``oracle-searched/k=K``,
+    ``salf.bench.sweeps``): ``true`` for ``salf.training.lrsearch.LRSearchConfig``'s defaults, or its fields,
+    e.g. ``{"budget": 0.15}``. The shared-rate sweep and every regret table stay as they are."""
+    head_modes: list[str] = field(default_factory=lambda: ["tied"])
+    """Head modes to sweep (``salf.models.heads.HEAD_MODES``): 'tied' is the model as it is (the main
+    sweep); 'untie' adds an oracle sweep with a tied output head untied (``oracle-untied/k=K``, k > 0) and
+    salf's default plan costed and trained untied. 'untie' on a model without a tied head is an error."""
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/|\\ "):
@@ -126,6 +136,24 @@ class BenchTask:
                             f"{self.seeds}", "list only seeds the task runs, or write true for every seed")
         if isinstance(self.baselines, dict):
             self.baselines = _construct(BaselineSettings, self.baselines, f"task {self.name} baselines")
+        if self.lr_search is True:
+            self.lr_search = LRSearchConfig()
+        elif self.lr_search is False:
+            self.lr_search = None
+        elif isinstance(self.lr_search, dict):
+            fields = dict(self.lr_search)
+            if "factors" in fields:
+                fields["factors"] = tuple(fields["factors"])
+            self.lr_search = _construct(LRSearchConfig, fields, f"task {self.name} lr_search")
+        elif self.lr_search is not None and not isinstance(self.lr_search, LRSearchConfig):
+            raise SalfError(f"task {self.name}: lr_search must be true, false or an object, got {self.lr_search!r}",
+                            'e.g. "lr_search": {"budget": 0.15}')
+        modes = list(self.head_modes) if isinstance(self.head_modes, (list, tuple)) else None
+        if not modes or len(set(modes)) != len(modes) or "tied" not in modes \
+                or any(m not in HEAD_MODES for m in modes):
+            raise SalfError(f"task {self.name}: head_modes must list 'tied' and optionally 'untie', without "
+                            f"repeats, got {self.head_modes!r}", f'e.g. "head_modes": {json.dumps(list(HEAD_MODES))}')
+        self.head_modes = modes
 
     def equal_compute_for(self, seed: int) -> bool:
         """Whether ``seed`` gets the equal-compute runs."""
@@ -134,7 +162,8 @@ class BenchTask:
     def recipe_fingerprint(self) -> str:
         """Hash of everything that changes a run's result (not the seed list or the ceiling/extras)."""
         d = asdict(self)
-        for volatile in ("seeds", "ceiling_steps", "equal_compute"):
+        # extras that add runs of their own (their records carry their own settings), never change these
+        for volatile in ("seeds", "ceiling_steps", "equal_compute", "lr_search", "head_modes"):
             d.pop(volatile)
         if d["head_pooling"] is None:  # the recipe of every task from before the field existed
             d.pop("head_pooling")

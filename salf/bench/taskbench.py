@@ -20,6 +20,7 @@ from salf.bench.measured import PeakRSS, boundary_histogram, exact_match, per_da
 from salf.bench.progress import Progress, now
 from salf.bench.store import RunStore
 from salf.bench.suite import PER_DATUM_ESTIMATOR, PER_DATUM_FILL, PER_DATUM_POLICY, BenchSuite
+from salf.bench.sweeps import active_sweeps
 from salf.bench.tasks import PreparedTask
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
@@ -61,13 +62,21 @@ class TaskBench:
     @cached_property
     def costs(self) -> dict[str, Any]:
         """The cost model's step cost of every boundary, timed (it is part of every plan's profiling time)."""
+        return self._boundary_costs(untie_head=False)
+
+    @cached_property
+    def costs_untied(self) -> dict[str, Any]:
+        """``costs`` with a tied output head untied at every k > 0 (``head_modes`` with 'untie')."""
+        return self._boundary_costs(untie_head=True)
+
+    def _boundary_costs(self, untie_head: bool) -> dict[str, Any]:
         from salf.method.cost import boundary_costs
         from salf.method.cost_profile import profile_cost
 
         model = self.fresh_model(0).model
         seq = max(2, round(float(np.mean([len(d["input_ids"]) for d in self.loaded.data.data]))))
         started = time.perf_counter()
-        per_k = boundary_costs(profile_cost(model, self.t.batch_size, seq))
+        per_k = boundary_costs(profile_cost(model, self.t.batch_size, seq), untie_head=untie_head)
         seconds = time.perf_counter() - started
         full = per_k[0].total
         return {"step_costs": per_k, "ratio": np.array([c.total / full for c in per_k]), "seconds": seconds,
@@ -90,9 +99,12 @@ class TaskBench:
         return lm
 
     # -- units --------------------------------------------------------------------------------
-    def _unit(self, seed: int | None, variant: str, weight: float, make: Callable[[], dict[str, Any]]) -> dict:
+    def _unit(self, seed: int | None, variant: str, weight: float, make: Callable[[], dict[str, Any]],
+              recipe: str | None = None) -> dict:
+        """``make``'s record, or the stored one of the same ``recipe`` (default: the task's)."""
+        recipe = recipe or self.recipe
         key = RunStore.key(self.t.name, seed, variant)
-        found = self.store.get(key, self.recipe)
+        found = self.store.get(key, recipe)
         if found is not None:
             self.skipped += 1
             self.progress.finish(key, weight, None, "skip")
@@ -100,7 +112,7 @@ class TaskBench:
         started = time.perf_counter()
         body = make()
         seconds = time.perf_counter() - started
-        record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
+        record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": recipe,
                   **body, "seconds": seconds, "finished": now()}
         self.store.add(record)
         self.progress.finish(key, weight, seconds, body.get("status", "done"))
@@ -111,6 +123,7 @@ class TaskBench:
         t, n = self.t, self.p.num_layers
         runs = (n + 1) * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
         runs += t.steps if self._per_datum_lens() else 0
+        runs += sum(sweep.weight(self) for sweep in active_sweeps(t))
         profiling = len(self.p.lenses(self.suite.lenses)) * self._trace_weight() + len(self._baselines())
         return runs + profiling + (t.ceiling_steps or 0)
 
@@ -160,6 +173,13 @@ class TaskBench:
             self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.t.ceiling_steps)
         if self.t.equal_compute_for(seed):
             self._equal_compute(seed, oracle, [*plans, *baselines])
+        for sweep in active_sweeps(self.t):  # extra sweeps of the suite's options (salf.bench.sweeps)
+            sweep.run(self, seed, oracle)
+
+    def check_sweeps(self) -> None:
+        """Refuse an extra sweep the task's model cannot run, before anything trains."""
+        for sweep in active_sweeps(self.t):
+            sweep.check(self)
 
     def replan_seed(self, seed: int) -> None:
         """Only what decides boundaries: every lens x estimator x policy plan and every baseline that does not
@@ -177,21 +197,37 @@ class TaskBench:
         return self._unit(seed, variant, steps, lambda: self._do_train(seed, variant, kind, spec, boundary, steps,
                                                                        run, extra or {}))
 
-    def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
-                  run: TrainVariant | None, extra: dict, boundaries: Sequence[int] | None = None) -> dict[str, Any]:
-        from salf.training import run as training_run  # looked up per call: tests stand in for run.train
-        from salf.training.config import TrainConfig, TrainingInterrupted
+    def train_config(self, seed: int, steps: int, run: TrainVariant | None = None):
+        """The task's ``TrainConfig`` for one run (``run``: a baseline's rate and LoRA settings)."""
+        from salf.training.config import TrainConfig
 
         t = self.t
-        lm = self.fresh_model(seed)
-        config = TrainConfig(
+        return TrainConfig(
             max_steps=steps, batch_size=t.batch_size, learning_rate=(run.learning_rate if run and run.learning_rate
                                                                      else t.lr),
             head_learning_rate=t.head_lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, save_steps=None,
             seed=seed, lora=bool(run and run.lora), lora_rank=run.lora_rank if run else 8, overwrite=True,
             logging_steps=max(1, steps // 10), show_progress=False)
+
+    def run_dir(self, seed: int, variant: str):
+        return self.p.out_dir / "runs" / self.t.name / f"seed{seed}" / variant.replace("/", "_").replace("=", "")
+
+    def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
+                  run: TrainVariant | None, extra: dict, boundaries: Sequence[int] | None = None,
+                  rates: tuple[float, float | None] | None = None) -> dict[str, Any]:
+        """One training run; ``rates``: (body, head) learning rates instead of the task's (a searched rate)."""
+        from dataclasses import replace
+
+        from salf.training import run as training_run  # looked up per call: tests stand in for run.train
+        from salf.training.config import TrainingInterrupted
+
+        t = self.t
+        lm = self.fresh_model(seed)
+        config = self.train_config(seed, steps, run)
+        if rates is not None:
+            config = replace(config, learning_rate=rates[0], head_learning_rate=rates[1])
         callbacks = list(run.callbacks()) if run else []
-        run_dir = self.p.out_dir / "runs" / t.name / f"seed{seed}" / variant.replace("/", "_").replace("=", "")
+        run_dir = self.run_dir(seed, variant)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         status, error = "done", None
