@@ -131,3 +131,11 @@ def test_untie_on_a_model_without_a_tied_head_is_refused(tmp_path):
     assert "head_modes" in err.value.fix
     runs = tmp_path / "bench" / "runs.json"
     assert not runs.is_file() or not any(r.get("kind") == "oracle" for r in json.loads(runs.read_text())["runs"])
+
+
+def test_a_search_budget_too_small_for_its_grid_is_refused_before_training(tmp_path):
+    suite = _suite({"name": "tiny-bert-lr", "model": "tiny:bert", "corpus": "docstring-module", "steps": 8,
+                    "lr_search": {"budget": 0.15}})
+    with pytest.raises(SalfError, match="lr_search: the learning-rate search budget") as err:
+        run_bench(suite, tmp_path / "bench", show_progress=False)
+    assert "val_max" in err.value.fix

@@ -99,6 +99,24 @@ def _searched_unit(bench: Any, seed: int, k: int) -> dict:
     return bench._unit(seed, variant, weight, make, recipe=search_recipe(bench))
 
 
+def _check_search(bench: Any) -> None:
+    """The search's budget must fit its grid on this task's data (else every boundary would fail, hours in)."""
+    import math
+
+    from salf.training.lrsearch import EVAL_STEP_SHARE, rung_sizes, rung_steps, split_validation
+
+    search = bench.t.lr_search
+    _, val = split_validation(bench.loaded.data.data, search, 0)
+    eval_cost = EVAL_STEP_SHARE * math.ceil(len(val) / bench.t.batch_size)
+    try:
+        rung_steps(rung_sizes(len(search.factors), search.eta), search.budget * bench.t.steps, eval_cost,
+                   search.min_steps)
+    except SalfError as e:
+        raise SalfError(f"task {bench.t.name}: lr_search: {e.problem} ({len(val)} held-out data, "
+                        f"{bench.t.steps} steps)", 'raise lr_search\'s "budget", lower its "val_max" or use fewer '
+                        '"factors"') from None
+
+
 def _run_searched(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
     for k in range(bench.p.num_layers + 1):
         _searched_unit(bench, seed, k)
@@ -108,6 +126,7 @@ SWEEPS.register("lr-search")(ExtraSweep(
     enabled=lambda task: task.lr_search is not None,
     run=_run_searched,
     weight=lambda bench: (bench.p.num_layers + 1) * bench.t.steps * (1 + bench.t.lr_search.budget),
+    check=_check_search,
 ))
 
 
