@@ -138,4 +138,4 @@ def test_a_search_budget_too_small_for_its_grid_is_refused_before_training(tmp_p
                     "lr_search": {"budget": 0.15}})
     with pytest.raises(SalfError, match="lr_search: the learning-rate search budget") as err:
         run_bench(suite, tmp_path / "bench", show_progress=False)
-    assert "val_max" in err.value.fix
+    assert "budget" in err.value.fix

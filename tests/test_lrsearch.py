@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from salf.errors import SalfError
-from salf.training.lrsearch import LRSearchConfig, rung_sizes, rung_steps, split_validation
+from salf.training.lrsearch import LRSearchConfig, plan_search, rung_sizes, rung_steps, split_validation
 
 
 def test_rungs_halve_and_split_the_budget():
@@ -18,14 +20,26 @@ def test_rungs_halve_and_split_the_budget():
         rung_steps([4], 8.0, 1.0, 2)
 
 
-def test_validation_split_is_seeded_disjoint_and_bounded():
+def test_validation_split_is_seeded_and_disjoint():
     data = [{"input_ids": [i], "labels": 0} for i in range(100)]
-    search = LRSearchConfig(val_min=8, val_max=20)
-    rest, val = split_validation(data, search, seed=1)
+    rest, val = split_validation(data, 10, seed=1)
     assert len(val) == 10 and len(rest) == 90
     assert {d["input_ids"][0] for d in rest}.isdisjoint(d["input_ids"][0] for d in val)
-    assert split_validation(data, search, seed=1)[1] == val
-    assert split_validation(data, search, seed=2)[1] != val
+    assert split_validation(data, 10, seed=1)[1] == val
+    assert split_validation(data, 10, seed=2)[1] != val
+
+
+def test_search_plan_keeps_validation_within_a_third_of_a_candidates_share():
+    from salf.training.config import TrainConfig
+
+    # 150 steps x 15% = 22.5 step equivalents for 4 candidates: 5.6 each, validation at most 1.9 of it.
+    plan = plan_search(4000, TrainConfig(max_steps=150, batch_size=16), LRSearchConfig())
+    assert plan.val_size == 48 and plan.eval_batches == 3 and plan.sizes == [4] and plan.steps == [4]
+    assert plan.steps[0] * 4 + 0.5 * plan.eval_batches * 4 <= plan.budget_steps
+    big = plan_search(4000, TrainConfig(max_steps=3000, batch_size=16), LRSearchConfig())
+    assert big.val_size == 256 and big.steps == [math.floor((450 - 4 * 0.5 * 16) / 4)]
+    with pytest.raises(SalfError, match="--lr-search-budget"):
+        plan_search(4000, TrainConfig(max_steps=40, batch_size=16), LRSearchConfig())
 
 
 @pytest.mark.parametrize("bad", [dict(budget=0), dict(budget=float("nan")), dict(factors=(1.0,)),
@@ -55,8 +69,7 @@ def test_search_picks_the_clearly_best_rate_within_budget(tmp_path):
     result = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),
                                   0, class_data(96), None, config, tmp_path, task="classification", search=search)
     assert result.learning_rate == pytest.approx(3e-3) and result.head_learning_rate == pytest.approx(3e-3)
-    assert len(result.candidates) == 3 and {c.steps for c in result.candidates} == {rung_steps(
-        [3], 60.0, 0.5 * 4, 2)[0]}
+    assert len(result.candidates) == 3 and {c.steps for c in result.candidates} == {18}  # (60 - 3 x 2) / 3
     assert result.step_share <= 1.0 and result.flops > 0 and result.val_size == 32
     assert not any((tmp_path / d / "model").exists() for d in ("rung0-x1",))  # candidates keep no model
     again = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),

@@ -20,7 +20,7 @@ def cli(*argv) -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("tuning")
-    return work, save_tiny(work, "bert", "classification"), label_data(work / "labels.jsonl", n=64)
+    return work, save_tiny(work, "bert", "classification"), label_data(work / "labels.jsonl", n=96)
 
 
 def test_learning_rate_flag_takes_auto_or_a_positive_number():
@@ -54,7 +54,7 @@ def test_lr_auto_searches_and_records_its_cost(setup, tmp_path, capsys):
     work, bert, labels = setup
     capsys.readouterr()
     assert cli("train", "--model", bert, "--data", labels, "--out", tmp_path / "r", "--no-progress",
-               "--max-steps", "40", "--batch-size", "4", "--lr", "auto", "--lr-search-budget", "1.0") == 0
+               "--max-steps", "60", "--batch-size", "4", "--lr", "auto", "--lr-search-budget", "1.0") == 0
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     search = metrics["lr_search"]
     assert metrics["config"]["learning_rate"] == search["learning_rate"]

@@ -101,20 +101,15 @@ def _searched_unit(bench: Any, seed: int, k: int) -> dict:
 
 def _check_search(bench: Any) -> None:
     """The search's budget must fit its grid on this task's data (else every boundary would fail, hours in)."""
-    import math
+    from salf.training.config import TrainConfig
+    from salf.training.lrsearch import plan_search
 
-    from salf.training.lrsearch import EVAL_STEP_SHARE, rung_sizes, rung_steps, split_validation
-
-    search = bench.t.lr_search
-    _, val = split_validation(bench.loaded.data.data, search, 0)
-    eval_cost = EVAL_STEP_SHARE * math.ceil(len(val) / bench.t.batch_size)
+    config = TrainConfig(max_steps=bench.t.steps, batch_size=bench.t.batch_size)
     try:
-        rung_steps(rung_sizes(len(search.factors), search.eta), search.budget * bench.t.steps, eval_cost,
-                   search.min_steps)
+        plan_search(len(bench.loaded.data.data), config, bench.t.lr_search)
     except SalfError as e:
-        raise SalfError(f"task {bench.t.name}: lr_search: {e.problem} ({len(val)} held-out data, "
-                        f"{bench.t.steps} steps)", 'raise lr_search\'s "budget", lower its "val_max" or use fewer '
-                        '"factors"') from None
+        raise SalfError(f"task {bench.t.name}: lr_search: {e.problem} ({bench.t.steps} steps)",
+                        'raise lr_search\'s "budget" or use fewer "factors"') from None
 
 
 def _run_searched(bench: Any, seed: int, oracle: dict[int, dict]) -> None:

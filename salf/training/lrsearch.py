@@ -7,11 +7,13 @@ and head scaled together, so a fresh head keeps its ratio to the body):
 
 1. Hold out a validation split of the training data (seeded), never the user's evaluation data.
 2. Rung 0 trains every candidate for ``r_0`` steps from the same initial weights, data order and
-   seed, on the *real* schedule (the tuned run's ``max_steps``, warm-up and decay), stopping early:
-   each candidate is the first ``r_0`` steps of the run it stands for. The best ``1/eta`` by
-   validation loss go on to the next rung, which trains them from scratch for more steps.
+   seed, on the tuned run's schedule compressed to ``r_0`` steps (same warm-up share, same decay),
+   so every candidate reaches its peak rate: a few steps inside the real run's warm-up would hide
+   the instability of a rate that is too large. The best ``1/eta`` by validation loss go on to the
+   next rung, which trains them from scratch for more steps.
 3. The budget is a share of the tuned run's steps, split equally between the rungs; the validation
-   passes are charged to it too (an evaluation batch counts ``EVAL_STEP_SHARE`` of a training step).
+   passes are charged to it too (an evaluation batch counts ``EVAL_STEP_SHARE`` of a training step),
+   and the validation split is kept small enough to cost at most a third of a candidate's share.
 
 The default grid has four rates and ``eta = 4``: one rung in which every rate gets the same short run
 (with four candidates, halving would spend half the budget on a cull after a few steps). A larger grid
@@ -31,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
@@ -162,28 +163,53 @@ def rung_steps(sizes: Sequence[int], budget_steps: float, eval_cost: float, min_
     return steps
 
 
-def split_validation(data: Sequence[dict], search: LRSearchConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """(rest, validation): a seeded held-out split of the training data for scoring candidates."""
+@dataclass(frozen=True)
+class SearchPlan:
+    """How a search spends its budget on one run: validation size, and candidates and steps per rung."""
+
+    run_steps: int
+    budget_steps: float
+    val_size: int
+    eval_batches: int
+    """Validation batches per candidate."""
+    sizes: list[int]
+    steps: list[int]
+
+
+def plan_search(n_data: int, config: TrainConfig, search: LRSearchConfig) -> SearchPlan:
+    """Size the validation split and the rungs so the whole search fits ``search.budget`` of the run.
+
+    The validation split may cost at most a third of a first-rung candidate's share; a budget that
+    cannot give each candidate ``min_steps`` steps and ``val_min`` validation data is an error.
+    """
+    total = run_steps(config, n_data)
+    budget = search.budget * total
+    sizes = rung_sizes(len(search.factors), search.eta)
+    eval_batch = config.eval_batch_size or config.batch_size
+    share = budget / len(sizes) / sizes[0]
+    affordable = math.floor(share / 3 / EVAL_STEP_SHARE) * eval_batch
+    size = min(max(round(search.val_fraction * n_data), search.val_min), search.val_max, n_data // 2, affordable)
+    if size < search.val_min:
+        raise SalfError(
+            f"the learning-rate search budget ({budget:.0f} step equivalents for {sizes[0]} candidates) cannot "
+            f"pay for validating each on {search.val_min} held-out data",
+            "raise --lr-search-budget or --max-steps, or pass a fixed --lr",
+        )
+    eval_batches = math.ceil(size / eval_batch)
+    steps = rung_steps(sizes, budget, EVAL_STEP_SHARE * eval_batches, search.min_steps)
+    return SearchPlan(total, budget, size, eval_batches, sizes, steps)
+
+
+def split_validation(data: Sequence[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(rest, validation): a seeded held-out split of ``size`` training data for scoring candidates."""
     n = len(data)
-    size = min(max(round(search.val_fraction * n), search.val_min), search.val_max, n // 2)
+    size = min(size, n // 2)
     if size < 1:
         raise SalfError(f"{n} training data are too few for a learning-rate search",
                         "pass a fixed --lr, or give more training data")
     order = np.random.default_rng(seed).permutation(n)
     held = set(order[:size].tolist())
     return [d for i, d in enumerate(data) if i not in held], [data[i] for i in sorted(held)]
-
-
-class StopAtStep(TrainerCallback):
-    """Ends training after ``step`` optimizer steps, leaving the schedule set for the full run."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def _scaled(config: TrainConfig, factor: float, task: str) -> TrainConfig:
@@ -212,35 +238,29 @@ def search_learning_rate(
     ``work_dir`` holds the candidates' outputs (replaced on every call).
     """
     search = search or LRSearchConfig()
-    rest, val = split_validation(train_data, search, config.seed)
-    steps_total = run_steps(config, len(train_data))
-    eval_batch = config.eval_batch_size or config.batch_size
-    eval_batches = math.ceil(len(val) / eval_batch)
-    eval_cost = EVAL_STEP_SHARE * eval_batches
-    budget = search.budget * steps_total
-    sizes = rung_sizes(len(search.factors), search.eta)
-    steps = rung_steps(sizes, budget, eval_cost, search.min_steps)
+    plan = plan_search(len(train_data), config, search)
+    rest, val = split_validation(train_data, plan.val_size, config.seed)
     # A candidate that diverges is scored (inf), not raised; a prefix cache is built for the run itself only
     # (its keys cover the whole training data, not the candidates' share).
     base = replace(config, save_steps=None, eval_steps=None, resume=False, overwrite=True, prefix_cache=None,
-                   show_progress=False, save_model=False, max_steps=steps_total, nan_check=False)
+                   show_progress=False, save_model=False, nan_check=False, max_flops=None, epochs=1.0)
     work = Path(work_dir)
     start = time.perf_counter()
     alive = list(search.factors)
     tried: list[Candidate] = []
     spent_eval = 0
-    for rung, (size, n_steps) in enumerate(zip(sizes, steps)):
+    for rung, (size, n_steps) in enumerate(zip(plan.sizes, plan.steps)):
         scored: list[Candidate] = []
         for factor in alive[:size]:
-            cfg = _scaled(base, factor, task)
+            cfg = _scaled(replace(base, max_steps=n_steps), factor, task)
             if progress is not None:
-                progress(f"lr search: rung {rung + 1}/{len(sizes)}, lr {cfg.learning_rate:.3g} for {n_steps} steps")
+                progress(f"lr search: rung {rung + 1}/{len(plan.sizes)}, lr {cfg.learning_rate:.3g} for {n_steps} steps")
             torch.manual_seed(config.seed)
             model = load_model()
             t0 = time.perf_counter()
             metrics = train(model, tokenizer_or_pad_id, rest, val, spec, cfg, work / f"rung{rung}-x{factor:g}",
-                            task=task, callbacks=[StopAtStep(n_steps)])
-            spent_eval += eval_batches
+                            task=task)
+            spent_eval += plan.eval_batches
             loss = metrics.get("eval_loss")
             scored.append(Candidate(
                 factor=factor, learning_rate=cfg.learning_rate, head_learning_rate=cfg.head_learning_rate,
@@ -254,9 +274,9 @@ def search_learning_rate(
         # Lower validation loss first; a diverged candidate (inf) sorts last; ties go to the smaller rate.
         scored.sort(key=lambda c: (c.val_loss, -(c.val_accuracy or 0.0), c.factor))
         alive = [c.factor for c in scored]
-        if len(sizes) > rung + 1:
-            alive = alive[: sizes[rung + 1]]
-    best = min((c for c in tried if c.rung == len(sizes) - 1),
+        if len(plan.sizes) > rung + 1:
+            alive = alive[: plan.sizes[rung + 1]]
+    best = min((c for c in tried if c.rung == len(plan.sizes) - 1),
                key=lambda c: (c.val_loss, -(c.val_accuracy or 0.0), c.factor))
     if not math.isfinite(best.val_loss):
         raise SalfError("every learning rate of the search diverged (non-finite validation loss)",
@@ -264,11 +284,12 @@ def search_learning_rate(
     flops = [c.flops for c in tried]
     return LRSearchResult(
         factor=best.factor, learning_rate=best.learning_rate, head_learning_rate=best.head_learning_rate,
-        run_steps=steps_total, budget_steps=budget, steps=sum(c.steps for c in tried), eval_batches=spent_eval,
+        run_steps=plan.run_steps, budget_steps=plan.budget_steps, steps=sum(c.steps for c in tried),
+        eval_batches=spent_eval,
         seconds=time.perf_counter() - start, flops=sum(flops) if all(f is not None for f in flops) else None,
         val_size=len(val), candidates=tried,
     )
 
 
-__all__ = ["LRSearchConfig", "LRSearchResult", "search_learning_rate", "split_validation", "rung_sizes",
-           "rung_steps", "StopAtStep", "run_steps"]
+__all__ = ["LRSearchConfig", "LRSearchResult", "SearchPlan", "plan_search", "search_learning_rate", "split_validation",
+           "rung_sizes", "rung_steps", "run_steps"]
