@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--rates", default=",".join(f"{r:g}" for r in GRID))
     p.add_argument("--out", type=Path, default=Path("bench_out/lr-grid"))
     p.add_argument("--data-dir", type=Path, default=None, help="where the suite's data are built (default: --out)")
+    p.add_argument("--variants", default=None, help="only these variants (e.g. default,auto; default: all)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -94,15 +95,19 @@ def main() -> None:
     wanted = set(a.tasks.split(",")) if a.tasks else None
     rates = tuple(float(r) for r in a.rates.split(","))
     seeds = [int(s) for s in a.seeds.split(",")]
-    rows: list[dict] = []
+    previous = a.out / "results.json"
+    rows: list[dict] = json.loads(previous.read_text()) if previous.is_file() else []  # other runs' rows stay
     for task in suite.tasks:
         if wanted and task.name not in wanted:
             continue
         prepared = PreparedTask.prepare(task, a.data_dir or a.out)
         for seed in seeds:
             for name, flags in variants(rates).items():
+                if a.variants and name not in a.variants.split(","):
+                    continue
                 m = run_one(task, prepared, seed, name, flags, a.out)
                 search = m.get("lr_search") or {}
+                rows = [r for r in rows if (r["task"], r["seed"], r["variant"]) != (task.name, seed, name)]
                 rows.append({"task": task.name, "seed": seed, "variant": name, "accuracy": m.get("eval_accuracy"),
                              "learning_rate": m["config"]["learning_rate"], "train_seconds": m.get("train_seconds"),
                              "chosen_lr": search.get("learning_rate"), "search_share": search.get("step_share"),
