@@ -32,12 +32,12 @@ def test_validation_split_is_seeded_and_disjoint():
 def test_search_plan_keeps_validation_within_a_third_of_a_candidates_share():
     from salf.training.config import TrainConfig
 
-    # 150 steps x 15% = 22.5 step equivalents for 4 candidates: 5.6 each, validation at most 1.9 of it.
+    # 150 steps x 15% = 22.5 step equivalents for 3 candidates: 7.5 each, validation at most 2.5 of it.
     plan = plan_search(4000, TrainConfig(max_steps=150, batch_size=16), LRSearchConfig())
-    assert plan.val_size == 48 and plan.eval_batches == 3 and plan.sizes == [4] and plan.steps == [4]
-    assert plan.steps[0] * 4 + 0.5 * plan.eval_batches * 4 <= plan.budget_steps
+    assert plan.val_size == 80 and plan.eval_batches == 5 and plan.sizes == [3] and plan.steps == [5]
+    assert plan.steps[0] * 3 + 0.5 * plan.eval_batches * 3 <= plan.budget_steps
     big = plan_search(4000, TrainConfig(max_steps=3000, batch_size=16), LRSearchConfig())
-    assert big.val_size == 256 and big.steps == [math.floor((450 - 4 * 0.5 * 16) / 4)]
+    assert big.val_size == 256 and big.steps == [math.floor((450 - 3 * 0.5 * 16) / 3)]
     with pytest.raises(SalfError, match="--lr-search-budget"):
         plan_search(4000, TrainConfig(max_steps=40, batch_size=16), LRSearchConfig())
 
