@@ -7,6 +7,7 @@ code. Results carry ``render()`` (terminal table) and ``to_json()``.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -308,9 +309,8 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
         config, extra["compute_budget"] = size_to_budget(loaded.model.model, pad_id_of(tokenizer, loaded.model.model),
                                                          train_data.data, spec, config, budget)
     if flags.lr == AUTO:
-        def fresh_model():
-            names = loaded.data.label_names if loaded.data.task == "classification" else None
-            return load_model(model, loaded.data.task, label_names=names, head_pooling=pooling).model
+        def fresh_model():  # a copy of the model the run will train, fresh head included: no reload from disk
+            return copy.deepcopy(loaded.model.model)
 
         progress = None if no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
         config, extra["lr_search"] = search_rate(fresh_model, tokenizer, train_data.data, spec, config,
