@@ -26,7 +26,7 @@ from salf.method.gain import DEFAULT_ESTIMATOR, estimate_gains
 from salf.method.lenses import TraceConfig
 from salf.method.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, model_fingerprint
 from salf.method.trace import Trace, trace_model
-from salf.models.heads import check_head_mode, head_mode_for
+from salf.models.heads import check_head_mode, head_mode_for, head_note
 from salf.models.loading import LoadedModel, load_config, load_model, load_tokenizer
 from salf.table import render_table
 from salf.training.distributed import is_main_process
@@ -150,21 +150,13 @@ class PlanResult:
             summary = summary.replace(f"train blocks {p.boundary}..{p.num_layers - 1} + head",
                                       "train only the head (and the final norm)")
         if p.head is not None:
-            summary += "\n" + HEAD_NOTES[p.head if p.boundary > 0 else "full"]
+            summary += "\noutput head: " + head_note(p.head, p.boundary)
         if self.out:
             summary += f"\nwrote {self.out}" + (f" and {self.figure}" if self.figure else "")
         return table + summary
 
     def to_json(self) -> dict[str, Any]:
         return {**self.plan.to_dict(), "paths": {"plan": str(self.out), "figure": str(self.figure)}}
-
-
-HEAD_NOTES = {
-    "tied": "output head: tied to the input embeddings, so it stays frozen with them "
-            "(`salf plan --head untie` trains its own copy)",
-    "untie": "output head: untied, its own trainable copy of the embedding matrix; the input embeddings stay frozen",
-    "full": "output head: tied to the input embeddings, trained with them (full fine-tuning)",
-}
 
 
 def mean_length(task_data: TaskData) -> int:

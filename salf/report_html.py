@@ -14,6 +14,7 @@ from typing import Any
 
 from salf import __version__
 from salf.method.plan import Plan
+from salf.models.heads import head_note
 from salf.report_figures import curves_figure, plan_figures, savings_figure
 from salf.report_runs import Run, Saving, compute_savings, find_full, finite
 
@@ -100,6 +101,7 @@ def _plan_section(plan: Plan, used_by: list[str]) -> str:
     left = _table(["plan", ""], [
         ["boundary k", f"{plan.boundary} of {L}"],
         ["decision", decision],
+        ["output head", head_note(plan.head, plan.boundary)],
         ["policy", plan.policy],
         ["lens", plan.lens],
         ["estimator", plan.estimator],

@@ -136,3 +136,5 @@ def test_plan_cli_records_the_head_choice_and_train_follows_it(tmp_path, capsys)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["spec"]["untie_head"] is True
     assert json.loads((out / "model" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert main([str(a) for a in ["report", out, "--out", tmp_path / "report.html"]]) == 0
+    assert "untied: its own trainable copy" in (tmp_path / "report.html").read_text()

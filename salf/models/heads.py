@@ -84,10 +84,21 @@ def head_mode_for(model: nn.Module, requested: str | None) -> str | None:
     return requested or DEFAULT_HEAD_MODE
 
 
+def head_note(mode: str | None, boundary: int) -> str:
+    """What a plan does with the output head, in words (for the plan table and the report)."""
+    if mode is None:
+        return "its own weights (not tied to the embeddings), trained with the head"
+    if boundary == 0:
+        return "tied to the input embeddings, trained with them (full fine-tuning)"
+    if mode == "untie":
+        return "untied: its own trainable copy of the embedding matrix; the input embeddings stay frozen"
+    return "tied to the input embeddings, so frozen with them (`salf plan --head untie` trains a copy)"
+
+
 def apply_head_mode(model: nn.Module, mode: str | None) -> bool:
     """Untie the head when ``mode`` is 'untie' (a no-op on an untied model); True if it untied one."""
     return untie_head(model) if check_head_mode(mode) == "untie" else False
 
 
 __all__ = ["DEFAULT_HEAD_MODE", "HEAD_MODES", "apply_head_mode", "check_head_mode", "has_tied_head", "head_mode_for",
-           "tied_head_params", "untie_head"]
+           "head_note", "tied_head_params", "untie_head"]
