@@ -305,9 +305,10 @@ def fit(
             nan_check=config.nan_check,
             raise_on_nan=False,
         )
+        resumed_step = resumed_step_of(resume_from)
         budget_stop = None
         if config.max_flops is not None:
-            before = merge_history(out / "history.json", resumed_step_of(resume_from), [])
+            before = merge_history(out / "history.json", resumed_step, [])
             longest = max(len(d["input_ids"]) for d in train_data)
             budget_stop = FlopBudgetStop(config.max_flops, callback, config.batch_size * longest,
                                          sum(int(h.get("tokens", 0)) for h in before))
@@ -324,7 +325,6 @@ def fit(
             head_learning_rate=head_lr,
             train_batch_sampler=batch_sampler,
         )
-        resumed_step = resumed_step_of(resume_from)
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -58,8 +58,7 @@ def recipe_config(task: str, flags: Flags, **config: Any) -> tuple[TrainConfig, 
     """The ``TrainConfig`` of a run: the flags given, the recipe of the run's kind for the rest."""
     lora = bool(config.get("lora", False))
     recipe = default_recipe(task, lora)
-    lr = parse_learning_rate(flags.lr)
-    body = recipe.learning_rate if lr in (None, AUTO) else lr
+    body = recipe.learning_rate if flags.lr in (None, AUTO) else float(flags.lr)  # pipeline parsed it
     head = flags.head_lr if flags.head_lr is not None else recipe.head_learning_rate
     cfg = TrainConfig(learning_rate=body, head_learning_rate=head,
                       batch_size=flags.batch_size or recipe.batch_size,
