@@ -2,8 +2,11 @@
 
 A planned run freezes part of the model, and fewer trainable blocks often want a larger rate than full
 fine-tuning, so the rate is searched for the plan being trained, not borrowed from another run. The
-search is successive halving over a small log-spaced grid of multiples of the configured rates (body
-and head scaled together, so a fresh head keeps its ratio to the body):
+search is successive halving over a small log-spaced grid of multiples of the configured body rate. A
+fresh classification head keeps its own rate (the recipe's, ``salf.training.recipes``): scaling it with the
+body cost 1.7 points on MiniLM, Debian name -> section (body 3e-4 with head 6e-3: 87.8 against 89.9 with
+head 2e-3, BENCHMARKS.md). Only a plan that trains no block (the head-only boundary) scales the head's rate,
+since there is nothing else to tune:
 
 1. Hold out a validation split of the training data (seeded), never the user's evaluation data.
 2. Rung 0 trains every candidate for ``r_0`` steps from the same initial weights, data order and
@@ -56,7 +59,7 @@ class LRSearchConfig:
     budget: float = 0.15
     """Share of the tuned run's training steps the whole search may spend (candidates and validation)."""
     factors: tuple[float, ...] = LR_GRID_FACTORS
-    """Candidate rates as multiples of the run's configured body and head rates."""
+    """Candidate rates as multiples of the run's configured body rate (see the module docstring for the head)."""
     eta: int = 4
     """Successive halving keeps the best ceil(n / eta) candidates after each rung (eta >= n: one rung)."""
     val_fraction: float = 0.1
@@ -107,10 +110,10 @@ class LRSearchResult:
     """The rate chosen, every candidate's score, and what the search cost."""
 
     factor: float
-    """The chosen multiple of the configured rates."""
+    """The chosen multiple of the configured body rate (and of the head's, for a head-only plan)."""
     learning_rate: float
     head_learning_rate: float | None
-    """None when the head follows the body's rate."""
+    """None when the head follows the body's rate (or gets the fresh-head rate of ``salf.training.train``)."""
     run_steps: int
     """Steps of the run the search tunes."""
     budget_steps: float
@@ -213,10 +216,13 @@ def split_validation(data: Sequence[dict], size: int, seed: int) -> tuple[list[d
     return [d for i, d in enumerate(data) if i not in held], [data[i] for i in sorted(held)]
 
 
-def _scaled(config: TrainConfig, factor: float, task: str) -> TrainConfig:
+def _scaled(config: TrainConfig, factor: float, task: str, head_only: bool) -> TrainConfig:
+    """The candidate's rates: the body's rate x ``factor``; the head's own rate unchanged unless ``head_only``."""
+    if not head_only:
+        return replace(config, learning_rate=config.learning_rate * factor)
     head = config.head_learning_rate
     if head is None and task == "classification":
-        head = FRESH_HEAD_LEARNING_RATE  # the rate train() gives a fresh head, scaled with the body's
+        head = FRESH_HEAD_LEARNING_RATE  # the rate train() gives a fresh head
     return replace(config, learning_rate=config.learning_rate * factor,
                    head_learning_rate=None if head is None else head * factor)
 
@@ -248,12 +254,13 @@ def search_learning_rate(
     work = Path(work_dir)
     start = time.perf_counter()
     alive = list(search.factors)
+    head_only = spec is not None and not spec.trainable_blocks and not spec.embeddings
     tried: list[Candidate] = []
     spent_eval = 0
     for rung, (size, n_steps) in enumerate(zip(plan.sizes, plan.steps)):
         scored: list[Candidate] = []
         for factor in alive[:size]:
-            cfg = _scaled(replace(base, max_steps=n_steps), factor, task)
+            cfg = _scaled(replace(base, max_steps=n_steps), factor, task, head_only)
             if progress is not None:
                 progress(f"lr search: rung {rung + 1}/{len(plan.sizes)}, lr {cfg.learning_rate:.3g} for {n_steps} steps")
             torch.manual_seed(config.seed)
