@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from salf.errors import SalfError
-from salf.method.plan import POLICIES, Plan, benefit_curve, choose_boundary, parse_policy
+from salf.method.plan import POLICIES, Plan, benefit_curve, check_policy, choose_boundary, parse_policy
 
 L = 8
 LINEAR_COST = np.linspace(1.0, 0.35, L + 1)  # full fine-tuning .. head only
@@ -154,5 +154,16 @@ def test_unsolved_follows_the_gains_where_they_are_uneven():
     cost = np.array([1.0, 0.8, 0.6, 0.4, 0.3])
     assert choose_boundary(gains, cost, "unsolved", frozen_share=0.2) == 3  # 0.8 unsolved: the top block's 0.9
     assert choose_boundary(gains, cost, "unsolved", frozen_share=0.0) == 2  # all unsolved: blocks holding 100%
-    with pytest.raises(SalfError, match="takes no value"):
-        choose_boundary(gains, cost, "unsolved=0.5")
+
+
+@pytest.mark.parametrize("scale, trained", [(0.5, 3), (0.75, 5), (1.0, 6), (1.5, 9), (3.0, 12)])
+def test_unsolved_scale_moves_the_target_share(scale, trained):
+    """Frozen share 0.5: round(S x 6) of 12 equal blocks (4.5 rounds up), at most all 12."""
+    cost = np.linspace(1.0, 0.33, 13)
+    assert 12 - choose_boundary(np.full(12, 1 / 12), cost, f"unsolved={scale}", frozen_share=0.5) == trained
+
+
+@pytest.mark.parametrize("bad", ["unsolved=0", "unsolved=-1", "unsolved=11", "unsolved=nan"])
+def test_unsolved_scale_out_of_range_is_refused(bad):
+    with pytest.raises(SalfError, match="outside"):
+        check_policy(bad)
