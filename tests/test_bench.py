@@ -598,3 +598,19 @@ def test_regret_by_model_pools_every_model_when_there_are_several():
     rows = {r["variant"]: r for r in table[ALL_MODELS]["rows"]}
     assert all(r["n"] == 4 for r in rows.values())  # two seeds of each task
     assert ALL_MODELS not in regret_by_model([analyze(first)])
+
+
+def test_a_fixture_is_found_in_the_cache_or_the_repository_and_otherwise_named_with_its_build_command(
+        tmp_path, monkeypatch):
+    import salf.bench.tasks as tasks
+
+    cache, committed = tmp_path / "cache", tmp_path / "bench-fixtures"
+    monkeypatch.setattr(tasks, "cache_dirs", lambda: [cache])
+    monkeypatch.setattr(tasks, "COMMITTED_FIXTURES", committed)
+    with pytest.raises(SalfError, match="not built") as err:
+        tasks.MODEL_SOURCES.get("fixture")("gpt-debian", None)
+    assert str(committed) in err.value.args[0] and "--steps" in str(err.value)
+    for where in (committed, cache):  # the committed copy, then a cached one that takes precedence
+        (where / "gpt-debian" / "model").mkdir(parents=True)
+        (where / "gpt-debian" / "model" / "config.json").write_text("{}")
+        assert tasks.MODEL_SOURCES.get("fixture")("gpt-debian", None) == str((where / "gpt-debian" / "model").resolve())

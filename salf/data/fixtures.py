@@ -2,10 +2,11 @@
 
 No pretrained causal LM installs offline, so the causal-LM benchmark pretrains one: a GPT-2-shaped
 model with a byte-level BPE tokenizer trained on Debian's package descriptions (real text nobody
-here wrote), under a fixed wall-clock budget. It is cached: a finished fixture is reused, an
-interrupted one resumes from its last checkpoint. Run it in the background:
+here wrote), for a fixed number of steps (reproducible whatever else runs on the machine) or under a
+wall-clock budget. It is cached: a finished fixture is reused, an interrupted one resumes from its last
+checkpoint. Run it in the background:
 
-    python -m salf.data.fixtures --out .salf-cache/gpt-debian --minutes 45 --layers 8 --threads 1 > pretrain.log 2>&1 &
+    python -m salf.data.fixtures --out .salf-cache/gpt-debian --steps 800 --layers 6 --threads 1 > pretrain.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -73,10 +74,16 @@ def _batches(ids: torch.Tensor, seq_len: int, batch: int, seed: int):
                 yield torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in start.tolist()])
 
 
-def pretrain(out: Path, minutes: float, layers: int = 6, width: int = 256, vocab: int = 4096,
-             seq_len: int = 128, batch: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None) -> Path:
+def pretrain(out: Path, minutes: float | None = None, layers: int = 6, width: int = 256, vocab: int = 4096,
+             seq_len: int = 128, batch: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None,
+             steps: int | None = None) -> Path:
+    """Pretrain for ``steps`` steps (the cosine schedule spans them) or, without ``steps``, for ``minutes`` of
+    wall-clock time (the schedule spans the steps the measured ~1.5k tokens/s would take); both: whichever
+    comes first."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+    if steps is None and minutes is None:
+        raise SalfError("the fixture needs a budget", "give --steps N (reproducible) or --minutes M")
     out.mkdir(parents=True, exist_ok=True)
     final = out / "model"
     if (final / "config.json").exists():
@@ -104,15 +111,16 @@ def pretrain(out: Path, minutes: float, layers: int = 6, width: int = 256, vocab
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, spent = state["step"], state["seconds"]
-    budget = minutes * 60
+    budget = math.inf if minutes is None else minutes * 60
     tokens_per_step = batch * seq_len
-    est_steps = max(1, int(budget * 1500 / tokens_per_step))  # schedule length from the measured ~1.5k tok/s
+    # Schedule length: the step budget, else what the measured ~1.5k tokens/s gives in the time budget.
+    est_steps = steps if steps is not None else max(1, int(budget * 1500 / tokens_per_step))
     model.train()
     t0, last_save = time.time() - spent, time.time()
     log = open(out / "progress.log", "a")
     for x in _batches(ids, seq_len, batch, seed + step):
         elapsed = time.time() - t0
-        if elapsed > budget:
+        if elapsed > budget or (steps is not None and step >= steps):
             break
         frac = min(1.0, step / est_steps)
         for g in opt.param_groups:
@@ -144,12 +152,14 @@ def pretrain(out: Path, minutes: float, layers: int = 6, width: int = 256, vocab
 def main() -> None:
     p = argparse.ArgumentParser(description="Pretrain the causal-LM benchmark fixture on Debian descriptions.")
     p.add_argument("--out", type=Path, default=Path(".salf-cache/gpt-debian"), help="cache directory")
-    p.add_argument("--minutes", type=float, default=40.0, help="wall-clock training budget")
+    p.add_argument("--steps", type=int, default=None, help="training steps (reproducible; default: use --minutes)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 40 without --steps)")
     p.add_argument("--layers", type=int, default=6, help="number of GPT-2 blocks")
     p.add_argument("--width", type=int, default=256, help="hidden size")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args()
-    path = pretrain(a.out, a.minutes, layers=a.layers, width=a.width, threads=a.threads)
+    minutes = a.minutes if a.minutes is not None or a.steps is not None else 40.0
+    path = pretrain(a.out, minutes, layers=a.layers, width=a.width, threads=a.threads, steps=a.steps)
     print(json.dumps({"model": str(path)}))
 
 
