@@ -58,7 +58,8 @@ def test_searched_rate_sweep_records_a_rate_per_boundary_and_reports_it(tmp_path
         assert r["kind"] == "oracle-searched" and r["boundary"] == k and "+lr-search=" in r["recipe"]
         assert r["learning_rate"] in (pytest.approx(0.001), pytest.approx(0.01))
         assert r["learning_rate"] == pytest.approx(0.001 * r["lr_factor"])
-        assert r["head_learning_rate"] == pytest.approx(0.005 * r["lr_factor"])
+        # the fresh head keeps its rate; only the head-only boundary (k = 4) searches the head's
+        assert r["head_learning_rate"] == pytest.approx(0.005 * (r["lr_factor"] if k == 4 else 1))
         assert len(r["lr_search"]["candidates"]) == 2 and r["search_steps"] == 6
         assert r["search_flops"] > 0 and r["search_seconds"] > 0 and r["search_step_share"] <= 1.0
         assert r["metrics"]["steps"] == 8
