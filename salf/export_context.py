@@ -6,7 +6,7 @@ fingerprint that every snippet starts with.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -188,6 +188,17 @@ def export_context(plan: Plan, model: nn.Module | None = None, model_path: str |
             "export the plan for the model it was made for (--model)",
         )
     spec = plan.freeze_spec()
+    if spec.untie_head:
+        # Another tool loads the model as its config says, with the head tied: naming lm_head there names the
+        # embedding matrix, which the plan freezes. So the export keeps the head tied (frozen with the
+        # embeddings) and says what that gives up; `salf train` (or SalfCallback, which unties) follows the plan.
+        spec = replace(spec, untie_head=False)
+        head = parts.output_head()
+        size = getattr(getattr(head, "weight", None), "numel", lambda: 0)()
+        notes.append(f"the plan unties the output head (its own trainable copy of the embedding matrix, {size:,} "
+                     "parameters, while the input embeddings stay frozen); this tool loads the model with the head "
+                     "tied, so this export keeps the head tied and frozen with the embeddings. To train the untied "
+                     "head, train with `salf train --plan` or add `SalfCallback(plan)` to a Hugging Face Trainer")
     report = apply_plan(skeleton, spec, parts=parts, only_freeze=False)
     try:
         names = tuple(n for n, _ in skeleton.named_parameters())

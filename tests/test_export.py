@@ -399,3 +399,20 @@ def test_export_says_when_the_config_is_not_the_planned_model(tmp_path: Path):
     with pytest.raises(SalfError, match="blocks"):
         export_plan(make_plan(make_model("llama", "causal-lm"), [2, 3], name_or_path=str(save_tiny(
             tmp_path, "llama", name="two", num_hidden_layers=2))), "axolotl")
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "deepspeed"])
+def test_an_untied_head_plan_exports_the_head_tied_and_says_so(target):
+    """Other tools load a tied model tied: the export keeps the head frozen with the embeddings, with a note.
+    (The DeepSpeed config freezes nothing itself: SalfCallback applies the plan, untying included.)"""
+    model = make_model("gemma" if target == "torchtune" else "gpt2", "causal-lm")
+    plan = make_plan(model, [2, 3])
+    plan.trainable["untie_head"] = True
+    assert plan.freeze_spec().untie_head
+    text = export_plan(plan, target, model=model)
+    assert "NOTE: the plan unties the output head" in text and "salf train --plan" in text
+    tied = make_plan(model, [2, 3])
+    from salf.export_context import export_context
+
+    assert export_context(plan, model=model).trainable == export_context(tied, model=model).trainable
+    assert "head (tied to the embeddings)" in text  # the summary says what the export does: frozen with them
