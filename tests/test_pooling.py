@@ -81,6 +81,23 @@ def test_masked_mean_is_the_hand_computed_mean_and_ignores_padding():
     assert torch.allclose(logits, wider_logits[:-1], atol=1e-5)
 
 
+def test_a_deep_copy_pools_its_own_batch():
+    """--lr auto trains deep copies of the model: each copy's hook must feed its own pooler the mask (it fed
+    the original's, and a copy then pooled with a stale mask of another length: a shape error on e5)."""
+    import copy
+
+    model = mean_bert()
+    data = ragged()
+    short, long = collate(data[:1], 0), collate(data + [{"input_ids": [1] * 20, "labels": 0}], 0)
+    with torch.no_grad():
+        model(input_ids=long["input_ids"], attention_mask=long["attention_mask"])  # the original's last mask
+        clone = copy.deepcopy(model)
+        out = clone(input_ids=short["input_ids"], attention_mask=short["attention_mask"]).logits
+        expected = model(input_ids=short["input_ids"], attention_mask=short["attention_mask"]).logits
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert clone.bert.pooler.mask.shape == short["attention_mask"].shape
+
+
 def test_parameters_keep_their_names_and_the_pooler_stays_in_the_head():
     plain = tiny_model("bert", "classification", num_labels=2)
     before = {n: p.shape for n, p in plain.named_parameters()}

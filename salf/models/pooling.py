@@ -43,6 +43,19 @@ class MaskedMeanPooler(nn.Module):
         return self.activation(self.dense(pooled))
 
 
+def _keep_mask(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Pre-hook on the base model: hand the forward's attention mask to its mean pooler.
+
+    The pooler is looked up on the module the hook runs on, not captured when the hook was made, so a
+    ``copy.deepcopy`` of the model (``--lr auto``'s candidates) feeds its own pooler, not the original's."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        mask = args[1]  # BertModel.forward(input_ids, attention_mask, ...)
+    pooler = getattr(module, "pooler", None)
+    if isinstance(pooler, MaskedMeanPooler):
+        pooler.mask = mask
+
+
 def head_pooling(model: nn.Module) -> str:
     """'mean' when ``model``'s classification head reads the token mean, else 'first'."""
     return getattr(model.config, POOLING_KEY, None) or "first"
@@ -69,13 +82,7 @@ def use_mean_pooling(model: nn.Module) -> nn.Module:
     mean_pooler = MaskedMeanPooler(pooler)
     base.pooler = mean_pooler
 
-    def keep_mask(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]  # BertModel.forward(input_ids, attention_mask, ...)
-        mean_pooler.mask = mask
-
-    base.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    base.register_forward_pre_hook(_keep_mask, with_kwargs=True)
     setattr(model.config, POOLING_KEY, "mean")
     return model
 
