@@ -44,7 +44,7 @@ from salf.models.arch import find_parts
 from salf.training.budget import FlopBudgetStop
 from salf.training.callback import SalfCallback
 from salf.training.config import FRESH_HEAD_LEARNING_RATE, TASKS, TrainConfig, TrainingInterrupted
-from salf.training.diagnosis import diagnose
+from salf.training.diagnosis import diagnose, label_entropy
 from salf.training.distributed import is_main_process, rank_and_world
 from salf.training.lora import add_lora
 from salf.training.outputs import merge_history, prepare_out_dir
@@ -237,6 +237,14 @@ def resumed_step_of(checkpoint: str | None) -> int | None:
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
+def _chance_loss(train_data: Sequence[dict], task: str) -> float | None:
+    """The training labels' entropy for a classification run (the 'learned nothing' verdict), else None."""
+    if task != "classification":
+        return None
+    labels = [d["labels"] for d in train_data if isinstance(d.get("labels"), int)]
+    return label_entropy(labels)
+
+
 def fit(
     model: nn.Module,
     tokenizer_or_pad_id: Any,
@@ -389,7 +397,7 @@ def fit(
                 "resumed_from": resume_from,
                 "model_dir": str(model_dir),
                 "eval_history": eval_history,
-                "diagnosis": diagnose(history, metrics.get("eval_loss")),
+                "diagnosis": diagnose(history, metrics.get("eval_loss"), _chance_loss(train_data, task)),
                 "config": asdict(config),
             }
         )
