@@ -93,3 +93,22 @@ def test_a_head_only_plan_searches_the_head_rate(tmp_path):
     result = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),
                                   0, class_data(64), head_only, config, tmp_path, task="classification", search=search)
     assert sorted(c.head_learning_rate for c in result.candidates) == [pytest.approx(2e-3 / 3), pytest.approx(6e-3)]
+
+
+def test_rank_prefers_accuracy_then_the_configured_rate_then_loss():
+    """A faster-falling loss at equal validation accuracy does not move the rate off the configured one."""
+    import math
+
+    from salf.training.lrsearch import Candidate, _rank
+
+    def cand(factor, loss, acc):
+        return Candidate(factor=factor, learning_rate=1e-4 * factor, head_learning_rate=None, rung=0, steps=5,
+                         val_loss=loss, val_accuracy=acc, seconds=1.0, flops=1.0)
+
+    tied = [cand(1 / 3, 0.905, 0.46), cand(1.0, 0.877, 0.46), cand(3.0, 0.791, 0.46)]  # e5 word order, 5 steps
+    assert min(tied, key=_rank).factor == 1.0
+    better = [cand(1 / 3, 0.771, 0.46), cand(1.0, 0.761, 0.46), cand(3.0, 0.700, 0.525)]  # MiniLM word order
+    assert min(better, key=_rank).factor == 3.0
+    assert min([cand(1.0, math.inf, 0.9), cand(3.0, 0.8, 0.4)], key=_rank).factor == 3.0  # diverged is last
+    lm = [cand(1 / 3, 2.0, None), cand(1.0, 2.1, None), cand(3.0, 2.0, None)]
+    assert min(lm, key=_rank).factor == 1 / 3  # no accuracy: the lower loss, ties to the smaller rate
