@@ -17,6 +17,7 @@ from salf.fileio import fingerprint
 from salf.method.freeze import FreezeSpec, apply_plan
 from salf.method.plan import Plan, model_fingerprint
 from salf.models.arch import ModelParts, find_parts
+from salf.models.heads import tied_head_params
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -193,9 +194,8 @@ def export_context(plan: Plan, model: nn.Module | None = None, model_path: str |
         # embedding matrix, which the plan freezes. So the export keeps the head tied (frozen with the
         # embeddings) and says what that gives up; `salf train` (or SalfCallback, which unties) follows the plan.
         spec = replace(spec, untie_head=False)
-        head = parts.output_head()
-        size = getattr(getattr(head, "weight", None), "numel", lambda: 0)()
-        notes.append(f"the plan unties the output head (its own trainable copy of the embedding matrix, {size:,} "
+        notes.append(f"the plan unties the output head (its own trainable copy of the embedding matrix, "
+                     f"{tied_head_params(skeleton):,} "
                      "parameters, while the input embeddings stay frozen); this tool loads the model with the head "
                      "tied, so this export keeps the head tied and frozen with the embeddings. To train the untied "
                      "head, train with `salf train --plan` or add `SalfCallback(plan)` to a Hugging Face Trainer")

@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=256, help="hidden size")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args()
-    minutes = a.minutes if a.minutes is not None or a.steps is not None else 40.0
+    minutes = 40.0 if a.minutes is None and a.steps is None else a.minutes
     path = pretrain(a.out, minutes, layers=a.layers, width=a.width, threads=a.threads, steps=a.steps)
     print(json.dumps({"model": str(path)}))
 

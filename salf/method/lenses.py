@@ -48,6 +48,17 @@ DEFAULT_LENS = {CLASS_LABELS: "probe", TOKEN_LABELS: "logit-lens"}
 _MAX_LOGIT_ELEMENTS = 1 << 24
 
 
+def frequency_entropy(counts: Sequence[int]) -> float | None:
+    """Entropy (nats) of the frequencies ``counts`` give: the cross-entropy of always predicting them, i.e. the
+    loss of knowing nothing about a datum (a trace's chance level, a classifier's untrained loss). None when
+    nothing was counted."""
+    p = np.asarray([c for c in counts if c > 0], dtype=np.float64)
+    if p.size == 0:
+        return None
+    p /= p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def _first_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[:, 0]
 
@@ -216,11 +227,7 @@ class TargetLens(Lens):
     def chance(self) -> float | None:
         """Entropy (nats) of the target tokens' frequencies in the sample: the loss of predicting them without
         reading the text. In cross-entropy units, so only the logit lens has it (cosine has no such level)."""
-        if not self.in_nats or not self.target_counts:
-            return None
-        p = np.array(list(self.target_counts.values()), dtype=np.float64)
-        p /= p.sum()
-        return float(-(p * np.log(p)).sum())
+        return frequency_entropy(list(self.target_counts.values())) if self.in_nats else None
 
 
 @LENSES.register("logit-lens")
@@ -317,9 +324,7 @@ class ProbeLens(Lens):
 
     def chance(self) -> float:
         """Entropy (nats) of the sample's class frequencies: the cross-entropy of the best constant guess."""
-        p = np.bincount(self.labels, minlength=self.num_classes) / len(self.labels)
-        p = p[p > 0]
-        return float(-(p * np.log(p)).sum())
+        return frequency_entropy(np.bincount(self.labels).tolist())
 
     def result(self) -> np.ndarray:
         assert self.features is not None, "result() before any batch was read"

@@ -16,7 +16,10 @@ says so, with the flag to change, instead of leaving the user to read loss curve
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
+
+from salf.method.lenses import frequency_entropy
 
 MIN_WINDOW = 5
 """Fewest steps per window: per-step losses are noisy, a mean over fewer says little."""
@@ -30,11 +33,7 @@ CHANCE_SHARE = 0.95
 
 def label_entropy(labels: Sequence[int]) -> float | None:
     """Entropy (nats) of the label frequencies: the loss of predicting them and nothing else; None when empty."""
-    counts: dict[int, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
-    n = sum(counts.values())
-    return -sum(c / n * math.log(c / n) for c in counts.values()) if n else None
+    return frequency_entropy(list(Counter(labels).values()))
 
 
 def _window_means(losses: Sequence[float]) -> tuple[float, float] | None:

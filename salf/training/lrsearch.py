@@ -268,7 +268,7 @@ def search_learning_rate(
     work = Path(work_dir)
     start = time.perf_counter()
     alive = list(search.factors)
-    head_only = spec is not None and not spec.trainable_blocks and not spec.embeddings
+    head_only = spec is not None and spec.lowest is None and not spec.embeddings  # no block to tune
     tried: list[Candidate] = []
     spent_eval = 0
     for rung, (size, n_steps) in enumerate(zip(plan.sizes, plan.steps)):
