@@ -107,7 +107,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --data when --eval-data is absent")
     g.add_argument("--plan", default=None, help="plan.json from `salf plan` (absent: full fine-tuning)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is absent")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="epochs when --max-steps is absent (default: the recipe's, 3 for a classifier, else 1)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="per-device training batch size (default: the recipe's, 16 for a classifier, else 8)")
     g.add_argument("--lr", default=None, metavar="LR|auto",

@@ -256,7 +256,7 @@ class TrainResult:
 
 def train(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
           limit: int | None = None, seed: int = 0, eval_data: str | None = None, eval_fraction: float = 0.1,
-          plan: str | None = None, max_steps: int | None = None, epochs: float = 1.0, batch_size: int | None = None,
+          plan: str | None = None, max_steps: int | None = None, epochs: float | None = None, batch_size: int | None = None,
           lr: float | str | None = None, head_lr: float | None = None, warmup_ratio: float | None = None,
           lr_search_budget: float = 0.15, match_compute: str | None = None, max_flops: float | None = None,
           lora: bool = False, lora_rank: int = 8,
@@ -271,7 +271,8 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     buys (``salf.training.tuning``). With a plan, the head pools as the plan's model did: ``head_pooling``
     None takes the plan's, and one that differs from it is an error (see ``training_pooling``).
     """
-    flags = Flags(lr=parse_learning_rate(lr), head_lr=head_lr, batch_size=batch_size, warmup_ratio=warmup_ratio)
+    flags = Flags(lr=parse_learning_rate(lr), head_lr=head_lr, batch_size=batch_size, warmup_ratio=warmup_ratio,
+                  epochs=epochs)
     budget = compute_budget(match_compute, max_flops)
     plan_obj = Plan.load(plan) if plan else None
     pooling = training_pooling(head_pooling, plan_obj)
@@ -282,7 +283,7 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     if eval_data:
         held_out = loaded.load_eval(eval_data)
     config, recipe = recipe_config(
-        loaded.data.task, flags, max_steps=max_steps, epochs=epochs, lora=lora, lora_rank=lora_rank,
+        loaded.data.task, flags, max_steps=max_steps, lora=lora, lora_rank=lora_rank,
         gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps, resume=resume,
         overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress, prefix_cache=prefix_cache)
     boundaries = None

@@ -33,13 +33,14 @@ def variants(rates: tuple[float, ...]) -> dict[str, dict]:
     return {**{f"lr={r:g}": {"lr": r} for r in rates}, "default": {}, "auto": {"lr": "auto"}}
 
 
-def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path) -> dict:
+def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path,
+            steps: int | None | str = "suite") -> dict:
     folder = out / task.name / f"s{seed}" / name.replace("=", "-")
     done = folder / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
     result = train(model=prepared.model_path, data=str(prepared.train_file), eval_data=str(prepared.eval_file),
-                   out=str(folder), max_steps=task.steps, seed=seed, max_length=task.max_length,
+                   out=str(folder), max_steps=task.steps if steps == "suite" else steps, seed=seed, max_length=task.max_length,
                    head_pooling=task.head_pooling, no_progress=True, overwrite=True, save_steps=10_000, **flags)
     return result.metrics
 
@@ -89,7 +90,11 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="where the suite's data are built (default: --out)")
     p.add_argument("--variants", default=None, help="only these variants (e.g. default,auto; default: all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", default="suite",
+                   help="'suite' (the task's steps), 'recipe' (no --max-steps: the recipe's epochs decide) or a number; "
+                        "use its own --out per length")
     a = p.parse_args()
+    steps = a.steps if a.steps == "suite" else None if a.steps == "recipe" else int(a.steps)
     torch.set_num_threads(a.threads)
     suite = BenchSuite.load(a.suite)
     wanted = set(a.tasks.split(",")) if a.tasks else None
@@ -105,11 +110,12 @@ def main() -> None:
             for name, flags in variants(rates).items():
                 if a.variants and name not in a.variants.split(","):
                     continue
-                m = run_one(task, prepared, seed, name, flags, a.out)
+                m = run_one(task, prepared, seed, name, flags, a.out, steps)
                 search = m.get("lr_search") or {}
                 rows = [r for r in rows if (r["task"], r["seed"], r["variant"]) != (task.name, seed, name)]
                 rows.append({"task": task.name, "seed": seed, "variant": name, "accuracy": m.get("eval_accuracy"),
                              "learning_rate": m["config"]["learning_rate"], "train_seconds": m.get("train_seconds"),
+                             "steps": m.get("steps"),
                              "chosen_lr": search.get("learning_rate"), "search_share": search.get("step_share"),
                              "search_seconds_share": search.get("seconds_share_of_run"),
                              "diagnosis": m.get("diagnosis", [])})

@@ -10,7 +10,7 @@ from helpers import label_data, save_tiny
 from salf.cli import main
 from salf.errors import SalfError
 from salf.training.recipes import RECIPES, default_recipe
-from salf.training.tuning import parse_learning_rate
+from salf.training.tuning import Flags, parse_learning_rate, recipe_config
 
 
 def cli(*argv) -> int:
@@ -48,6 +48,15 @@ def test_recipe_fills_what_the_user_left_out(setup, tmp_path):
     assert (cfg["learning_rate"], cfg["head_learning_rate"], cfg["batch_size"], cfg["warmup_ratio"]) == (
         recipe.learning_rate, recipe.head_learning_rate, recipe.batch_size, recipe.warmup_ratio)
     assert default_recipe("lm", lora=True) is RECIPES["lora"] and default_recipe("lm", False) is RECIPES["lm"]
+
+
+def test_run_length_defaults_to_the_recipes_epochs_and_a_flag_wins():
+    cfg, _ = recipe_config("classification", Flags())
+    assert cfg.epochs == RECIPES["classifier"].epochs == 3.0 and cfg.max_steps is None
+    assert recipe_config("lm", Flags())[0].epochs == RECIPES["lm"].epochs
+    assert recipe_config("classification", Flags(epochs=0.5))[0].epochs == 0.5
+    with pytest.raises(SalfError, match="epochs"):
+        recipe_config("classification", Flags(epochs=0))
 
 
 def test_lr_auto_searches_and_records_its_cost(setup, tmp_path, capsys):

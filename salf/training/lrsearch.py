@@ -252,7 +252,7 @@ def search_learning_rate(
     search: LRSearchConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LRSearchResult:
-    """Successive halving over ``search.factors`` x the configured rates; returns the best by validation loss.
+    """Successive halving over ``search.factors`` x the configured rates; returns the best by ``_rank``.
 
     ``load_model`` returns a fresh copy of the model to tune (the same initial weights every call: the
     global torch seed is reset to ``config.seed`` before each call, so a fresh head starts the same).

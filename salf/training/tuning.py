@@ -52,6 +52,7 @@ class Flags:
     head_lr: float | None = None
     batch_size: int | None = None
     warmup_ratio: float | None = None
+    epochs: float | None = None
 
 
 def recipe_config(task: str, flags: Flags, **config: Any) -> tuple[TrainConfig, dict[str, Any]]:
@@ -62,7 +63,8 @@ def recipe_config(task: str, flags: Flags, **config: Any) -> tuple[TrainConfig, 
     head = flags.head_lr if flags.head_lr is not None else recipe.head_learning_rate
     cfg = TrainConfig(learning_rate=body, head_learning_rate=head,
                       batch_size=flags.batch_size or recipe.batch_size,
-                      warmup_ratio=recipe.warmup_ratio if flags.warmup_ratio is None else flags.warmup_ratio, **config)
+                      warmup_ratio=recipe.warmup_ratio if flags.warmup_ratio is None else flags.warmup_ratio,
+                      epochs=recipe.epochs if flags.epochs is None else flags.epochs, **config)
     given = {k: v for k, v in asdict(flags).items() if v is not None}
     return cfg, {"kind": recipe_kind(task, lora), "recipe": asdict(recipe), "flags_given": given}
 
