@@ -12,9 +12,12 @@ from salf.bench.baselines import (
     BASELINES,
     BaselineContext,
     LisaCallback,
+    cka_change,
+    cka_change_boundary,
     cosine_change,
     cosine_change_boundary,
     gradient_norm_boundary,
+    linear_cka,
     variability_boundary,
     variability_ratio,
 )
@@ -302,6 +305,24 @@ def test_cosine_change_baseline_reads_the_pooled_token_of_a_tiny_model():
         hidden = model.bert(input_ids=torch.tensor([d["input_ids"] for d in data]), output_hidden_states=True)
     pooled = torch.stack([h[:, 0] for h in hidden.hidden_states], dim=1).numpy()
     assert importance == pytest.approx(cosine_change(pooled).tolist(), abs=1e-5)
+
+
+def test_linear_cka_is_rotation_and_scale_invariant_and_its_change_point():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6))
+    rotation, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    assert linear_cka(x, 3.0 * x @ rotation + 1.0) == pytest.approx(1.0)
+    assert linear_cka(x, rng.normal(size=(40, 6))) < 0.5
+    assert linear_cka(x, np.zeros((40, 6))) == 0.0
+    # latent 0 -> 1 keeps the geometry (change 0), 1 -> 2 replaces it
+    features = np.stack([x, 2 * x, rng.normal(size=(40, 6))], axis=1)
+    change = cka_change(features)
+    assert change[0] == pytest.approx(0.0, abs=1e-9) and change[1] > 0.5
+    # the deepest block whose change is at least half the largest
+    assert cka_change_boundary([0.1, 0.8, 0.2, 0.45, 0.1]) == 3
+    assert cka_change_boundary([0.8, 0.1, 0.1]) == 0
+    assert cka_change_boundary([0.0, 0.0]) == 0
+    assert "cka-change" in BASELINES.names() and not BASELINES.get("cka-change").trains
 
 
 def _tiny_causal(tmp_path):

@@ -19,6 +19,11 @@ and returns a ``BaselineChoice``: either a **boundary** k, whose quality is then
   1 - cos(p_l, p_{l+1}), p being the pooled representation the head reads (the first token, the last or
   the token mean, as ``salf.method.lenses.head_reads`` says); the boundary is the lowest
   of the ceil(L/4) most-changing blocks (``cosine_change_boundary``);
+- ``cka-change`` (training-free, one forward pass; representation change points): block l's change is
+  1 - linear CKA (Kornblith et al. 2019) between the pooled representations of latent spaces l and l+1
+  over the traced data; the boundary is the last change point, the deepest block whose change is at least
+  ``CKA_CHANGE_LEVEL`` of the largest: the blocks above it only refine what it made, and training from it up
+  lets fine-tuning reshape the representation's last turn (``cka_change_boundary``);
 - ``lora``: LoRA adapters on every block (PEFT's default modules), embeddings frozen, head trained;
 - ``lisa``: LISA-style layerwise importance sampling: embeddings and head always trained, plus
   ``lisa_layers`` blocks drawn at random every ``lisa_interval`` steps. Every parameter is in the
@@ -438,6 +443,48 @@ def cosine_change_baseline(ctx: BaselineContext) -> BaselineChoice:
     k = cosine_change_boundary(importance)
     return BaselineChoice(boundary=k, details={"block_cosine_change": importance.tolist(), "n_data": len(features),
                                                "top_n": max(1, math.ceil(ctx.num_layers / 4))})
+
+
+# --------------------------------------------------------------------------------------------- CKA change points
+
+CKA_CHANGE_LEVEL = 0.5
+"""A block is a change point when its 1 - CKA is at least this share of the largest block's. A module
+constant, not a ``BaselineSettings`` field: a new field would change every task's recipe fingerprint."""
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two representations [N, H] of the same N data: 1 for the same geometry (up to rotation and
+    scale), 0 for unrelated ones. Computed on the N x N Gram matrices, so H may be large."""
+    x = x.astype(np.float64) - x.mean(axis=0)
+    y = y.astype(np.float64) - y.mean(axis=0)
+    k, m = x @ x.T, y @ y.T
+    denom = np.linalg.norm(k) * np.linalg.norm(m)
+    return float((k * m).sum() / denom) if denom > 0 else 0.0
+
+
+def cka_change(features: np.ndarray) -> np.ndarray:
+    """Per block l = 0..L-1: 1 - linear CKA between latent spaces l and l+1 of ``features`` [N, L+1, H]."""
+    return np.array([1.0 - linear_cka(features[:, i], features[:, i + 1]) for i in range(features.shape[1] - 1)])
+
+
+def cka_change_boundary(change: Sequence[float], level: float = CKA_CHANGE_LEVEL) -> int:
+    """The last change point: the deepest block whose change is at least ``level`` x the largest (0 when no
+    block changes anything)."""
+    change = np.asarray(change, dtype=float)
+    top = change.max(initial=0.0)
+    if top <= 0:
+        return 0
+    return int(np.flatnonzero(change >= level * top)[-1])
+
+
+@register("cka-change")
+def cka_change_baseline(ctx: BaselineContext) -> BaselineChoice:
+    """Training-free: train from the last block that changes the pooled representation's geometry (CKA)."""
+    features, _ = pooled_features(ctx)
+    change = cka_change(features)
+    k = cka_change_boundary(change)
+    return BaselineChoice(boundary=k, details={"block_cka_change": change.tolist(), "n_data": len(features),
+                                               "level": CKA_CHANGE_LEVEL})
 
 
 # --------------------------------------------------------------------------------------------- own runs
