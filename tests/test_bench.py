@@ -313,7 +313,7 @@ def test_linear_cka_is_rotation_and_scale_invariant_and_its_change_point():
     rotation, _ = np.linalg.qr(rng.normal(size=(6, 6)))
     assert linear_cka(x, 3.0 * x @ rotation + 1.0) == pytest.approx(1.0)
     assert linear_cka(x, rng.normal(size=(40, 6))) < 0.5
-    assert linear_cka(x, np.zeros((40, 6))) == 0.0
+    assert math.isnan(linear_cka(x, np.ones((40, 6))))  # the same vector for every datum: no geometry
     # latent 0 -> 1 keeps the geometry (change 0), 1 -> 2 replaces it
     features = np.stack([x, 2 * x, rng.normal(size=(40, 6))], axis=1)
     change = cka_change(features)
@@ -322,6 +322,7 @@ def test_linear_cka_is_rotation_and_scale_invariant_and_its_change_point():
     assert cka_change_boundary([0.1, 0.8, 0.2, 0.45, 0.1]) == 3
     assert cka_change_boundary([0.8, 0.1, 0.1]) == 0
     assert cka_change_boundary([0.0, 0.0]) == 0
+    assert cka_change_boundary([float("nan"), 0.3, 0.6, 0.2]) == 2  # NaN: never a change point, not the largest
     assert "cka-change" in BASELINES.names() and not BASELINES.get("cka-change").trains
 
 

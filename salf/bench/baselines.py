@@ -454,12 +454,19 @@ constant, not a ``BaselineSettings`` field: a new field would change every task'
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Linear CKA of two representations [N, H] of the same N data: 1 for the same geometry (up to rotation and
-    scale), 0 for unrelated ones. Computed on the N x N Gram matrices, so H may be large."""
-    x = x.astype(np.float64) - x.mean(axis=0)
-    y = y.astype(np.float64) - y.mean(axis=0)
-    k, m = x @ x.T, y @ y.T
-    denom = np.linalg.norm(k) * np.linalg.norm(m)
-    return float((k * m).sum() / denom) if denom > 0 else 0.0
+    scale), 0 for unrelated ones; NaN when either is the same vector for every datum (no geometry to
+    compare: the first token's embedding, which a [CLS]-reading head sees at latent space 0). Computed on
+    the N x N Gram matrices, so H may be large."""
+    centred = []
+    for z in (x, y):
+        z = z.astype(np.float64)
+        c = z - z.mean(axis=0)
+        # a constant representation leaves only float32 rounding after centring: compare with its own scale
+        if (c**2).sum() <= 1e-8 * max((z**2).sum(), 1e-300):
+            return float("nan")
+        centred.append(c)
+    k, m = (c @ c.T for c in centred)
+    return float((k * m).sum() / (np.linalg.norm(k) * np.linalg.norm(m)))
 
 
 def cka_change(features: np.ndarray) -> np.ndarray:
@@ -469,8 +476,8 @@ def cka_change(features: np.ndarray) -> np.ndarray:
 
 def cka_change_boundary(change: Sequence[float], level: float = CKA_CHANGE_LEVEL) -> int:
     """The last change point: the deepest block whose change is at least ``level`` x the largest (0 when no
-    block changes anything)."""
-    change = np.asarray(change, dtype=float)
+    block changes anything). A block whose change is NaN (its input has no geometry) is never one."""
+    change = np.nan_to_num(np.asarray(change, dtype=float), nan=0.0)
     top = change.max(initial=0.0)
     if top <= 0:
         return 0
@@ -483,7 +490,8 @@ def cka_change_baseline(ctx: BaselineContext) -> BaselineChoice:
     features, _ = pooled_features(ctx)
     change = cka_change(features)
     k = cka_change_boundary(change)
-    return BaselineChoice(boundary=k, details={"block_cka_change": change.tolist(), "n_data": len(features),
+    return BaselineChoice(boundary=k, details={"block_cka_change": [None if math.isnan(c) else c for c in change.tolist()],
+                                               "n_data": len(features),
                                                "level": CKA_CHANGE_LEVEL})
 
 
