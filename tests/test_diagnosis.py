@@ -19,11 +19,17 @@ def test_flat_loss_and_close_eval_say_nothing():
     assert diagnose(history(flat), eval_loss=1.1) == []
 
 
-def test_eval_far_above_train_is_called_over_fitting():
+def test_eval_far_above_train_is_a_gap_and_a_rising_eval_loss_is_over_fitting():
     flat = [0.2] * 100
     notes = diagnose(history(flat), eval_loss=0.9)
-    assert len(notes) == 1 and "over-fits" in notes[0]
+    assert len(notes) == 1 and "generalisation gap" in notes[0] and "--eval-steps" in notes[0]
+    assert "over-fits" not in notes[0]  # one evaluation cannot tell that shorter training is better
     assert diagnose(history([0.01] * 100), eval_loss=0.05) == []  # ratio large, gap tiny: fine
+    rising = [{"step": 20, "eval_loss": 0.6}, {"step": 40, "eval_loss": 0.5}, {"step": 100, "eval_loss": 0.9}]
+    notes = diagnose(history(flat), eval_loss=0.9, eval_history=rising)
+    assert len(notes) == 1 and "over-fits after step 40" in notes[0] and "--max-steps to about 40" in notes[0]
+    falling = [{"step": 20, "eval_loss": 1.2}, {"step": 100, "eval_loss": 0.9}]
+    assert diagnose(history(flat), eval_loss=0.9, eval_history=falling) == []  # evaluated: best at the end
 
 
 def test_too_short_or_non_finite_histories_are_not_judged():

@@ -397,7 +397,7 @@ def fit(
                 "resumed_from": resume_from,
                 "model_dir": str(model_dir),
                 "eval_history": eval_history,
-                "diagnosis": diagnose(history, metrics.get("eval_loss"), _chance_loss(train_data, task)),
+                "diagnosis": diagnose(history, metrics.get("eval_loss"), _chance_loss(train_data, task), eval_history),
                 "config": asdict(config),
             }
         )
