@@ -33,14 +33,13 @@ def variants(rates: tuple[float, ...]) -> dict[str, dict]:
     return {**{f"lr={r:g}": {"lr": r} for r in rates}, "default": {}, "auto": {"lr": "auto"}}
 
 
-def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path,
-            steps: int | None | str = "suite") -> dict:
+def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path, max_steps: int | None) -> dict:
     folder = out / task.name / f"s{seed}" / name.replace("=", "-")
     done = folder / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
     result = train(model=prepared.model_path, data=str(prepared.train_file), eval_data=str(prepared.eval_file),
-                   out=str(folder), max_steps=task.steps if steps == "suite" else steps, seed=seed, max_length=task.max_length,
+                   out=str(folder), max_steps=max_steps, seed=seed, max_length=task.max_length,
                    head_pooling=task.head_pooling, no_progress=True, overwrite=True, save_steps=10_000, **flags)
     return result.metrics
 
@@ -94,7 +93,6 @@ def main() -> None:
                    help="'suite' (the task's steps), 'recipe' (no --max-steps: the recipe's epochs decide) or a number; "
                         "use its own --out per length")
     a = p.parse_args()
-    steps = a.steps if a.steps == "suite" else None if a.steps == "recipe" else int(a.steps)
     torch.set_num_threads(a.threads)
     suite = BenchSuite.load(a.suite)
     wanted = set(a.tasks.split(",")) if a.tasks else None
@@ -106,11 +104,12 @@ def main() -> None:
         if wanted and task.name not in wanted:
             continue
         prepared = PreparedTask.prepare(task, a.data_dir or a.out)
+        max_steps = task.steps if a.steps == "suite" else None if a.steps == "recipe" else int(a.steps)
         for seed in seeds:
             for name, flags in variants(rates).items():
                 if a.variants and name not in a.variants.split(","):
                     continue
-                m = run_one(task, prepared, seed, name, flags, a.out, steps)
+                m = run_one(task, prepared, seed, name, flags, a.out, max_steps)
                 search = m.get("lr_search") or {}
                 rows = [r for r in rows if (r["task"], r["seed"], r["variant"]) != (task.name, seed, name)]
                 rows.append({"task": task.name, "seed": seed, "variant": name, "accuracy": m.get("eval_accuracy"),

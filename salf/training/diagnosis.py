@@ -52,14 +52,16 @@ def _window_means(losses: Sequence[float]) -> tuple[float, float] | None:
     return sum(losses[-2 * w:-w]) / w, sum(losses[-w:]) / w
 
 
-def _eval_rise(eval_history: Sequence[dict], eval_loss: float) -> tuple[float, int] | None:
-    """(best eval loss, its step) when the final ``eval_loss`` is ``EVAL_RISE`` or more above the best of the
-    evaluations made before the end; None otherwise."""
-    earlier = [(float(h["eval_loss"]), int(h.get("step", 0))) for h in eval_history
-               if isinstance(h.get("eval_loss"), (int, float)) and math.isfinite(h["eval_loss"])]
-    if len(earlier) < 2:
-        return None
-    best, step = min(earlier)
+def _finite_evals(eval_history: Sequence[dict]) -> list[tuple[float, int]]:
+    """(eval loss, step) of every evaluation with a finite loss."""
+    return [(float(h["eval_loss"]), int(h.get("step", 0))) for h in eval_history
+            if isinstance(h.get("eval_loss"), (int, float)) and math.isfinite(h["eval_loss"])]
+
+
+def _eval_rise(evals: Sequence[tuple[float, int]], eval_loss: float) -> tuple[float, int] | None:
+    """(best eval loss, its step) when the final ``eval_loss`` is ``EVAL_RISE`` or more above the best of
+    ``evals``; None otherwise."""
+    best, step = min(evals)
     return (best, step) if best > 0 and eval_loss >= (1 + EVAL_RISE) * best else None
 
 
@@ -87,16 +89,20 @@ def diagnose(history: Sequence[dict], eval_loss: float | None, chance_loss: floa
         )
     if eval_loss is None or not math.isfinite(eval_loss) or not losses:
         return notes
-    rise = _eval_rise(eval_history, eval_loss)
+    evals = _finite_evals(eval_history)
+    evaluated_during_training = len(evals) >= 2
+    rise = _eval_rise(evals, eval_loss) if evaluated_during_training else None
     if rise is not None:
         notes.append(
             f"the eval loss rose from {rise[0]:.3g} at step {rise[1]} to {eval_loss:.3g} at the end: it over-fits "
             f"after step {rise[1]}; lower --max-steps to about {rise[1]} (or --lr), or give more training data"
         )
         return notes
+    if evaluated_during_training:  # and the eval loss did not rise: the gap alone says nothing more
+        return notes
     w = max(MIN_WINDOW, len(losses) // 10)
     train_end = sum(losses[-w:]) / len(losses[-w:])
-    if eval_loss >= OVERFIT_RATIO * train_end and eval_loss - train_end >= OVERFIT_GAP and len(eval_history) < 2:
+    if eval_loss >= OVERFIT_RATIO * train_end and eval_loss - train_end >= OVERFIT_GAP:
         notes.append(
             f"the eval loss ({eval_loss:.3g}) is far above the training loss at the end ({train_end:.3g}): a "
             "generalisation gap, not by itself over-fitting; pass --eval-steps N to see whether the eval loss "
