@@ -97,8 +97,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-datum", action="store_true",
                    help="also give each traced datum its own boundary from its own trace (train with --per-datum)")
     g.add_argument("--head", choices=("tied", "untie"), default=None,
-                   help="for a model whose output head is tied to its input embeddings: keep it tied (default; frozen "
-                        "with the embeddings when k > 0) or untie it (a trainable copy; the embeddings stay frozen)")
+                   help="for a model whose output head is tied to its input embeddings: untie it (default: a trainable "
+                        "copy; the embeddings stay frozen) or keep it tied (frozen with the embeddings when k > 0)")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
