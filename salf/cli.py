@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench-table", "Regret by model over one or more `salf bench` output directories: every plan and "
                            "baseline, mean over tasks and seeds (plain and trade-off regret, share kept, FLOPs).")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="output directories of `salf bench` (each with a runs.json)")
-    p.add_argument("--out", default=None, help="also write the table as markdown to this file")
+    p.add_argument("--out", default=None, help="also write the table as markdown to this file, with every model's oracle sweeps (mean ± std per boundary)")
 
     p = add("cost", "Per-boundary step FLOPs, memory and projected step time of a model, from its config alone.")
     p.add_argument("--config", required=True,

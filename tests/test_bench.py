@@ -187,6 +187,7 @@ def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, caps
     for name, records in (("one", _sweep("a")), ("two", _sweep("b", model="other"))):
         for seed in (0, 1):
             records.append(_record(records[0]["task"], seed, "baseline/full", "baseline", boundary=0))
+            records.append(_record(records[0]["task"], seed, default_plan("classification"), "plan", boundary=seed))
         (tmp_path / name).mkdir()
         (tmp_path / name / "runs.json").write_text(json.dumps({"format": 1, "suite": "x", "runs": records}))
     dirs = [str(tmp_path / "one"), str(tmp_path / "two")]
@@ -195,6 +196,9 @@ def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, caps
     result = bench_table(dirs, out=str(tmp_path / "table.md"))
     text = (tmp_path / "table.md").read_text()
     assert "Regret by model" in text and "baseline/full" in text and "`other`" in text
+    # the oracle sweeps, one table per model: accuracy mean ± std in %, the best boundary bold, the default's k
+    assert "| FLOPs x full |  | 1.00 | 0.70 | 0.40 |  |" in text
+    assert "| a | 0,1 | 75.0 ± 7.1 | **85.0 ± 7.1** | 55.0 ± 7.1 | 0,1 |" in text
     assert "baseline/full" in result.render() and result.to_json()["regret_by_model"] == table
     with pytest.raises(SalfError, match="runs.json"):
         combined_regret([str(tmp_path / "missing")])

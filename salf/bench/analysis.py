@@ -259,9 +259,14 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
             for model, variants in pooled.items()}
 
 
+def finished_analyses(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """``analyze`` of the finished seeds of each benchmark output directory."""
+    return [analyze(complete_records(load_runs(d))) for d in dirs]
+
+
 def combined_regret(dirs: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
     """``regret_by_model`` over the finished seeds of several benchmark output directories at once."""
-    return regret_by_model(analyze(complete_records(load_runs(d))) for d in dirs)
+    return regret_by_model(finished_analyses(dirs))
 
 
-__all__ = ["ALL_MODELS", "PER_SEED_FIELDS", "REGRET_TABLE_KINDS", "REGRET_TABLE_ORDER", "TARGET_FLOPS", "TARGET_QUALITY", "analyze", "combined_regret", "default_plan", "regret_by_model"]
+__all__ = ["ALL_MODELS", "PER_SEED_FIELDS", "REGRET_TABLE_KINDS", "REGRET_TABLE_ORDER", "TARGET_FLOPS", "TARGET_QUALITY", "analyze", "combined_regret", "default_plan", "finished_analyses", "regret_by_model"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from salf.bench.analysis import REGRET_TABLE_ORDER, analyze, combined_regret, regret_by_model
+from salf.bench.analysis import REGRET_TABLE_ORDER, analyze, default_plan, finished_analyses, regret_by_model
 from salf.bench.progress import duration, now
 from salf.bench.scoring import REGRET_KEYS, TRADEOFF_LAMBDAS
 from salf.bench.suite import BenchSuite
@@ -144,6 +144,38 @@ def regret_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
         parts += [f"### Model `{model}` ({len(entry['tasks'])} task(s): {', '.join(entry['tasks'])})", "",
                   _md_table(["#", "variant", "kind", "tasks", "runs", "regret (points)", *LAMBDA_HEADERS,
                              "share of best kept", "FLOPs x full"], rows), ""]
+    return parts
+
+
+def oracle_table_markdown(analyses: Iterable[dict[str, Any]]) -> list[str]:
+    """Every task's oracle sweep in one table per model: quality mean ± std over seeds at each boundary (the
+    best in bold), the measured FLOPs above, and the boundaries the default plan chose, per seed."""
+    by_model: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for analysis in analyses:
+        for name, task in analysis.items():
+            if task and task.get("seeds"):
+                by_model.setdefault(str(task.get("model")), []).append((name, task))
+    parts = ["## Oracle sweeps by model", "",
+             "Quality at every boundary k (k = 0: full fine-tuning; k = L: the head only), mean ± std over the "
+             "seeds finished; accuracy in %. FLOPs: measured training FLOPs x full fine-tuning, mean over the "
+             "model's tasks. 'default k': the boundary salf's default plan chose, per seed.", ""]
+    for model, tasks in by_model.items():
+        n = max(t["num_layers"] for _, t in tasks) + 1
+        flops = [[r["flops_ratio"]["mean"] for r in t["oracle"]] for _, t in tasks if len(t["oracle"]) == n]
+        mean_flops = [sum(f[k] for f in flops) / len(flops) for k in range(n)] if flops else [None] * n
+        rows = [["FLOPs x full", "", *("-" if f is None else f"{f:.2f}" for f in mean_flops), ""]]
+        for name, task in tasks:
+            pct = task["higher_is_better"] and "accuracy" in str(task["quality_metric"])
+            known = [r["quality"]["mean"] for r in task["oracle"] if r["quality"]["mean"] is not None]
+            best = (max if task["higher_is_better"] else min)(known) if known else None
+            cells = []
+            for r in task["oracle"]:
+                text = _fmt(r["quality"], 1, pct=True).replace("%", "") if pct else _fmt(r["quality"], 3)
+                cells.append(f"**{text}**" if r["quality"]["mean"] == best else text)
+            default = task["variants"].get(default_plan(task["data_task"]))
+            rows.append([name, ",".join(map(str, task["seeds"])), *cells, _boundaries_text(default) if default else "-"])
+        parts += [f"### Model `{model}`", "", _md_table(["task", "seeds", *(f"k={k}" for k in range(n)), "default k"],
+                                                        rows), ""]
     return parts
 
 
@@ -348,16 +380,18 @@ class RegretTable:
 
 def bench_table(dirs: Sequence[str], out: str | None = None, **_: Any) -> RegretTable:
     """``salf bench-table DIR [DIR ...] [--out FILE.md]``: the per-model regret table over benchmark output
-    directories (each with a runs.json); finished seeds only; nothing is trained or rewritten in them."""
-    table = combined_regret(dirs)
+    directories (each with a runs.json), and in the markdown file also each model's oracle sweeps; finished
+    seeds only; nothing is trained or rewritten in them."""
+    analyses = finished_analyses(dirs)
+    table = regret_by_model(analyses)
     if not table:
         raise SalfError(f"no finished plan or baseline in {', '.join(dirs)}", "run `salf bench --out DIR` first")
     path = None
     if out:
         text = "\n".join([f"# salf bench: regret by model over {', '.join(f'`{d}`' for d in dirs)}", "",
-                           TRADEOFF_TEXT, "", *regret_table_markdown(table)])
+                           TRADEOFF_TEXT, "", *regret_table_markdown(table), *oracle_table_markdown(analyses)])
         path = write_atomic(Path(out), text + "\n")
     return RegretTable(list(dirs), table, path)
 
 
-__all__ = ["BenchResult", "LAMBDA_HEADERS", "RegretTable", "TRADEOFF_HEADERS", "TRADEOFF_TEXT", "VARIANT_HEADERS", "bench_table", "frontier_png", "regret_table_markdown", "render_markdown", "write_reports"]
+__all__ = ["BenchResult", "LAMBDA_HEADERS", "RegretTable", "TRADEOFF_HEADERS", "TRADEOFF_TEXT", "VARIANT_HEADERS", "bench_table", "frontier_png", "oracle_table_markdown", "regret_table_markdown", "render_markdown", "write_reports"]
