@@ -248,7 +248,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
 
     tasks = [(n, t) for n, t in analysis.items() if t and t.get("seeds")]  # a task with no finished seed has nothing to draw
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7.5 * max(1, len(tasks)), 5.5), squeeze=False)
-    markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D", "unsolved": "h"}
+    markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D", "unsolved": "h", "unsolved=0.75": "H"}
     for ax, (name, task) in zip(axes[0], tasks):
         ks = task["oracle"]
         xs = [r["flops_ratio"]["mean"] for r in ks]
@@ -287,7 +287,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
                 ax.annotate(variant.split("/", 1)[1], (x, y), fontsize=6, xytext=(3, 4), textcoords="offset points")
         ax.set_xlabel("measured training FLOPs / full fine-tuning")
         ax.set_ylabel(task["quality_metric"] + ("" if task["higher_is_better"] else " (lower is better)"))
-        ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9, hexagon unsolved, "
+        ax.set_title(f"{name} ({len(task['seeds'])} seed(s))\nmarkers: * knee, ■ budget=0.5, ◆ coverage=0.9, hexagons unsolved (=0.75), "
                      "+ per datum; x/▲ baselines; ▼ equal compute", fontsize=9)
         ax.legend(fontsize=6, loc="best")
         ax.grid(alpha=0.3)

@@ -22,7 +22,7 @@ from salf.training.lrsearch import LRSearchConfig
 BENCH_FORMAT = 1
 
 
-POLICIES_DEFAULT = ("knee", "budget=0.5", "coverage=0.9", "unsolved")
+POLICIES_DEFAULT = ("knee", "budget=0.5", "coverage=0.9", "unsolved", "unsolved=0.75")
 
 
 PER_DATUM_ESTIMATOR, PER_DATUM_POLICY = "headroom", "knee"
