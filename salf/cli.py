@@ -59,6 +59,9 @@ def _model_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for sampling, probes and training")
 
 
+# = salf.method.plan.DEFAULT_POLICY (tested); written out so that --help imports no numpy
+POLICY_DEFAULTS_HELP = "default: unsolved=0.75 for classification data, unsolved for completion data"
+
 HEAD_POOLING_HELP = (
     "what a BERT-style classifier's head reads: first (the [CLS] token, as BertForSequenceClassification "
     "does) or mean (the masked mean of the tokens, through the same pooler weights: for sentence encoders "
@@ -81,8 +84,9 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan")
-    g.add_argument("--policy", default="unsolved",  # = salf.method.plan.DEFAULT_POLICY (tested); no numpy import for --help
-                   help="unsolved (default: train the share of the depth the frozen model leaves unsolved) | knee | "
+    g.add_argument("--policy", default=None,
+                   help=f"{POLICY_DEFAULTS_HELP}; or: unsolved=S (train S x the share of the depth the frozen model "
+                        "leaves unsolved) | knee | "
                         "budget=C (step cost <= C x full) | coverage=T (>= T of the gain) | full | freeze-first-half | "
                         "train-last-quarter | random")
     g.add_argument("--estimator", default="sufficiency-uniform",  # = salf.method.gain.DEFAULT_ESTIMATOR (tested)
@@ -181,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin:minilm",
                    help="the model to fine-tune (default builtin:minilm; e.g. builtin:e5-small, 12 blocks)")
     p.add_argument("--steps", type=int, default=150, help="training steps of each fine-tuning")
-    p.add_argument("--policy", default="unsolved", help="planning policy (default: unsolved)")
+    p.add_argument("--policy", default=None, help=f"planning policy ({POLICY_DEFAULTS_HELP})")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     _head_pooling(p)

@@ -18,7 +18,7 @@ from typing import Any
 from salf.data.corpora import build_corpus
 from salf.errors import SalfError
 from salf.fileio import write_json
-from salf.method.plan import DEFAULT_POLICY, Plan
+from salf.method.plan import Plan
 from salf.pipeline import load, run_plan, run_trace
 from salf.report import write_report
 from salf.table import render_table
@@ -75,7 +75,7 @@ class DemoResult:
                 "profiling_seconds": self.profiling_seconds, "table": self.rows()}
 
 
-def demo(out: str = "runs/demo", steps: int = 150, policy: str = DEFAULT_POLICY, seed: int = 0, overwrite: bool = False,
+def demo(out: str = "runs/demo", steps: int = 150, policy: str | None = None, seed: int = 0, overwrite: bool = False,
          no_progress: bool = False, model: str = "builtin:minilm", head_pooling: str | None = None,
          **_: Any) -> DemoResult:
     from salf.figures import plot_plan

@@ -24,7 +24,7 @@ from salf.method.cost import boundary_costs
 from salf.method.cost_profile import profile_cost
 from salf.method.gain import DEFAULT_ESTIMATOR, estimate_gains
 from salf.method.lenses import TraceConfig
-from salf.method.plan import DEFAULT_POLICY, Plan, check_policy, make_plan, model_fingerprint
+from salf.method.plan import Plan, check_policy, default_policy, make_plan, model_fingerprint
 from salf.method.trace import Trace, trace_model
 from salf.models.heads import check_head_mode, head_mode_for, head_note
 from salf.models.loading import LoadedModel, load_config, load_model, load_tokenizer
@@ -163,10 +163,12 @@ def mean_length(task_data: TaskData) -> int:
     return max(2, int(round(float(np.mean([len(d["input_ids"]) for d in task_data.data])))))
 
 
-def run_plan(loaded: Loaded, trace_result: Trace, policy: str = DEFAULT_POLICY, estimator: str = DEFAULT_ESTIMATOR,
+def run_plan(loaded: Loaded, trace_result: Trace, policy: str | None = None, estimator: str = DEFAULT_ESTIMATOR,
              cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
              seed: int = 0, per_datum: bool = False, head: str | None = None) -> Plan:
-    """``head``: 'tied' or 'untie' for a model with a tied output head (None: ``DEFAULT_HEAD_MODE``)."""
+    """``policy`` None: ``salf.method.plan.DEFAULT_POLICY`` for the data's labels. ``head``: 'tied' or 'untie' for
+    a model with a tied output head (None: ``DEFAULT_HEAD_MODE``)."""
+    policy = policy or default_policy(loaded.data.data)
     head_mode = head_mode_for(loaded.model.model, head)
     gains = estimate_gains(trace_result.mean, estimator, chance=trace_result.chance)
     profile = profile_cost(loaded.model.model, cost_batch, cost_seq or mean_length(loaded.data),
@@ -179,14 +181,15 @@ def run_plan(loaded: Loaded, trace_result: Trace, policy: str = DEFAULT_POLICY, 
 
 def plan(model: str, data: str, out: str, task: str | None = None, label_mode: str = "head", max_length: int = 256,
          limit: int | None = None, seed: int = 0, lens: str | None = None, sample_size: int = 256,
-         trace_batch_size: int = 8, pooling: str = "auto", policy: str = DEFAULT_POLICY, estimator: str = DEFAULT_ESTIMATOR,
+         trace_batch_size: int = 8, pooling: str = "auto", policy: str | None = None, estimator: str = DEFAULT_ESTIMATOR,
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
          trace_file: str | None = None, figure: str | None = None, per_datum: bool = False,
          head_pooling: str | None = None, no_progress: bool = False, head: str | None = None, **_: Any) -> PlanResult:
     from salf.figures import plot_plan
     from salf.method.gain import ESTIMATORS
 
-    check_policy(policy)  # fail in a second, not after a long trace
+    if policy is not None:
+        check_policy(policy)  # fail in a second, not after a long trace
     check_head_mode(head)
     ESTIMATORS.get(estimator)
     loaded = load(model, data, task, label_mode, max_length, limit, seed, head_pooling=head_pooling)

@@ -151,7 +151,7 @@ def test_analysis_reports_tradeoff_regret_and_share_kept_per_seed():
 
 def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
     default = default_plan("classification")
-    assert default == "salf/probe/sufficiency-uniform/unsolved"
+    assert default == "salf/probe/sufficiency-uniform/unsolved=0.75"
     assert default_plan("completion") == "salf/logit-lens/sufficiency-uniform/unsolved"
     first = _sweep("a")
     second = _sweep("b", accuracy={0: [0.8], 1: [0.8], 2: [0.79]}, seeds=(0,))

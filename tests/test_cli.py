@@ -203,6 +203,7 @@ def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
     assert rc == 0, err
     plan = json.loads(out)
     assert plan["data"]["task"] == kind and plan["lens"] == lens
+    assert plan["policy"] == {"completion": "unsolved", "classification": "unsolved=0.75"}[kind]  # DEFAULT_POLICY
     assert plan["paths"]["plan"] == str(tmp_path / "plan.json")
     assert json.loads((tmp_path / "plan.json").read_text())["boundary"] == plan["boundary"]
     rc, out, err = run(capsys, "train", "--model", model, "--data", data, "--plan", tmp_path / "plan.json",
@@ -330,14 +331,16 @@ def test_head_only_plan_says_only_the_head_trains(lm_plan):
 
 
 def test_cli_defaults_are_the_library_defaults():
-    from salf.cli import build_parser
+    from salf.cli import POLICY_DEFAULTS_HELP, build_parser
     from salf.method.gain import DEFAULT_ESTIMATOR
     from salf.method.plan import DEFAULT_POLICY
 
     parser = build_parser()
     for command in ("plan", "demo"):
         args = parser.parse_args([command, "--model", "m", "--data", "d", "--out", "p"] if command == "plan" else [command])
-        assert args.policy == DEFAULT_POLICY
+        assert args.policy is None  # resolved by the data's labels (salf.method.plan.default_policy)
+    assert POLICY_DEFAULTS_HELP == (f"default: {DEFAULT_POLICY['classes']} for classification data, "
+                                    f"{DEFAULT_POLICY['tokens']} for completion data")
     assert parser.parse_args(["plan", "--model", "m", "--data", "d", "--out", "p"]).estimator == DEFAULT_ESTIMATOR
 
 

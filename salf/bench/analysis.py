@@ -201,12 +201,12 @@ then by name."""
 
 
 def default_plan(data_task: str) -> str:
-    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved')."""
+    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved=0.75')."""
     from salf.method.gain import DEFAULT_ESTIMATOR
     from salf.method.lenses import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
-    lens = DEFAULT_LENS[CLASS_LABELS if data_task == "classification" else TOKEN_LABELS]
-    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY}"
+    kind = CLASS_LABELS if data_task == "classification" else TOKEN_LABELS
+    return f"salf/{DEFAULT_LENS[kind]}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY[kind]}"
 
 
 def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:

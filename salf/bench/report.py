@@ -21,7 +21,6 @@ from salf.bench.suite import BenchSuite
 from salf.bench.sweeps_report import render_sweeps
 from salf.errors import SalfError
 from salf.fileio import write_atomic, write_json
-from salf.method.plan import DEFAULT_POLICY
 
 
 def _fmt(stat: dict[str, Any] | None, digits: int = 3, pct: bool = False, spread: bool = True) -> str:
@@ -250,6 +249,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7.5 * max(1, len(tasks)), 5.5), squeeze=False)
     markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D", "unsolved": "h", "unsolved=0.75": "H"}
     for ax, (name, task) in zip(axes[0], tasks):
+        default_policy = default_plan(task["data_task"]).rsplit("/", 1)[1]
         ks = task["oracle"]
         xs = [r["flops_ratio"]["mean"] for r in ks]
         ys = [r["quality"]["mean"] for r in ks]
@@ -272,7 +272,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
                 _, lens, estimator, policy = variant.split("/", 3)
                 color = colors.setdefault(f"{lens}/{estimator}", f"C{len(colors) % 10}")
                 ax.plot(x + jitter, y, markers.get(policy, "P"), color=color, ms=8, alpha=0.85, zorder=3,
-                        label=f"salf {lens}/{estimator}" if policy == DEFAULT_POLICY else None)
+                        label=f"salf {lens}/{estimator}" if policy == default_policy else None)
             elif v["kind"] == "per-datum":
                 ax.plot(x, y, "P", color="crimson", ms=9, zorder=5, label=f"salf per datum ({variant.split('/', 1)[1]})")
             elif v["kind"] == "ceiling":
