@@ -139,10 +139,8 @@ def unsolved(ctx: PolicyContext, value: float | None) -> int:
     same share (blocks without gain between them), the cheapest.
 
     ``unsolved=S`` scales the target to S x (1 - frozen share) (at most all of the gain): S < 1 saves more
-    compute, S > 1 buys quality. Measured over both real models on the 16 task-seeds the default was chosen
-    on (BENCHMARKS.md, "the unsolved scale"), the scale that is best on one model is not on the other, so the
-    default stays at S = 1; three e5 seeds added since favour S = 0.75 on both models, largely through one run
-    whose full fine-tuning never trained, which makes 0.75 the candidate default, not yet the default.
+    compute, S > 1 buys quality. ``DEFAULT_POLICY`` gives classifiers S = 0.75 and completion tasks S = 1
+    (BENCHMARKS.md, "the unsolved scale").
     """
     scale = 1.0 if value is None else _scale("unsolved", value)
     frozen = float(ctx.benefit[-1])
