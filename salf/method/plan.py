@@ -55,7 +55,8 @@ DEFAULT_POLICY: dict[str, str] = {CLASS_LABELS: "unsolved=0.75", TOKEN_LABELS: "
 ``salf.method.gain.DEFAULT_ESTIMATOR``; BENCHMARKS.md, "Where to fine-tune"). Classifiers aim at 0.75 of the
 unsolved share: their probe reads the pooled state, which hides what the blocks hold but the pooling loses
 (word order: φ = 0 at every depth, yet freezing e5's first 3 blocks cost little), and 0.75 had the lowest
-trade-off regret of every plan and fixed rule over 24 encoder task-seeds, 8 of them held out. Completion
+trade-off regret of every plan and fixed rule over 24 encoder task-seeds, and a rule registered before the
+last 5 of them ran chose it on those 5. Completion
 tasks keep the whole unsolved share: on the causal fixture, whose frozen layers solve nothing, 0.75 froze a
 block and lost 8-9 points."""
 
