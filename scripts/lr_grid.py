@@ -8,6 +8,9 @@ and --lr auto as shares of the grid's best, and what the search cost.
 
     python scripts/lr_grid.py --suite minilm-quick --seeds 0,1,2 --out bench_out/lr-grid
 
+Runs in parallel processes need their own --out each (results.json is rewritten per run); gather them with
+`--merge DIR [DIR ...] --out OUT`, which trains nothing and writes OUT's merged results.json and results.md.
+
 Issue #11's targets: default >= 95% of the grid's best; --lr auto likewise at <= 15% of the run's cost;
 the default's standard deviation over three seeds <= 2 points.
 """
@@ -48,6 +51,13 @@ def _accuracies(rows: list[dict], name: str) -> list[float]:
     return [r["accuracy"] for r in rows if r["variant"] == name and r["accuracy"] is not None]
 
 
+def _at_rate(rows: list[dict], rate: float) -> list[float]:
+    """The grid's cell for `rate`: its own runs, or the default's where the default trains at that rate."""
+    return _accuracies(rows, f"lr={rate:g}") or [
+        r["accuracy"] for r in rows
+        if r["variant"] == "default" and r["accuracy"] is not None and abs(r["learning_rate"] - rate) < 1e-12 * rate]
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -67,7 +77,7 @@ def summarise(rows: list[dict], rates: tuple[float, ...]) -> str:
     for task in sorted({r["task"] for r in rows}):
         mine = [r for r in rows if r["task"] == task]
         seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
-        grid = [_accuracies(mine, f"lr={r:g}") for r in rates]
+        grid = [_at_rate(mine, r) for r in rates]
         best = max((statistics.mean(v) for v in grid if v), default=None)
         default, auto = _accuracies(mine, "default"), _accuracies(mine, "auto")
         searched = [r for r in mine if r["variant"] == "auto"]
@@ -77,6 +87,33 @@ def summarise(rows: list[dict], rates: tuple[float, ...]) -> str:
                      + f" | {_cell(default)} | {_share(default, best)} | {_cell(auto)} | {_share(auto, best)}"
                      + f" | {chosen} | {cost} |")
     return "\n".join(lines)
+
+
+def runs_table(rows: list[dict]) -> str:
+    """One row per run: steps, accuracy and the end-of-run notes (`salf.training.diagnosis`)."""
+    lines = ["| task | seed | variant | steps | accuracy % | end-of-run notes |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["seed"], r["variant"])):
+        accuracy = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
+        lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {r['steps']} | {accuracy} | "
+                     + "; ".join(r.get("diagnosis") or []) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, rows: list[dict], rates: tuple[float, ...]) -> None:
+    write_json(out / "results.json", rows)
+    write_atomic(out / "results.md", "Accuracy % (mean ± std over the seeds listed; shares of the best grid mean)\n\n"
+                 + summarise(rows, rates) + "\n\nEvery run:\n\n" + runs_table(rows) + "\n")
+
+
+def merge(out: Path, sources: list[Path], rates: tuple[float, ...]) -> None:
+    """Gather the rows of several --out folders into OUT (a later folder's row replaces an earlier one)."""
+    found: dict[tuple, dict] = {}
+    for folder in [out, *sources]:
+        path = folder / "results.json"
+        for r in json.loads(path.read_text()) if path.is_file() else []:
+            found[(r["task"], r["seed"], r["variant"])] = r
+    write_results(out, list(found.values()), rates)
+    print(f"{len(found)} runs merged into {out}")
 
 
 def main() -> None:
@@ -92,11 +129,16 @@ def main() -> None:
     p.add_argument("--steps", default="suite",
                    help="'suite' (the task's steps), 'recipe' (no --max-steps: the recipe's epochs decide) or a number; "
                         "use its own --out per length")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="train nothing: merge these folders' results.json into --out")
     a = p.parse_args()
+    rates = tuple(float(r) for r in a.rates.split(","))
+    if a.merge:
+        merge(a.out, a.merge, rates)
+        return
     torch.set_num_threads(a.threads)
     suite = BenchSuite.load(a.suite)
     wanted = set(a.tasks.split(",")) if a.tasks else None
-    rates = tuple(float(r) for r in a.rates.split(","))
     seeds = [int(s) for s in a.seeds.split(",")]
     previous = a.out / "results.json"
     rows: list[dict] = json.loads(previous.read_text()) if previous.is_file() else []  # other runs' rows stay
@@ -118,8 +160,7 @@ def main() -> None:
                              "chosen_lr": search.get("learning_rate"), "search_share": search.get("step_share"),
                              "search_seconds_share": search.get("seconds_share_of_run"),
                              "diagnosis": m.get("diagnosis", [])})
-                write_json(a.out / "results.json", rows)
-                write_atomic(a.out / "results.md", summarise(rows, rates) + "\n")
+                write_results(a.out, rows, rates)
                 print(f"{task.name} seed {seed} {name}: accuracy {m.get('eval_accuracy')}", flush=True)
 
 
