@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from salf.bench.measured import exact_match
 from salf.bench.suite import BenchSuite
 from salf.bench.tasks import PreparedTask
 from salf.fileio import write_atomic, write_json
-from salf.pipeline import train
+from salf.pipeline import load, train
 
 GRID = (3e-5, 1e-4, 3e-4, 1e-3)
 
@@ -36,15 +37,34 @@ def variants(rates: tuple[float, ...]) -> dict[str, dict]:
     return {**{f"lr={r:g}": {"lr": r} for r in rates}, "default": {}, "auto": {"lr": "auto"}}
 
 
-def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path, max_steps: int | None) -> dict:
+def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path, max_steps: int | None,
+            lora: bool) -> dict:
     folder = out / task.name / f"s{seed}" / name.replace("=", "-")
     done = folder / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
     result = train(model=prepared.model_path, data=str(prepared.train_file), eval_data=str(prepared.eval_file),
                    out=str(folder), max_steps=max_steps, seed=seed, max_length=task.max_length,
-                   head_pooling=task.head_pooling, no_progress=True, overwrite=True, save_steps=10_000, **flags)
-    return result.metrics
+                   label_mode=task.label_mode, head_pooling=task.head_pooling, lora=lora, no_progress=True,
+                   overwrite=True, save_steps=10_000, **flags)
+    metrics = result.metrics
+    if prepared.data_task == "completion":  # quality = the benchmark's exact match of the greedy completion
+        metrics["eval_accuracy"] = completion_accuracy(task, prepared, folder, lora)
+        write_json(done, metrics)
+    return metrics
+
+
+def completion_accuracy(task, prepared: PreparedTask, folder: Path, lora: bool) -> float:
+    """Exact match of the trained model's greedy completions on the task's first `em_limit` eval data."""
+    trained = prepared.model_path if lora else str(folder / "model")  # LoRA saves the adapters only
+    loaded = load(trained, str(prepared.eval_file), label_mode=task.label_mode, max_length=task.max_length)
+    model = loaded.model.model
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder / "model"))
+    return exact_match(model, loaded.model.tokenizer, loaded.data.data[: task.em_limit],
+                       task.generation_batch)["exact_match"]
 
 
 def _accuracies(rows: list[dict], name: str) -> list[float]:
@@ -129,6 +149,7 @@ def main() -> None:
     p.add_argument("--steps", default="suite",
                    help="'suite' (the task's steps), 'recipe' (no --max-steps: the recipe's epochs decide) or a number; "
                         "use its own --out per length")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (the 'lora' recipe) instead of full fine-tuning")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                    help="train nothing: merge these folders' results.json into --out")
     a = p.parse_args()
@@ -151,7 +172,7 @@ def main() -> None:
             for name, flags in variants(rates).items():
                 if a.variants and name not in a.variants.split(","):
                     continue
-                m = run_one(task, prepared, seed, name, flags, a.out, max_steps)
+                m = run_one(task, prepared, seed, name, flags, a.out, max_steps, a.lora)
                 search = m.get("lr_search") or {}
                 rows = [r for r in rows if (r["task"], r["seed"], r["variant"]) != (task.name, seed, name)]
                 rows.append({"task": task.name, "seed": seed, "variant": name, "accuracy": m.get("eval_accuracy"),

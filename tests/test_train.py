@@ -264,6 +264,25 @@ def test_lora_adapters_only_on_planned_blocks(tmp_path):
     assert metrics["lora"] and metrics["trainable_params"] < metrics["total_params"] / 4
 
 
+def test_merged_lora_model_is_saved_with_its_tokenizer(tmp_path):
+    """model-merged is a whole model a user loads on its own, so the tokenizer goes there too."""
+    from peft import LoraConfig, get_peft_model
+
+    from salf.training.trainer import _save_model
+
+    saved = []
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            saved.append(Path(folder))
+
+    model = get_peft_model(tiny_model("gpt2"), LoraConfig(r=2, target_modules=["c_attn"]))
+    _save_model(model, Tokenizer(), tmp_path / "model", config(lora=True, lora_save_merged=True))
+    assert saved == [tmp_path / "model", tmp_path / "model-merged"]
+    assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "model-merged" / "model.safetensors").is_file()
+
+
 def test_fresh_head_gets_its_own_learning_rate(tmp_path):
     capture = Capture()
     model = tiny_model("bert", "classification", num_labels=3)

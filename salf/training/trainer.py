@@ -224,10 +224,13 @@ def _training_arguments(config: TrainConfig, ckpt_dir: Path, task: str, has_eval
 
 def _save_model(model: nn.Module, tokenizer: Any, model_dir: Path, config: TrainConfig) -> None:
     model.save_pretrained(str(model_dir))  # safetensors; with LoRA, the adapters only
+    folders = [model_dir]
     if config.lora and config.lora_save_merged:
         model.merge_and_unload().save_pretrained(str(model_dir.parent / "model-merged"))
+        folders.append(model_dir.parent / "model-merged")  # loadable on its own, tokenizer included
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(model_dir))
+        for folder in folders:
+            tokenizer.save_pretrained(str(folder))
 
 
 def resumed_step_of(checkpoint: str | None) -> int | None:
