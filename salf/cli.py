@@ -130,6 +130,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="train as many steps as fit in N training FLOPs (stops before passing them)")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the planned blocks instead of full weights")
     g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--lora-merged", action="store_true",
+                   help="with --lora: also save the model with the adapters merged in (--out/model-merged, tokenizer included)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     g.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: at the end)")
     g.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")

@@ -262,7 +262,7 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
           plan: str | None = None, max_steps: int | None = None, epochs: float | None = None, batch_size: int | None = None,
           lr: float | str | None = None, head_lr: float | None = None, warmup_ratio: float | None = None,
           lr_search_budget: float = 0.15, match_compute: str | None = None, max_flops: float | None = None,
-          lora: bool = False, lora_rank: int = 8,
+          lora: bool = False, lora_rank: int = 8, lora_merged: bool = False,
           gradient_checkpointing: bool = False, eval_steps: int | None = None, save_steps: int = 200,
           resume: bool = False, overwrite: bool = False, bf16: bool = False, prefix_cache: str | None = None,
           per_datum: bool = False, head_pooling: str | None = None, no_progress: bool = False,
@@ -286,7 +286,7 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     if eval_data:
         held_out = loaded.load_eval(eval_data)
     config, recipe = recipe_config(
-        loaded.data.task, flags, max_steps=max_steps, lora=lora, lora_rank=lora_rank,
+        loaded.data.task, flags, max_steps=max_steps, lora=lora, lora_rank=lora_rank, lora_save_merged=lora_merged,
         gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps, resume=resume,
         overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress, prefix_cache=prefix_cache)
     boundaries = None

@@ -192,6 +192,21 @@ def test_plan_then_train_on_text(tmp_path, capsys, lm_plan, llama, text_file):
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["boundary"] == plan["boundary"]
 
 
+def test_lora_merged_model_loads_on_its_own(tmp_path, capsys, llama, text_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rc, _, err = run(capsys, "train", "--model", llama, "--data", text_file, "--out", tmp_path / "full",
+                     "--lora-merged", *FAST_TRAIN)
+    assert_clear_error(rc, err, "merged LoRA model", "--lora")
+    rc, _, err = run(capsys, "train", "--model", llama, "--data", text_file, "--out", tmp_path / "run", "--lora",
+                     "--lora-merged", *FAST_TRAIN)
+    assert rc == 0, err
+    merged = tmp_path / "run" / "model-merged"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # the adapters are merged in
+    assert AutoTokenizer.from_pretrained(merged)("a b").input_ids
+
+
 @pytest.mark.parametrize("kind", ["completion", "classification"])
 def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
     if kind == "completion":

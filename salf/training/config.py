@@ -125,6 +125,9 @@ class TrainConfig:
             raise SalfError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", "e.g. 0.06")
         if not 0 <= self.lora_dropout < 1:
             raise SalfError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_save_merged and not self.lora:
+            raise SalfError("a merged LoRA model was asked for, but the run trains no adapters",
+                            "add --lora, or leave out --lora-merged")
         if self.flop_sample_steps < 0:
             raise SalfError(f"flop_sample_steps must be >= 0, got {self.flop_sample_steps}")
         if self.timing_warmup_steps < 0:
