@@ -45,9 +45,20 @@ def test_recipe_fills_what_the_user_left_out(setup, tmp_path):
     recipe = RECIPES["classifier"]
     assert metrics["recipe"]["kind"] == "classifier" and metrics["recipe"]["flags_given"] == {}
     cfg = metrics["config"]
+    assert metrics["recipe"]["model_width"] == 32  # the tiny BERT's hidden size scales the body's rate
     assert (cfg["learning_rate"], cfg["head_learning_rate"], cfg["batch_size"], cfg["warmup_ratio"]) == (
-        recipe.learning_rate, recipe.head_learning_rate, recipe.batch_size, recipe.warmup_ratio)
+        recipe.learning_rate_for(32), recipe.head_learning_rate, recipe.batch_size, recipe.warmup_ratio)
     assert default_recipe("lm", lora=True) is RECIPES["lora"] and default_recipe("lm", False) is RECIPES["lm"]
+
+
+def test_recipe_rate_scales_as_one_over_width_and_a_flag_wins():
+    lm, classifier = RECIPES["lm"], RECIPES["classifier"]
+    assert lm.learning_rate_for(lm.reference_width) == lm.learning_rate == lm.learning_rate_for(None)
+    assert lm.learning_rate_for(4096) == pytest.approx(lm.learning_rate * lm.reference_width / 4096)
+    assert classifier.learning_rate_for(768) == pytest.approx(5e-5)  # BERT-base, from MiniLM's 384
+    assert recipe_config("lm", Flags(), width=512)[0].learning_rate == pytest.approx(lm.learning_rate / 2)
+    assert recipe_config("lm", Flags(lr=1e-3), width=512)[0].learning_rate == 1e-3
+    assert recipe_config("classification", Flags(), width=768)[0].head_learning_rate == classifier.head_learning_rate
 
 
 def test_run_length_defaults_to_the_recipes_epochs_and_a_flag_wins():

@@ -55,18 +55,22 @@ class Flags:
     epochs: float | None = None
 
 
-def recipe_config(task: str, flags: Flags, **config: Any) -> tuple[TrainConfig, dict[str, Any]]:
-    """The ``TrainConfig`` of a run: the flags given, the recipe of the run's kind for the rest."""
+def recipe_config(task: str, flags: Flags, width: int | None = None, **config: Any) -> tuple[TrainConfig, dict[str, Any]]:
+    """The ``TrainConfig`` of a run: the flags given, the recipe of the run's kind for the rest.
+
+    ``width``: the model's hidden size, which scales the recipe's body rate (``Recipe.learning_rate_for``).
+    """
     lora = bool(config.get("lora", False))
     recipe = default_recipe(task, lora)
-    body = recipe.learning_rate if flags.lr in (None, AUTO) else float(flags.lr)  # pipeline parsed it
+    body = recipe.learning_rate_for(width) if flags.lr in (None, AUTO) else float(flags.lr)  # pipeline parsed it
     head = flags.head_lr if flags.head_lr is not None else recipe.head_learning_rate
     cfg = TrainConfig(learning_rate=body, head_learning_rate=head,
                       batch_size=flags.batch_size or recipe.batch_size,
                       warmup_ratio=recipe.warmup_ratio if flags.warmup_ratio is None else flags.warmup_ratio,
                       epochs=recipe.epochs if flags.epochs is None else flags.epochs, **config)
     given = {k: v for k, v in asdict(flags).items() if v is not None}
-    return cfg, {"kind": recipe_kind(task, lora), "recipe": asdict(recipe), "flags_given": given}
+    return cfg, {"kind": recipe_kind(task, lora), "recipe": asdict(recipe), "model_width": width,
+                 "learning_rate_for_width": recipe.learning_rate_for(width), "flags_given": given}
 
 
 def compute_budget(match_compute: str | None, max_flops: float | None) -> float | None:
