@@ -301,7 +301,8 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     # With per-datum boundaries each batch gets its own spec; train() derives the widest one itself.
     spec = plan_obj.freeze_spec() if plan_obj is not None and boundaries is None else None
     tokenizer = loaded.model.tokenizer
-    extra: dict[str, Any] = {"recipe": recipe}
+    # Which data the run saw (fingerprints of the tokenized examples): a corpus can change between runs.
+    extra: dict[str, Any] = {"recipe": recipe, "data": data_info(train_data), "eval_data": data_info(held_out)}
     if budget is not None:
         config, extra["compute_budget"] = size_to_budget(loaded.model.model, pad_id_of(tokenizer, loaded.model.model),
                                                          train_data.data, spec, config, budget)

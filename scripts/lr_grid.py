@@ -177,7 +177,7 @@ def main() -> None:
                 rows = [r for r in rows if (r["task"], r["seed"], r["variant"]) != (task.name, seed, name)]
                 rows.append({"task": task.name, "seed": seed, "variant": name, "accuracy": m.get("eval_accuracy"),
                              "learning_rate": m["config"]["learning_rate"], "train_seconds": m.get("train_seconds"),
-                             "steps": m.get("steps"),
+                             "steps": m.get("steps"), "data_fingerprint": (m.get("data") or {}).get("fingerprint"),
                              "chosen_lr": search.get("learning_rate"), "search_share": search.get("step_share"),
                              "search_seconds_share": search.get("seconds_share_of_run"),
                              "diagnosis": m.get("diagnosis", [])})

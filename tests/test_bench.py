@@ -612,6 +612,22 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert back[plan_key]["details"]["chance"] > 0
     assert replanned.analysis[suite.tasks[0].name]["variants"]["salf/probe/sufficiency/knee"]["regret"]["mean"] >= 0
 
+    # Data that changed since the stored runs (a corpus read from the machine, e.g. after apt-get update):
+    # resuming would mix two samples in one sweep, so it is refused with the way out; a runs.json from
+    # before salf recorded fingerprints is not checked.
+    metas = [r for r in kept if r["variant"] == "meta"]
+    assert metas and all(len(r["train_fingerprint"]) == len(r["eval_fingerprint"]) == 16 for r in metas)
+    for record in metas:
+        record["train_fingerprint"] = "0" * 16
+    (out / "runs.json").write_text(json.dumps({"format": 1, "suite": suite.name, "runs": kept}))
+    with pytest.raises(SalfError, match="data built now differ") as refused:
+        run_bench(suite, out, show_progress=False)
+    assert "--no-resume" in refused.value.fix
+    for record in metas:
+        del record["train_fingerprint"], record["eval_fingerprint"]
+    (out / "runs.json").write_text(json.dumps({"format": 1, "suite": suite.name, "runs": kept}))
+    assert run_bench(suite, out, show_progress=False).trained == 0
+
 
 def test_regret_by_model_pools_every_model_when_there_are_several():
     first, other = _sweep("a"), _sweep("c", model="other")

@@ -187,6 +187,8 @@ def test_plan_then_train_on_text(tmp_path, capsys, lm_plan, llama, text_file):
     assert rc == 0, err
     metrics = json.loads(out)  # stdout holds the JSON and nothing else
     assert metrics["steps"] == 3 and metrics["boundary"] == plan["boundary"] and metrics["task"] == "lm"
+    assert metrics["data"]["path"] == f"{text_file}#train" and len(metrics["data"]["fingerprint"]) == 16
+    assert metrics["eval_data"]["n"] > 0 and metrics["data"]["n"] + metrics["eval_data"]["n"] == plan["data"]["n"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_loss"] == metrics["train_loss"]
     assert [h["step"] for h in json.loads((tmp_path / "run" / "history.json").read_text())] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["boundary"] == plan["boundary"]

@@ -152,9 +152,29 @@ class TaskBench:
                     "train_file": str(self.p.train_file), "eval_file": str(self.p.eval_file),
                     "predicted_step_flops_ratio": c["ratio"].tolist(), "predicted_memory_ratio": c["memory_ratio"],
                     "cost_profile_seconds": c["seconds"],
-                    "cost_seq_len": c["seq_len"], "task_config": asdict(self.t)}
+                    "cost_seq_len": c["seq_len"], "task_config": asdict(self.t), **self._data_fingerprints()}
 
-        return self._unit(None, "meta", 0.0, make)
+        record = self._unit(None, "meta", 0.0, make)
+        self._check_same_data(record)
+        return record
+
+    def _data_fingerprints(self) -> dict[str, str]:
+        return {"train_fingerprint": self.loaded.data.fingerprint, "eval_fingerprint": self.eval_data.fingerprint}
+
+    def _check_same_data(self, stored: dict) -> None:
+        """Refuse to resume on data other than the stored runs': a corpus read from the machine (Debian's
+        package lists after an ``apt-get update``) can change between sessions, and a sweep mixing two
+        samples compares its boundaries on different data. Runs stored before salf recorded fingerprints
+        carry none and are not checked."""
+        here = self._data_fingerprints()
+        there = {k: stored.get(k) for k in here}
+        if all(v is None for v in there.values()) or there == here:
+            return
+        raise SalfError(
+            f"task {self.t.name}: the data built now differ from those its stored runs were trained on "
+            f"(fingerprints {there} there, {here} here); its corpus changed since, e.g. the package lists",
+            "resume on the machine and data that started it, start a new --out, or pass --no-resume to "
+            "train every run again on the new data")
 
     def run_seed(self, seed: int) -> None:
         n = self.p.num_layers
