@@ -233,6 +233,7 @@ def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
         assert (metrics["trainable_params"] < metrics["total_params"]) == (plan["boundary"] > 0)
     else:
         assert metrics["eval_loss"] > 0
+        assert 0.0 <= metrics["eval_exact_match"] <= metrics["eval_token_accuracy"] <= 1.0
 
 
 def test_a_plan_is_not_a_trace_file(tmp_path, capsys, lm_plan, llama, text_file):

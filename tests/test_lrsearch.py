@@ -112,3 +112,11 @@ def test_rank_prefers_accuracy_then_the_configured_rate_then_loss():
     assert min([cand(1.0, math.inf, 0.9), cand(3.0, 0.8, 0.4)], key=_rank).factor == 3.0  # diverged is last
     lm = [cand(1 / 3, 2.0, None), cand(1.0, 2.1, None), cand(3.0, 2.0, None)]
     assert min(lm, key=_rank).factor == 1 / 3  # no accuracy: the lower loss, ties to the smaller rate
+
+
+def test_a_completion_is_ranked_by_its_exact_match_and_plain_text_by_its_loss():
+    from salf.training.lrsearch import validation_accuracy
+
+    assert validation_accuracy({"eval_accuracy": 0.7, "eval_loss": 1.0}) == 0.7
+    assert validation_accuracy({"eval_exact_match": 0.4, "eval_token_accuracy": 0.8, "eval_loss": 1.0}) == 0.4
+    assert validation_accuracy({"eval_loss": 1.0, "eval_perplexity": 2.7}) is None

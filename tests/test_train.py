@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import ragged_lm_data as lm_data
@@ -262,6 +263,17 @@ def test_lora_adapters_only_on_planned_blocks(tmp_path):
     assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
     assert 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_macro_f1"] <= 1
     assert metrics["lora"] and metrics["trainable_params"] < metrics["total_params"] / 4
+
+
+def test_completion_metrics_score_each_completion_token_from_the_position_before_it():
+    from types import SimpleNamespace
+
+    from salf.training.trainer import _completion_metrics
+
+    labels = np.array([[-100, -100, 5, 6], [-100, 7, 8, -100], [-100, -100, -100, -100]])
+    top = np.array([[0, 5, 6, 0], [7, 9, 0, 0], [1, 1, 1, 1]])  # row 0 right twice; row 1 right, then wrong
+    metrics = _completion_metrics(SimpleNamespace(predictions=top, label_ids=labels))
+    assert metrics == {"token_accuracy": 0.75, "exact_match": 0.5}  # the row without a completion is not counted
 
 
 def test_merged_lora_model_is_saved_with_its_tokenizer(tmp_path):

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from salf.data.batch import Collator, ListDataset
+from salf.data.batch import IGNORE_INDEX, Collator, ListDataset
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.method.freeze import FreezeSpec, apply_plan
@@ -134,6 +134,29 @@ def _classification_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s))}
 
 
+def _top_token(logits, labels):
+    """Keep only each position's top token id, so evaluation gathers ids, not vocabulary-sized logits."""
+    return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+
+
+def _completion_metrics(eval_pred) -> dict[str, float]:
+    """Teacher-forced accuracy of the completion tokens, and the share of data whose every completion token
+    is the top prediction given the true prefix: exactly the data whose greedy generation reproduces the
+    completion, measured in the evaluation pass itself."""
+    top = np.asarray(eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions)
+    labels = np.asarray(eval_pred.label_ids)
+    predicted, target = top[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    scored = target != IGNORE_INDEX
+    correct = (predicted == target) | ~scored
+    has_target = scored.any(axis=1)
+    return {"token_accuracy": float((predicted == target)[scored].mean()) if scored.any() else 0.0,
+            "exact_match": float(correct.all(axis=1)[has_target].mean()) if has_target.any() else 0.0}
+
+
+EVAL_METRICS = {"classification": _classification_metrics, "completion": _completion_metrics}
+"""The metrics the evaluation pass computes per task (loss only for plain text)."""
+
+
 def _check_data(data: Sequence[dict], task: str, what: str) -> None:
     if not data:
         raise SalfError(f"the {what} data is empty", f"give at least one datum for {what}")
@@ -201,7 +224,7 @@ def _training_arguments(config: TrainConfig, ckpt_dir: Path, task: str, has_eval
         report_to="none",
         remove_unused_columns=False,
         label_names=["labels"],
-        prediction_loss_only=task != "classification",
+        prediction_loss_only=task not in EVAL_METRICS,  # gather predictions only where metrics use them
         disable_tqdm=not config.show_progress,
         logging_nan_inf_filter=False,
         dataloader_num_workers=0,
@@ -330,7 +353,8 @@ def fit(
             train_dataset=train_dataset,
             eval_dataset=ListDataset(eval_data) if eval_data is not None else None,
             processing_class=tokenizer,
-            compute_metrics=_classification_metrics if task == "classification" else None,
+            compute_metrics=EVAL_METRICS.get(task),
+            preprocess_logits_for_metrics=_top_token if task == "completion" else None,
             callbacks=[callback, *([budget_stop] if budget_stop else []), *callbacks],
             head_param_ids=head_ids,
             head_learning_rate=head_lr,
@@ -365,7 +389,10 @@ def fit(
             if task == "classification":
                 metrics["eval_accuracy"] = evaluated.get("eval_accuracy")
                 metrics["eval_macro_f1"] = evaluated.get("eval_macro_f1")
-            elif metrics["eval_loss"] is not None:
+            if task == "completion":
+                metrics["eval_token_accuracy"] = evaluated.get("eval_token_accuracy")
+                metrics["eval_exact_match"] = evaluated.get("eval_exact_match")
+            if task != "classification" and metrics["eval_loss"] is not None:
                 metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         report.remove()  # the saved model and the caller's model carry no hooks
 
