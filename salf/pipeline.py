@@ -239,7 +239,8 @@ class TrainResult:
 
     def render(self) -> str:
         m = self.metrics
-        keys = ["boundary", "steps", "train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "train_seconds",
+        keys = ["boundary", "steps", "train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "eval_exact_match",
+                "eval_token_accuracy", "train_seconds",
                 "step_seconds_median", "train_flops", "trainable_params", "total_params", "peak_rss_bytes"]
         rows = [[k, m[k]] for k in keys if k in m]
         search = m.get("lr_search")
