@@ -65,7 +65,8 @@ RECIPES: dict[str, Recipe] = {
             "epochs, not one: on the benchmark's 3,200-row tasks 150 steps (0.75 epochs) left full fine-tuning "
             "0.8 to 36 points below 450 steps, and on word order at chance on some seeds; at 3 epochs MiniLM's "
             "word order is 82.0 +- 0.9 over three seeds (60.7 +- 8.6 at 150 steps) and e5's failed seed reaches "
-            "83.6 (BENCHMARKS.md, 'The training recipe')"
+            "83.6; at 3 epochs all eight MiniLM and e5 tasks vary by at most 1.0 point (std) over three seeds "
+            "(BENCHMARKS.md, 'The training recipe')"
         ),
     ),
     "lm": Recipe(
