@@ -30,7 +30,9 @@ class TrainConfig:
     eval_batch_size: int | None = None
     """Data per evaluation batch (default: ``batch_size``)."""
     learning_rate: float = 5e-5
-    """Peak learning rate of the trainable blocks (and of LoRA adapters)."""
+    """Peak learning rate of the trainable blocks (and of LoRA adapters). This class's default is a plain
+    starting value for library use; ``salf train`` fills it from the recipe of the run's kind instead
+    (``salf.training.recipes``, measured per kind and scaled by the model's width)."""
     head_learning_rate: float | None = None
     """Learning rate of the head. None: ``FRESH_HEAD_LEARNING_RATE`` for a fresh classification head,
     ``learning_rate`` otherwise."""
