@@ -289,8 +289,9 @@ def train(model: str, data: str, out: str, task: str | None = None, label_mode: 
     width = getattr(loaded.model.model.config, "hidden_size", None)  # scales the recipe's rate
     config, recipe = recipe_config(
         loaded.data.task, flags, width=width, max_steps=max_steps, lora=lora, lora_rank=lora_rank,
-        lora_save_merged=lora_merged, gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps, save_steps=save_steps, resume=resume,
-        overwrite=overwrite, bf16=bf16, seed=seed, show_progress=not no_progress, prefix_cache=prefix_cache)
+        lora_save_merged=lora_merged, gradient_checkpointing=gradient_checkpointing, eval_steps=eval_steps,
+        save_steps=save_steps, resume=resume, overwrite=overwrite, bf16=bf16, seed=seed,
+        show_progress=not no_progress, prefix_cache=prefix_cache)
     boundaries = None
     if per_datum:
         if plan_obj is None or plan_obj.per_datum_boundaries is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def _at_rate(rows: list[dict], rate: float) -> list[float]:
     """The grid's cell for `rate`: its own runs, or the default's where the default trains at that rate."""
     return _accuracies(rows, f"lr={rate:g}") or [
         r["accuracy"] for r in rows
-        if r["variant"] == "default" and r["accuracy"] is not None and abs(r["learning_rate"] - rate) < 1e-12 * rate]
+        if r["variant"] == "default" and r["accuracy"] is not None and math.isclose(r["learning_rate"], rate)]
 
 
 def _cell(values: list[float]) -> str:

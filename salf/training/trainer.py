@@ -121,8 +121,13 @@ class _SalfTrainer(Trainer):
         return self.optimizer
 
 
+def _predictions(eval_pred):
+    """The model's first output (logits, or top token ids): some models return a tuple of outputs."""
+    return eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+
+
 def _classification_metrics(eval_pred) -> dict[str, float]:
-    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    logits = _predictions(eval_pred)
     labels = np.asarray(eval_pred.label_ids).reshape(-1)
     preds = np.asarray(logits).reshape(len(labels), -1).argmax(-1)
     f1s = []
@@ -143,7 +148,7 @@ def _completion_metrics(eval_pred) -> dict[str, float]:
     """Teacher-forced accuracy of the completion tokens, and the share of data whose every completion token
     is the top prediction given the true prefix: exactly the data whose greedy generation reproduces the
     completion, measured in the evaluation pass itself."""
-    top = np.asarray(eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions)
+    top = np.asarray(_predictions(eval_pred))
     labels = np.asarray(eval_pred.label_ids)
     predicted, target = top[:, :-1], labels[:, 1:]  # position t predicts token t + 1
     scored = target != IGNORE_INDEX

@@ -62,7 +62,8 @@ def recipe_config(task: str, flags: Flags, width: int | None = None, **config: A
     """
     lora = bool(config.get("lora", False))
     recipe = default_recipe(task, lora)
-    body = recipe.learning_rate_for(width) if flags.lr in (None, AUTO) else float(flags.lr)  # pipeline parsed it
+    scaled = recipe.learning_rate_for(width)
+    body = scaled if flags.lr in (None, AUTO) else float(flags.lr)  # pipeline parsed it
     head = flags.head_lr if flags.head_lr is not None else recipe.head_learning_rate
     cfg = TrainConfig(learning_rate=body, head_learning_rate=head,
                       batch_size=flags.batch_size or recipe.batch_size,
@@ -70,7 +71,7 @@ def recipe_config(task: str, flags: Flags, width: int | None = None, **config: A
                       epochs=recipe.epochs if flags.epochs is None else flags.epochs, **config)
     given = {k: v for k, v in asdict(flags).items() if v is not None}
     return cfg, {"kind": recipe_kind(task, lora), "recipe": asdict(recipe), "model_width": width,
-                 "learning_rate_for_width": recipe.learning_rate_for(width), "flags_given": given}
+                 "learning_rate_for_width": scaled, "flags_given": given}
 
 
 def compute_budget(match_compute: str | None, max_flops: float | None) -> float | None:
