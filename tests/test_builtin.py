@@ -215,7 +215,7 @@ def test_unknown_builtin_lists_the_builtins():
     with pytest.raises(SalfError, match="unknown built-in model 'builtin:nope'") as e:
         resolve_builtin("builtin:nope")
     assert "builtin:e5-small" in e.value.fix and "builtin:minilm" in e.value.fix
-    assert set(BUILTINS.names()) == {"e5-small", "minilm"}
+    assert set(BUILTINS.names()) == {"e5-small", "minilm", "smollm2-135m"}
 
 
 def test_other_names_pass_through(tmp_path):

