@@ -4,6 +4,8 @@ Three shapes of data, recognised from the fields of the file unless the task is 
 
 - ``text`` -> ``"lm"``: language modelling, every token is a target;
 - ``prompt`` + ``completion`` -> ``"completion"``: loss only on the completion tokens (plus EOS);
+- ``messages`` (role/content turns) -> ``"completion"``: rendered with the model's chat template, loss
+  only on the assistant turns (``salf.data.chat``);
 - ``text`` + ``label`` -> ``"classification"``: one class index per row, by a classification head,
   or (``label_mode="words"``) turned into completion data whose completion is the label word.
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from salf.data.batch import IGNORE_INDEX
+from salf.data.chat import messages_data
 from salf.data.files import quoted_rows, records_from_file
 from salf.data.tasks import DataConfig, TaskData, detect_task, task_fingerprint
 from salf.errors import SalfError
@@ -259,7 +262,10 @@ def load_task_data(
             "use the same kind of data for training and evaluation",
         )
     names = None
-    if task == "lm":
+    fmt = "messages" if task == "completion" and config.messages_field in rows[0] else None
+    if fmt == "messages":
+        data, truncated = messages_data(rows, tokenizer, config.messages_field, limit, path)
+    elif task == "lm":
         data, truncated = _lm_data(rows, tokenizer, config, limit, path)
     elif task == "completion":
         prompts = _texts(rows, config.prompt_field, path, "prompt")
@@ -284,7 +290,7 @@ def load_task_data(
         source=str(path),
         max_length=limit,
         truncated=truncated,
-        extra={"label_mode": config.label_mode if names is not None else None},
+        extra={"label_mode": config.label_mode if names is not None else None, **({"format": fmt} if fmt else {})},
     )
 
 

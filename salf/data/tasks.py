@@ -31,6 +31,9 @@ class DataConfig:
     """Field holding the completion, the only part that is a target (completion)."""
     label_field: str = "label"
     """Field holding the class, a string or an integer (classification)."""
+    messages_field: str = "messages"
+    """Field holding a conversation, a list of {role, content} turns (completion: rendered with the model's
+    chat template, the assistant turns are the targets; ``salf.data.chat``)."""
     max_length: int = 512
     """Longest sequence in tokens; longer ones are truncated and counted. Also capped at the
     tokenizer's ``model_max_length`` (which ``salf.models.loading.load_model`` sets from the model)."""
@@ -57,7 +60,7 @@ class DataConfig:
             raise SalfError(f"max_length must be at least 2 tokens, got {self.max_length}", "raise max_length")
         if self.limit is not None and self.limit < 1:
             raise SalfError(f"limit must be a positive number of rows, got {self.limit}", "raise it, or unset it")
-        names = [self.text_field, self.prompt_field, self.completion_field, self.label_field]
+        names = [self.text_field, self.prompt_field, self.completion_field, self.label_field, self.messages_field]
         if any(not name for name in names):
             raise SalfError("a field name is empty", "give every field name as it appears in the file")
 
@@ -97,6 +100,8 @@ def task_fingerprint(task: str, label_names: list[str] | None, data: list[dict])
 def detect_task(fields: list[str], config: DataConfig) -> str:
     """The task a file's fields call for (or check that the configured task's fields are there)."""
     present = set(fields)
+    if config.messages_field in present and config.task in (None, "completion"):
+        return "completion"  # a conversation is completion data: its assistant turns are the targets
     needs = {
         "completion": [config.prompt_field, config.completion_field],
         "classification": [config.text_field, config.label_field],
@@ -116,8 +121,8 @@ def detect_task(fields: list[str], config: DataConfig) -> str:
             return task
     raise SalfError(
         f"cannot tell the task from the fields {', '.join(map(repr, fields)) or '(none)'}: salf reads "
-        f"{config.text_field!r} (lm), {config.prompt_field!r} + {config.completion_field!r} (completion), "
-        f"or {config.text_field!r} + {config.label_field!r} (classification)",
+        f"{config.text_field!r} (lm), {config.prompt_field!r} + {config.completion_field!r} or "
+        f"{config.messages_field!r} (completion), or {config.text_field!r} + {config.label_field!r} (classification)",
         _fields_fix(config),
     )
 
@@ -125,9 +130,9 @@ def detect_task(fields: list[str], config: DataConfig) -> str:
 def _fields_fix(config: DataConfig) -> str:
     return (
         f"rename the fields in the file to {config.text_field!r} (lm), {config.prompt_field!r} + "
-        f"{config.completion_field!r} (completion) or {config.text_field!r} + {config.label_field!r} "
-        "(classification); from Python, DataConfig's text_field / prompt_field / completion_field / label_field "
-        "name other fields"
+        f"{config.completion_field!r} or {config.messages_field!r} (a list of role/content turns; completion) or "
+        f"{config.text_field!r} + {config.label_field!r} (classification); from Python, DataConfig's text_field / "
+        "prompt_field / completion_field / label_field / messages_field name other fields"
     )
 
 
