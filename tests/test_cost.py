@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from salf.errors import SalfError
 from salf.fileio import to_json
 from salf.method.cost import LORA_MODES, MODES, CostProfile, StepCost, boundary_costs, head_key, step_cost
-from salf.method.cost_counting import measure_step_flops
+from salf.method.cost_counting import labelled_positions, measure_step_flops
 from salf.method.cost_lora import lora_config_for
 from salf.method.cost_profile import profile_cost
 from salf.models.arch import find_parts
@@ -139,6 +139,41 @@ def test_lora_matches_a_real_peft_step(model_type, task):
     base = _model(model_type, task)
     model = get_peft_model(base, lora_config_for(base, 4, [1, 3]))
     _assert_agrees(step_cost(profile, [1, 3], train_head=head), measure_step_flops(model, batch), "LoRA {1, 3}")
+
+
+def _completion_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A causal-LM batch labelled at a few completion positions, different in each row."""
+    batch = _batch("causal-lm", seed)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, 5:7], labels[1, 6:8] = batch["input_ids"][0, 5:7], batch["input_ids"][1, 6:8]
+    return {**batch, "labels": labels}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_labelled_only_projection_matches_a_real_step(model_type):
+    """Training on completions projects only the labelled positions through the head (gpt2's is tied): a
+    profile made with that many projected positions agrees exactly with the real step, at every boundary,
+    for other plans and with LoRA; the head's share of the step shrinks with the positions."""
+    from peft import get_peft_model
+
+    model, parts, full_profile = _cached(model_type, "causal-lm")
+    batch = _completion_batch()
+    keep = labelled_positions(batch["labels"])
+    assert keep.tolist() == [4, 5, 6]
+    profile = profile_cost(model, B, T, projected_positions=len(keep))
+    assert profile.forward_head == full_profile.forward_head * len(keep) / T  # the head's products scale
+    assert profile.forward_blocks == full_profile.forward_blocks
+    for k, predicted in enumerate(boundary_costs(profile)):
+        trainable = _plan_predicate(parts, range(k, parts.num_layers), k == 0, True)
+        _assert_agrees(predicted, measure_step_flops(model, batch, trainable, logits_to_keep=keep), f"{model_type} k={k}")
+        assert predicted.total < boundary_costs(full_profile)[k].total
+    measured = measure_step_flops(model, batch, _plan_predicate(parts, {1, 3}, False, False), logits_to_keep=keep)
+    _assert_agrees(step_cost(profile, {1, 3}, False, False), measured, f"{model_type} {{1, 3}} frozen head")
+    lora_profile = profile_cost(model, B, T, lora_rank=4, projected_positions=len(keep))
+    base = _model(model_type, "causal-lm")
+    lora = get_peft_model(base, lora_config_for(base, 4, range(2, 4)))
+    _assert_agrees(boundary_costs(lora_profile, train_head=False)[2], measure_step_flops(lora, batch, logits_to_keep=keep),
+                   f"{model_type} LoRA k=2")
 
 
 def test_lowest_block_variant_is_measured_not_assumed():
@@ -284,6 +319,10 @@ def test_mistakes_raise_salf_errors():
         profile_cost(tiny_config("llama"), 1, 4, task="seq2seq")
     with pytest.raises(SalfError, match="learned positions"):
         profile_cost(tiny_config("gpt2"), 1, 4096)
+    with pytest.raises(SalfError, match="projected_positions"):
+        profile_cost(tiny_config("llama"), 1, 4, projected_positions=5)
+    with pytest.raises(SalfError, match="projected_positions"):
+        profile_cost(tiny_config("bert"), 1, 4, task="classification", projected_positions=2)
     with pytest.raises(SalfError, match="unknown fields"):
         CostProfile.from_dict({**p.to_dict(), "flops": 1})
     with pytest.raises(SalfError, match="at least one block"):

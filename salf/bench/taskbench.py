@@ -71,12 +71,16 @@ class TaskBench:
 
     def _boundary_costs(self, untie_head: bool) -> dict[str, Any]:
         from salf.method.cost import boundary_costs
-        from salf.method.cost_profile import profile_cost
+        from salf.method.cost_profile import labelled_positions_estimate, profile_cost
 
         model = self.fresh_model(0).model
-        seq = max(2, round(float(np.mean([len(d["input_ids"]) for d in self.loaded.data.data]))))
+        data = self.loaded.data.data
+        seq = max(2, round(float(np.mean([len(d["input_ids"]) for d in data]))))
         started = time.perf_counter()
-        per_k = boundary_costs(profile_cost(model, self.t.batch_size, seq), untie_head=untie_head)
+        # The runs project only the labelled positions through a causal LM's head (TrainConfig's default).
+        projected = labelled_positions_estimate(data, self.t.batch_size, seq)
+        profile = profile_cost(model, self.t.batch_size, seq, projected_positions=projected)
+        per_k = boundary_costs(profile, untie_head=untie_head)
         seconds = time.perf_counter() - started
         full = per_k[0].total
         return {"step_costs": per_k, "ratio": np.array([c.total / full for c in per_k]), "seconds": seconds,

@@ -27,6 +27,10 @@ and ``input`` if it is frozen. Measuring the ``lowest`` mode (rather than assumi
 only") matters: BERT's post-LN attention needs no gradient for its Q/K/V inputs there, while GPT-2's
 pre-LN block still needs one to reach ``ln_1``'s weights.
 
+A causal LM trained on completions projects only its labelled positions through the output head
+(``salf.method.cost_counting.projected_forward``); a profile made with ``projected_positions`` runs its
+passes the same way, so the head's figures are those of the positions a step really projects.
+
 FLOPs are what ``FlopCounterMode`` counts: matrix products (``mm``, ``bmm``, ``addmm``, attention
 kernels, convolutions). Elementwise work, norms, softmax and the embedding gather count zero, as they
 do in the step that is measured. Activation bytes are the tensors autograd saves for backward, found
@@ -146,12 +150,23 @@ class CostProfile:
     params_output_projection: int = 0
     """Parameters of a tied output projection (counted once, in ``params_embeddings``): an untied head
     (``salf.models.heads.untie_head``) adds a trainable copy of this size. 0 when the head is not tied."""
+    projected_positions: int | None = None
+    """Positions per sequence that a step projects through a causal LM's output head, fewer than ``seq_len``
+    when training projects the labelled positions only (``TrainConfig.project_labelled_only``: a completion's
+    few target tokens); None: every position. The head's figures (``forward_head``, ``backward_head``,
+    ``activation_head``) were measured projecting this many, so the head's vocabulary-sized products (forward,
+    input gradient, weight gradient) scale with it while the blocks still see every token."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise SalfError(f"unknown task {self.task!r}", f"use one of {', '.join(TASKS)}")
         if self.batch_size < 1 or self.seq_len < 1:
             raise SalfError(f"batch_size and seq_len must be >= 1, got {self.batch_size} and {self.seq_len}")
+        if self.projected_positions is not None and not 1 <= self.projected_positions <= self.seq_len:
+            raise SalfError(f"projected_positions must be in 1..{self.seq_len}, got {self.projected_positions}")
+        if self.projected_positions is not None and self.task != "causal-lm":
+            raise SalfError("only a causal LM projects chosen positions through its head",
+                            "leave projected_positions out for a classifier")
         if self.dtype_bytes < 1:
             raise ValueError(f"dtype_bytes must be >= 1, got {self.dtype_bytes}")
         n = len(self.forward_blocks)

@@ -2,10 +2,14 @@
 backward (``saved_tensors_hooks``), per block, with the model cut at every block boundary (``_Probe``).
 
 ``measure_step_flops`` counts a real step of a real model the same way (used to check the profile).
+``labelled_positions`` and ``projected_forward`` are the forward of a training step that projects only the
+labelled positions through a causal LM's head: the trainer (``salf.training.trainer``) trains with them and the
+profile counts them, so both run the same operators.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
 from salf.models.arch import ModelParts
 
@@ -124,11 +129,14 @@ def measure_step_flops(
     batch: Mapping[str, torch.Tensor],
     trainable_param_predicate: Callable[[str], bool] | None = None,
     module_tracking: bool = False,
+    logits_to_keep: torch.Tensor | None = None,
 ) -> MeasuredStep:
     """Run one real training step (forward, ``loss.backward()``) under ``FlopCounterMode`` and count it.
 
     The count is ``FlopCounterMode``'s (same formulas and decompositions); ``module_tracking=True``
     runs the public ``FlopCounterMode`` itself, with its per-module hooks, which only makes it slower.
+    ``logits_to_keep`` (positions, ``labelled_positions``) runs the step as salf trains a causal LM on
+    completions: only those positions go through the head (``projected_forward``).
 
     ``trainable_param_predicate(name)`` sets ``requires_grad`` of every parameter in
     ``model.named_parameters()`` (a tied weight appears once, under its first name: the
@@ -146,10 +154,9 @@ def measure_step_flops(
         mode, flops = (FlopCounterMode(display=False), None) if module_tracking else _flop_mode()
         with mode:
             with _SavedBytes(model) as saved:
-                out = model(**batch)
+                loss = _step_loss(model, batch, logits_to_keep)
             flops = flops or mode.get_total_flops
             forward = flops()
-            loss = getattr(out, "loss", None)
             if loss is None:
                 raise SalfError("the model returned no loss", "include labels in the batch")
             if loss.requires_grad:
@@ -160,6 +167,55 @@ def measure_step_flops(
             p.requires_grad_(before[name][0])
             p.grad = before[name][1]
     return MeasuredStep(forward=int(forward), backward=int(total - forward), activation_bytes=saved.total)
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions t whose next-token label ``labels[:, t + 1]`` is set (not -100) in any row.
+
+    A causal LM's loss reads its logits at these positions only (the model shifts the labels by one), so
+    they are the only ones a training step needs to project through the output head. One set for the
+    whole batch (``logits_to_keep`` takes the same positions for every row): the union over its rows.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+
+
+def loss_on_positions(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """The next-token cross-entropy of ``logits`` projected at positions ``keep`` (batch x len(keep) x vocab).
+
+    Computed as transformers' ``ForCausalLMLoss`` computes the model's own loss, so that both agree up to
+    float rounding: in float32, -100 ignored, the mean over labelled tokens, or their sum divided by
+    ``num_items_in_batch`` when the Trainer gives it (the loss of gradient accumulation over several batches).
+    Positions left out of ``keep`` carry no label in any row, so they add nothing to the sum or the count.
+    """
+    target = labels[:, keep + 1].reshape(-1).to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target,
+                                       ignore_index=IGNORE_INDEX, reduction=reduction)
+    if num_items_in_batch is None:
+        return loss
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def projected_forward(model: nn.Module, batch: Mapping[str, Any], keep: torch.Tensor,
+                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+    """Run a causal LM on ``batch`` projecting only positions ``keep`` through its head; its output, with
+    ``loss`` from ``loss_on_positions``.
+
+    The labels are kept from the model: its own loss would compare the kept logits with unshifted,
+    full-length labels.
+    """
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    out = model(**inputs, logits_to_keep=keep)
+    return dataclasses.replace(out, loss=loss_on_positions(out.logits, batch["labels"], keep, num_items_in_batch))
+
+
+def _step_loss(model: nn.Module, batch: Mapping[str, Any], keep: torch.Tensor | None) -> torch.Tensor | None:
+    """The loss of one training step's forward: the model's own, or with ``keep`` the projected one."""
+    out = model(**batch) if keep is None else projected_forward(model, batch, keep)
+    return getattr(out, "loss", None)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -183,11 +239,14 @@ class _Probe:
     leaf in place of the last block's output, so each part is its own autograd graph. Forward FLOPs
     and saved bytes go to the part running at the time; each part's backward is run on its own.
     Parts: 'embeddings' (everything before block 0), block indices, 'other' (between blocks),
-    'head' (everything after the last block, loss included).
+    'head' (everything after the last block, loss included). ``keep``: the positions projected through
+    the head (None: all of them), as in ``measure_step_flops``.
     """
 
-    def __init__(self, model: nn.Module, parts: ModelParts, input_grad: bool, head_input_grad: bool):
+    def __init__(self, model: nn.Module, parts: ModelParts, input_grad: bool, head_input_grad: bool,
+                 keep: torch.Tensor | None = None):
         self.model = model
+        self.keep = keep
         self.parts = parts
         self.input_grad = input_grad
         self.head_input_grad = head_input_grad
@@ -248,9 +307,9 @@ class _Probe:
         try:
             with self.mode:
                 with self.saved:
-                    out = self.model(**batch)
+                    loss = _step_loss(self.model, batch, self.keep)
                 self._switch("done")
-                self.roots["head"] = out.loss
+                self.roots["head"] = loss
                 for part, root in self.roots.items():
                     if root.requires_grad:
                         before = self.flops()
@@ -263,11 +322,13 @@ class _Probe:
 
 
 def run_probe(model: nn.Module, parts: ModelParts, batch: dict, input_grad: bool,
-         trainable: Callable[[str], bool], head_input_grad: bool | None = None) -> _Probe:
+         trainable: Callable[[str], bool], head_input_grad: bool | None = None,
+         keep: torch.Tensor | None = None) -> _Probe:
     for name, p in model.named_parameters():
         p.requires_grad_(bool(trainable(name)))
     head_input_grad = input_grad if head_input_grad is None else head_input_grad
-    return _Probe(model, parts, input_grad, head_input_grad).run(batch)
+    return _Probe(model, parts, input_grad, head_input_grad, keep).run(batch)
 
 
-__all__ = ["MeasuredStep", "measure_step_flops", "run_probe", "tensor_bytes"]
+__all__ = ["MeasuredStep", "labelled_positions", "loss_on_positions", "measure_step_flops", "projected_forward",
+           "run_probe", "tensor_bytes"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from salf.errors import SalfError
 from salf.method.cost import task_of
@@ -58,7 +58,7 @@ def lora_config_for(model: nn.Module, rank: int, blocks: Iterable[int], alpha: f
 
 
 def profile_lora(meta: nn.Module, parts: ModelParts, batch: dict, task: str, rank: int,
-                  forward_blocks: list[float]) -> dict[str, Any]:
+                  forward_blocks: list[float], keep: Tensor | None = None) -> dict[str, Any]:
     try:
         from peft import get_peft_model
     except ImportError as e:
@@ -72,8 +72,8 @@ def profile_lora(meta: nn.Module, parts: ModelParts, batch: dict, task: str, ran
     def adapter(name: str) -> bool:
         return "lora_" in name
 
-    passes = {"lora_full": run_probe(model, parts, batch, True, adapter),
-              "lora_lowest": run_probe(model, parts, batch, False, adapter)}
+    passes = {"lora_full": run_probe(model, parts, batch, True, adapter, keep=keep),
+              "lora_lowest": run_probe(model, parts, batch, False, adapter, keep=keep)}
     sizes = [p.element_size() for name, p in model.named_parameters() if adapter(name)]
     return dict(
         lora_forward=[float(passes["lora_full"].forward[j]) - forward_blocks[j] for j in range(n)],

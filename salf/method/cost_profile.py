@@ -10,12 +10,15 @@ runs (``FUSED_ATTENTION``).
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
 from salf.method.cost import TASKS, CostProfile, head_key, task_of
 from salf.method.cost_counting import run_probe
@@ -127,6 +130,36 @@ def _meta_batch(task: str, batch_size: int, seq_len: int) -> dict[str, torch.Ten
     return {"input_ids": ids, "labels": labels}
 
 
+def _meta_keep(projected_positions: int | None) -> torch.Tensor | None:
+    """The positions the profile projects through the head (None: all). The counts depend on how many
+    there are, not on which."""
+    if projected_positions is None:
+        return None
+    return torch.arange(projected_positions, device="meta")
+
+
+def labelled_positions_estimate(data: Sequence[dict], batch_size: int, seq_len: int) -> int | None:
+    """Positions per sequence a training step of ``batch_size`` data projects through a causal LM's head
+    (``salf.method.cost_counting.labelled_positions``), estimated from tokenized ``data``; None where a step
+    projects every position (plain text, class-index labels), as training then does.
+
+    Training projects the union of a batch's labelled positions over its rows. This estimates the union
+    by the sum: the mean labelled positions per datum times the batch size, capped at ``seq_len``. Prompts
+    of different lengths put their completions at different positions, so the rows of completion data
+    seldom share one and the sum is close; where they do share (prompts of one length) the union is
+    smaller (a batch's union is never more than its sum), so the estimate can overstate the head's cost
+    but not understate it. Simulating batches would be closer, but would depend on the batch order,
+    which the plan does not know.
+    """
+    counts = [sum(label != IGNORE_INDEX for label in d["labels"][1:])
+              for d in data if not isinstance(d["labels"], int)]
+    if not counts:
+        return None
+    positions = math.ceil(sum(counts) / len(counts) * batch_size)
+    # The trainer projects every position once (nearly) all are labelled: see its fallback.
+    return positions if positions < seq_len - 1 else None
+
+
 def _group_params(model: nn.Module, parts: ModelParts) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
@@ -166,6 +199,7 @@ def profile_cost(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     replicate: bool = True,
+    projected_positions: int | None = None,
 ) -> CostProfile:
     """Measure the cost profile of a model (or a transformers config) at ``batch_size`` x ``seq_len``.
 
@@ -182,6 +216,9 @@ def profile_cost(
     against full-depth profiles). A meta-device pass costs ~0.05-0.1 s per block and a profile takes
     3-9 passes, so this keeps an 80-block model to a second or two instead of a minute. Other model
     types are always profiled at full depth.
+
+    ``projected_positions`` (a causal LM only): a step projects only this many positions of each sequence
+    through the head, as training on completions does (``labelled_positions_estimate``); None: all of them.
     """
     model = None
     config = model_or_config
@@ -201,6 +238,9 @@ def profile_cost(
         raise SalfError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     if lora_rank is not None and lora_rank < 1:
         raise SalfError(f"LoRA rank must be >= 1, got {lora_rank}")
+    if projected_positions is not None and (task != "causal-lm" or not 1 <= projected_positions <= seq_len):
+        raise SalfError(f"projected_positions {projected_positions} needs a causal LM and 1..{seq_len} positions",
+                        "leave it out to project every position")
     max_pos = getattr(config, "max_position_embeddings", None)
     if getattr(config, "model_type", None) in _LEARNED_POSITIONS and max_pos and seq_len > max_pos:
         raise SalfError(f"seq_len {seq_len} exceeds the model's {max_pos} learned positions",
@@ -214,9 +254,9 @@ def profile_cost(
         depth = max(reps) + 1
         if depth < n:
             profile = _profile(_reduced_config(config, depth), task, num_labels, dtype, attn, batch_size,
-                               seq_len, lora_rank)
+                               seq_len, lora_rank, projected_positions)
             return _replicate(profile, reps, n)
-    return _profile(config, task, num_labels, dtype, attn, batch_size, seq_len, lora_rank)
+    return _profile(config, task, num_labels, dtype, attn, batch_size, seq_len, lora_rank, projected_positions)
 
 
 def _replicate(profile: CostProfile, reps: list[int], n: int) -> CostProfile:
@@ -238,10 +278,11 @@ def _replicate(profile: CostProfile, reps: list[int], n: int) -> CostProfile:
 
 
 def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: str, batch_size: int,
-             seq_len: int, lora_rank: int | None) -> CostProfile:
+             seq_len: int, lora_rank: int | None, projected_positions: int | None) -> CostProfile:
     meta = build_model(config, task, num_labels, dtype, attn)
     parts = find_parts(meta)
     batch = _meta_batch(task, batch_size, seq_len)
+    keep = _meta_keep(projected_positions)
     n = parts.num_layers
     groups = _group_params(meta, parts)
     out_emb = meta.get_output_embeddings() if hasattr(meta, "get_output_embeddings") else None
@@ -258,9 +299,9 @@ def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: 
     # (its own weights and the shared embedding, each trainable or not); in those the blocks are
     # fully frozen, so they run forward only.
     passes = {
-        "full": run_probe(meta, parts, batch, True, lambda name: True),
-        "input": run_probe(meta, parts, batch, True, lambda name: False),
-        "lowest": run_probe(meta, parts, batch, False, lambda name: True),
+        "full": run_probe(meta, parts, batch, True, lambda name: True, keep=keep),
+        "input": run_probe(meta, parts, batch, True, lambda name: False, keep=keep),
+        "lowest": run_probe(meta, parts, batch, False, lambda name: True, keep=keep),
     }
     head_passes = {
         head_key(True, True, tied): passes["full"],
@@ -269,8 +310,10 @@ def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: 
     }
     if tied:
         for head_input in (True, False):
-            head_passes[head_key(head_input, True, False)] = run_probe(meta, parts, batch, False, head, head_input)
-            head_passes[head_key(head_input, False, True)] = run_probe(meta, parts, batch, False, embeddings, head_input)
+            head_passes[head_key(head_input, True, False)] = run_probe(meta, parts, batch, False, head, head_input,
+                                                                       keep)
+            head_passes[head_key(head_input, False, True)] = run_probe(meta, parts, batch, False, embeddings,
+                                                                       head_input, keep)
     backward_head = {key: float(p.backward["head"]) for key, p in head_passes.items()}
     activation_head = {key: int(p.saved.bytes["head"]) for key, p in head_passes.items()}
     backward_head[head_key(False, False, False)] = 0.0
@@ -305,6 +348,7 @@ def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: 
         activation_embeddings=int(full.saved.bytes["embeddings"]),
         backward_head=backward_head,
         activation_head=activation_head,
+        projected_positions=projected_positions,
     )
     if tied:  # in the 'full' pass the embeddings were trained with the tied head; this pass trains them alone
         only = head_passes[head_key(False, False, True)]
@@ -312,11 +356,11 @@ def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: 
         data["activation_embeddings"] = int(only.saved.bytes["embeddings"])
     if lora_rank is not None:
         data["lora_rank"] = lora_rank
-        lora = profile_lora(meta, parts, batch, task, lora_rank, data["forward_blocks"])
+        lora = profile_lora(meta, parts, batch, task, lora_rank, data["forward_blocks"], keep)
         for key in ("backward_blocks", "activation_blocks", "shared_activation_blocks"):
             data[key].update(lora.pop(key))
         data.update(lora)
     return CostProfile(**data)
 
 
-__all__ = ["FUSED_ATTENTION", "build_model", "profile_cost"]
+__all__ = ["FUSED_ATTENTION", "build_model", "labelled_positions_estimate", "profile_cost"]

@@ -92,6 +92,12 @@ class TrainConfig:
     max_flops: float | None = None
     """Compute-matched training: stop before the measured training FLOPs would pass this budget
     (``salf.training.budget``). ``max_steps`` still sets the schedule's length; needs FLOP sampling."""
+    project_labelled_only: bool = True
+    """In training, project only the labelled positions of a causal LM through its output head (TRL's
+    SFTTrainer does the same). On prompt/completion data only the completion's positions carry a label, and
+    the head (vocabulary x width, 49,152 x 576 on SmolLM2-135M) is a large share of a small model's step:
+    projecting every position spends most of it on logits the loss never reads. The loss is the same; plain
+    text (every position labelled), classifiers and evaluation keep the full projection."""
     ddp_find_unused_parameters: bool | None = None
     """DDP's ``find_unused_parameters`` under torchrun/accelerate (None: the Trainer's default). Frozen
     parameters never need it (see docs/DISTRIBUTED.md); per-datum boundaries do."""

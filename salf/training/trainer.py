@@ -19,6 +19,7 @@ This module names no strategy: a strategy is anything with the ``TrainingStrateg
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -39,8 +40,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from salf.data.batch import IGNORE_INDEX, Collator, ListDataset
 from salf.errors import SalfError
 from salf.fileio import write_json
+from salf.method.cost_counting import labelled_positions, projected_forward
 from salf.method.freeze import FreezeSpec, apply_plan
-from salf.models.arch import find_parts
+from salf.models.arch import find_parts, unwrap_peft
 from salf.training.budget import FlopBudgetStop
 from salf.training.callback import SalfCallback
 from salf.training.config import FRESH_HEAD_LEARNING_RATE, TASKS, TrainConfig, TrainingInterrupted
@@ -62,8 +64,25 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 
 
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the Hugging Face model inside ``model`` (a PEFT wrapper passes keywords on) can project chosen
+    positions only (transformers' causal LMs take ``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
+
+
+def _projecting(model: nn.Module, keep: torch.Tensor):
+    """``model`` as the Trainer calls it, projecting only positions ``keep``: the Trainer passes the batch and,
+    when the model takes loss keywords, ``num_items_in_batch``."""
+
+    def forward(num_items_in_batch: torch.Tensor | int | None = None, **batch: Any) -> Any:
+        return projected_forward(model, batch, keep, num_items_in_batch)
+
+    return forward
+
+
 class _SalfTrainer(Trainer):
-    """A ``Trainer`` whose AdamW gets the trainable parameters only, the head in its own group."""
+    """A ``Trainer`` whose AdamW gets the trainable parameters only, the head in its own group, and whose
+    training steps project only the labelled positions through a causal LM's head (``project_labelled_only``)."""
 
     def __init__(
         self,
@@ -71,12 +90,34 @@ class _SalfTrainer(Trainer):
         head_param_ids: frozenset[int] = frozenset(),
         head_learning_rate: float,
         train_batch_sampler: torch.utils.data.Sampler | None = None,
+        project_labelled_only: bool = False,
         **kwargs,
     ):
         self.head_param_ids = head_param_ids
         self.head_learning_rate = head_learning_rate
         self.train_batch_sampler = train_batch_sampler
+        self.project_labelled_only = project_labelled_only
         super().__init__(*args, **kwargs)
+
+    def _projected_positions(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The positions this step projects through the head, or None for the full projection: in evaluation
+        (its metrics read the top token at every position), for class-index labels, for a model that cannot
+        choose positions, under a custom loss, and where every position is labelled (nothing to save)."""
+        labels = inputs.get("labels")
+        if not (self.project_labelled_only and model.training and isinstance(labels, torch.Tensor)
+                and labels.dim() == 2 and self.label_smoother is None and self.compute_loss_func is None
+                and _takes_logits_to_keep(self.accelerator.unwrap_model(model))):
+            return None
+        keep = labelled_positions(labels)
+        return keep if 0 < keep.numel() < labels.shape[1] - 1 else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keep = self._projected_positions(model, inputs)
+        if keep is not None:
+            # The Trainer's own compute_loss still calls the model and scales the loss (gradient accumulation,
+            # devices) exactly as for the model's own loss; only the call projects fewer positions.
+            model = _projecting(model, keep)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def get_train_dataloader(self):
         if self.train_batch_sampler is None:
@@ -364,6 +405,7 @@ def fit(
             head_param_ids=head_ids,
             head_learning_rate=head_lr,
             train_batch_sampler=batch_sampler,
+            project_labelled_only=config.project_labelled_only,
         )
 
         if torch.cuda.is_available():
