@@ -252,6 +252,7 @@ def test_depth_policy_baselines():
     assert BASELINES.get("full").decide(ctx).boundary == 0
     assert BASELINES.get("freeze-first-half").decide(ctx).boundary == 4
     assert BASELINES.get("train-last-quarter").decide(ctx).boundary == 6
+    assert BASELINES.get("train-last-2").decide(ctx).boundary == 6  # LLaMA-Factory's freeze default
     assert 1 <= BASELINES.get("random").decide(ctx).boundary <= 7
     assert BASELINES.get("lora").trains and BASELINES.get("lisa").trains
     assert not BASELINES.get("gradient-norm").trains and not BASELINES.get("variability").trains
@@ -656,3 +657,16 @@ def test_a_fixture_is_found_in_the_cache_or_the_repository_and_otherwise_named_w
         (where / "gpt-debian" / "model").mkdir(parents=True)
         (where / "gpt-debian" / "model" / "config.json").write_text("{}")
         assert tasks.MODEL_SOURCES.get("fixture")("gpt-debian", None) == str((where / "gpt-debian" / "model").resolve())
+
+
+def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
+    from types import SimpleNamespace
+
+    from salf.bench.taskbench import TaskBench
+
+    bench = SimpleNamespace(p=SimpleNamespace(num_layers=30), t=SimpleNamespace(oracle_stride=3))
+    picked = [{"boundary": 28}, {"boundary": 0}, {"boundary": None}, {"boundary": 28}, {"boundary": 7}]
+    ks = TaskBench.oracle_boundaries(bench, picked)
+    assert ks[:2] == [28, 7] and ks[2:] == [k for k in range(3, 31, 3) if k != 28]  # picked first, each once
+    bench.t.oracle_stride, bench.p.num_layers = 4, 10
+    assert TaskBench.oracle_boundaries(bench, []) == [4, 8, 10]  # the last boundary always

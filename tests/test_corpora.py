@@ -31,7 +31,7 @@ def module_corpus(tmp_path_factory) -> CorpusFiles:
 
 def test_registry_names():
     assert CORPORA.names() == ["debian-bshift", "debian-name", "debian-name-section", "debian-section",
-                               "docstring-function", "docstring-module"]
+                               "debian-text", "docstring-function", "docstring-module", "docstring-module-chat"]
     with pytest.raises(SalfError, match="unknown corpus 'wikipedia'") as e:
         build_corpus("wikipedia", ".")
     assert "docstring-module" in e.value.fix
@@ -158,6 +158,28 @@ def test_debian_name_files(tmp_path):
     assert all(row["prompt"].endswith("\nName:") and row["completion"].startswith(" ") for row in rows)
     names = {p.name for p in corpora.debian_packages()}
     assert all(row["completion"][1:] in names for row in rows)
+
+
+def test_docstring_module_chat_asks_the_module_question_as_one_turn(module_corpus, tmp_path):
+    files = build_corpus("docstring-module-chat", tmp_path, limit=300)
+    rows = read(files.train_path) + read(files.eval_path)
+    assert files.task == "completion" and len(rows) == 300
+    by_text = {row["text"]: row["label"] for row in read(module_corpus.train_path) + read(module_corpus.eval_path)}
+    for row in rows:
+        system, user, assistant = row["messages"]
+        assert (system["role"], user["role"], assistant["role"]) == ("system", "user", "assistant")
+        text = user["content"].split("\n\n", 1)[1]
+        assert assistant["content"] in corpora.DOCSTRING_MODULES and by_text.get(text, assistant["content"]) == \
+            assistant["content"]
+
+
+@needs_apt
+def test_debian_text_is_plain_descriptions(tmp_path):
+    files = build_corpus("debian-text", tmp_path, limit=300)
+    rows = read(files.train_path) + read(files.eval_path)
+    descriptions = {p.description for p in corpora.debian_packages()}
+    assert files.task == "lm" and len(rows) == 300 and len({r["text"] for r in rows}) == 300
+    assert all(set(row) == {"text"} and row["text"] in descriptions for row in rows)
 
 
 @needs_apt

@@ -179,7 +179,7 @@ def _policy_baseline(name: str) -> Callable[[BaselineContext], BaselineChoice]:
     return choose
 
 
-for _name in ("full", "freeze-first-half", "train-last-quarter", "random"):
+for _name in ("full", "freeze-first-half", "train-last-quarter", "train-last-2", "random"):
     register(_name)(_policy_baseline(_name))
 
 

@@ -95,6 +95,10 @@ class BenchTask:
     """Seed of the corpus split and data subsets (the same for every training seed)."""
     ceiling_steps: int | None = None
     """Also run full fine-tuning for this many steps (the ceiling)."""
+    oracle_stride: int = 1
+    """Sweep the oracle at every ``oracle_stride``-th boundary (0, s, 2s, ... and the last), plus every
+    boundary a plan or a baseline picks, so each plan is still scored by a run at its own boundary. 1: every
+    boundary. For deep models on a CPU (SmolLM2's 30 blocks), 3 keeps the sweep affordable."""
     equal_compute: bool | list[int] = False
     """Also train every planned boundary for as many steps as fit in the full run's measured FLOPs: ``true``
     for every seed, or a list of the seeds that get these runs (each costs about one full run per boundary)."""
@@ -117,7 +121,8 @@ class BenchTask:
                             "e.g. \"corpus\": \"docstring-module\"")
         if self.train_file is not None and self.eval_file is None:
             raise SalfError(f"task {self.name}: train_file needs an eval_file", "add \"eval_file\"")
-        for name in ("steps", "batch_size", "max_length", "em_limit", "generation_batch", "trace_sample"):
+        for name in ("steps", "batch_size", "max_length", "em_limit", "generation_batch", "trace_sample",
+                     "oracle_stride"):
             if getattr(self, name) < 1:
                 raise SalfError(f"task {self.name}: {name} must be at least 1, got {getattr(self, name)}")
         for name in ("corpus_limit", "train_limit", "eval_limit", "ceiling_steps"):
@@ -163,7 +168,7 @@ class BenchTask:
         """Hash of everything that changes a run's result (not the seed list or the ceiling/extras)."""
         d = asdict(self)
         # extras that add runs of their own (their records carry their own settings), never change these
-        for volatile in ("seeds", "ceiling_steps", "equal_compute", "lr_search", "head_modes"):
+        for volatile in ("seeds", "ceiling_steps", "equal_compute", "lr_search", "head_modes", "oracle_stride"):
             d.pop(volatile)
         if d["head_pooling"] is None:  # the recipe of every task from before the field existed
             d.pop("head_pooling")

@@ -125,7 +125,8 @@ class TaskBench:
     def units_weight(self) -> float:
         """Progress weight of the planned work of one seed (a training step weighs 1)."""
         t, n = self.t, self.p.num_layers
-        runs = (n + 1) * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
+        oracle_runs = len({*range(0, n + 1, t.oracle_stride), n})  # the plans' own boundaries come on top
+        runs = oracle_runs * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
         runs += t.steps if self._per_datum_lens() else 0
         runs += sum(sweep.weight(self) for sweep in active_sweeps(t))
         profiling = len(self.p.lenses(self.suite.lenses)) * self._trace_weight() + len(self._baselines())
@@ -186,7 +187,7 @@ class TaskBench:
         oracle = {0: self._train(seed, "oracle/k=0", "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
         plans = self._plans(seed)
         baselines = self._run_baselines(seed, trained=False)
-        for k in range(1, n + 1):
+        for k in self.oracle_boundaries([*plans, *baselines]):
             oracle[k] = self._train(seed, f"oracle/k={k}", "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
         # Baselines with runs of their own come after the sweep: a seed whose sweep is done scores every
         # plan and boundary baseline even if the session ends during LoRA or LISA.
@@ -199,6 +200,14 @@ class TaskBench:
             self._equal_compute(seed, oracle, [*plans, *baselines])
         for sweep in active_sweeps(self.t):  # extra sweeps of the suite's options (salf.bench.sweeps)
             sweep.run(self, seed, oracle)
+
+    def oracle_boundaries(self, picked: list[dict]) -> list[int]:
+        """The boundaries k > 0 the oracle trains: those the plans and baselines picked first (so every plan is
+        scored early in a session that may end), then the ``oracle_stride`` grid and the last boundary."""
+        n, stride = self.p.num_layers, self.t.oracle_stride
+        chosen = [r["boundary"] for r in picked if isinstance(r.get("boundary"), int) and 0 < r["boundary"] <= n]
+        grid = [*range(stride, n + 1, stride), n]
+        return list(dict.fromkeys([*chosen, *grid]))
 
     def check_sweeps(self) -> None:
         """Refuse an extra sweep the task's model cannot run, before anything trains."""

@@ -6,6 +6,8 @@ Nothing here ships third-party text: each builder reads it where it lies and wri
 - ``docstring-module``: a Python standard library docstring -> the module it comes from
   (classification over ``DOCSTRING_MODULES``; the stdlib sources are parsed with ``ast``);
 - ``docstring-function``: a docstring -> the name of its function (prompt/completion);
+- ``docstring-module-chat``: the same question as ``docstring-module`` asked as an instruction, a one-turn
+  conversation (``messages``: rendered with the model's chat template, the answer is the module's name);
 - ``debian-section``: a Debian package description -> its archive section (classification over
   the most common sections), from the apt package lists (``apt-cache dumpavail``);
 - ``debian-name``: a Debian package description -> the package name (prompt/completion);
@@ -14,7 +16,8 @@ Nothing here ships third-party text: each builder reads it where it lies and wri
   lives low in the network);
 - ``debian-bshift``: a sentence of a Debian description, either as written or with two adjacent words
   swapped (classification 'original' / 'shifted'; SentEval's bigram-shift probing task: word order
-  decides, so the task needs composition across the sentence, not its topic or its words).
+  decides, so the task needs composition across the sentence, not its topic or its words);
+- ``debian-text``: Debian package descriptions as plain text (language modelling, scored by held-out loss).
 
 Every builder is deterministic for a given machine (same Python, same apt lists) and seed.
 Names may be written with '_' or '-'.
@@ -89,7 +92,7 @@ class CorpusSpec:
     """One built-in corpus: how to collect its rows, and their task."""
 
     task: str
-    """'classification' or 'completion'."""
+    """'classification', 'completion' (prompt/completion or messages rows) or 'lm' (text rows)."""
     collect: Callable[[], list[dict]]
     """Every row (dicts with text/label or prompt/completion), deduplicated."""
     source: Callable[[], str]
@@ -278,6 +281,21 @@ CORPORA.register("docstring-module")(
 )
 CORPORA.register("docstring-function")(CorpusSpec("completion", _docstring_function_rows, _stdlib_source))
 
+CHAT_SYSTEM = "Answer with one word."
+"""The system turn of the instruction corpora: short, so the template's default system prompt (about 20
+tokens on SmolLM2) does not double the cost of every step."""
+MODULE_QUESTION = "Which module of the Python standard library has this docstring?\n\n{text}"
+
+
+def _docstring_module_chat_rows() -> list[dict]:
+    return [{"messages": [{"role": "system", "content": CHAT_SYSTEM},
+                          {"role": "user", "content": MODULE_QUESTION.format(text=row["text"])},
+                          {"role": "assistant", "content": row["label"]}]}
+            for row in _balanced(_docstring_module_rows(), DOCSTRING_PER_CLASS, None, 0)]
+
+
+CORPORA.register("docstring-module-chat")(CorpusSpec("completion", _docstring_module_chat_rows, _stdlib_source))
+
 
 # ---------------------------------------------------------------------------------------------
 # Debian package descriptions
@@ -438,6 +456,12 @@ def _debian_bshift_rows() -> list[dict]:
     return rows
 
 
+def _debian_text_rows() -> list[dict]:
+    seen: set[str] = set()
+    return [{"text": p.description} for p in debian_packages()
+            if len(p.description) >= MIN_TEXT_CHARS and not (p.description in seen or seen.add(p.description))]
+
+
 def _debian_source() -> str:
     return f"Debian package descriptions from the apt lists in {APT_LISTS}"
 
@@ -449,6 +473,7 @@ CORPORA.register("debian-name")(CorpusSpec("completion", _debian_name_rows, _deb
 CORPORA.register("debian-name-section")(
     CorpusSpec("classification", _debian_name_section_rows, _debian_source, per_class=DEBIAN_PER_CLASS)
 )
+CORPORA.register("debian-text")(CorpusSpec("lm", _debian_text_rows, _debian_source, max_rows=DEBIAN_NAME_ROWS))
 CORPORA.register("debian-bshift")(
     CorpusSpec("classification", _debian_bshift_rows, _debian_source, per_class=BSHIFT_PER_CLASS)
 )

@@ -176,6 +176,14 @@ def train_last_quarter(ctx: PolicyContext, value: float | None) -> int:
     return ctx.num_layers - max(1, math.ceil(ctx.num_layers / 4))
 
 
+@POLICIES.register("train-last-2")
+def train_last_2(ctx: PolicyContext, value: float | None) -> int:
+    """Baseline: train only the top 2 blocks (LLaMA-Factory's ``finetuning_type: freeze`` default,
+    ``freeze_trainable_layers: 2``), or every block of a shallower model."""
+    _no_value("train-last-2", value)
+    return max(0, ctx.num_layers - 2)
+
+
 @POLICIES.register("random")
 def random_boundary(ctx: PolicyContext, value: float | None) -> int:
     """Baseline: a seeded random boundary in 1..L-1."""
