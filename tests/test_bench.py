@@ -426,7 +426,8 @@ def test_head_pooling_task_option_keeps_the_old_recipes(tmp_path):
     # the fingerprint this task had before head_pooling existed: finished runs are found by it
     assert task.recipe_fingerprint() == "3d5584261945b1ae"
     old = {k: v for k, v in dataclasses.asdict(task).items()
-           if k not in ("head_pooling", "seeds", "ceiling_steps", "equal_compute", "lr_search", "head_modes")}
+           if k not in ("head_pooling", "seeds", "ceiling_steps", "equal_compute", "lr_search", "head_modes",
+                          "oracle_stride")}
     assert task.recipe_fingerprint() == fingerprint(old)
     for suite in ("smoke", "minilm-quick"):
         for t in BenchSuite.load(suite).tasks:
@@ -526,8 +527,12 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
         for k in range(5):  # the tiny models have 4 blocks
             assert f"{task.name}|seed=0|oracle/k={k}" in keys
             n_oracle += 1
-        assert f"{task.name}|seed=0|baseline/lisa" in keys and f"{task.name}|seed=0|baseline/lora" in keys
-    assert first.trained == n_oracle + 3 * len(suite.tasks)  # oracle sweep + LoRA + LISA + per datum per task
+        for name in BASELINES.names():  # every baseline with a run of its own trained it, or said why not
+            record = next(r for r in runs if r["key"] == f"{task.name}|seed=0|baseline/{name}")
+            assert not BASELINES.get(name).trains or record.get("metrics") or record["status"] == "unavailable"
+    own_runs = sum(1 for r in runs if r.get("kind") == "baseline" and r.get("metrics"))
+    assert own_runs >= 5 * len(suite.tasks)  # LoRA, LISA, freeze-deep-half, Spectrum x 2 (LoRA on the plan too)
+    assert first.trained == n_oracle + own_runs + len(suite.tasks)  # oracle sweep + baselines + per datum per task
     by_key = {r["key"]: r for r in runs}
     for task, lens in zip(suite.tasks, ("probe", "logit-lens")):  # the default lens of each task
         record = by_key[f"{task.name}|seed=0|salf-per-datum/{lens}/headroom/knee"]

@@ -273,3 +273,53 @@ def test_chance_level_is_the_entropy_of_what_the_lens_predicts(bert):
     assert logit.chance == pytest.approx(float(-(p * np.log(p)).sum()))
     assert trace_model(tiny_model("gpt2"), data, TraceConfig(lens="basis-cosine", **QUIET), 0).chance is None
     assert Trace.from_dict(json.loads(json.dumps(logit.to_dict()))).chance == logit.chance
+
+
+def answer_data(n=40, seed=0, answers=((7, 2), (9, 2)), prompt_lengths=(5, 8)):
+    """Label-word style completions: prompts of two lengths whose last token tells the answer (the rest is noise),
+    then the answer's tokens (a closed set), as ``salf.data.encode`` writes them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        c, length = i % len(answers), prompt_lengths[(i // 2) % len(prompt_lengths)]
+        prompt = [1] + torch.randint(10, 110, (length - 2,), generator=g).tolist() + [120 + c]
+        out.append({"input_ids": prompt + list(answers[c]), "labels": [-100] * length + list(answers[c])})
+    return out
+
+
+def test_closed_answers_tell_label_words_from_open_completions_and_text():
+    from salf.method.lenses import RARE_ANSWER, answer_classes, closed_answers, default_lens
+
+    closed = answer_data()
+    assert closed_answers(closed) and default_lens("tokens", closed) == "answer-probe"
+    unique = [{"input_ids": d["input_ids"][:-2] + [20 + i, 2], "labels": d["labels"][:-2] + [20 + i, 2]}
+              for i, d in enumerate(closed)]
+    assert not closed_answers(unique) and default_lens("tokens", unique) == "logit-lens"
+    text = [{"input_ids": d["input_ids"], "labels": list(d["input_ids"])} for d in closed]
+    assert not closed_answers(text) and default_lens("tokens", text) == "logit-lens"
+    assert default_lens("classes", class_data()) == "probe"
+    # an answer seen too rarely to be cross-fitted joins the rare class
+    assert answer_classes(closed[:4] + unique[:3], 2) == ["7 2", "9 2", "7 2", "9 2", *[RARE_ANSWER] * 3]
+
+
+def test_answer_probe_reads_the_answer_position_and_finds_separable_answers():
+    model = tiny_model("llama")
+    data = answer_data()
+    trace = trace_model(model, data, TraceConfig(lens="answer-probe", **QUIET), 0)
+    assert trace.lens == "answer-probe" and trace.per_datum.shape == (40, model.config.num_hidden_layers + 1)
+    assert trace.chance == pytest.approx(math.log(2))
+    # the last prompt token tells the answer, so every latent space read there does
+    assert trace.mean.max() < 0.5 * trace.chance
+    # the state read is the one at the last prompt token: shuffle everything before it, nothing changes
+    lens = LENSES.get("answer-probe")(find_parts(model), TraceConfig(**QUIET), data)
+    batch = collate(data[:4], 0)
+    lens.begin_batch(torch.arange(4), batch)
+    assert lens._answer_at.tolist() == [4, 4, 7, 7]
+
+
+def test_answer_probe_refuses_open_completions():
+    model = tiny_model("llama")
+    with pytest.raises(SalfError, match="answers repeat") as e:
+        trace_model(model, lm_data(20), TraceConfig(lens="answer-probe", **QUIET), 0)
+    assert "logit-lens" in e.value.fix
+    assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "answer-probe"  # the default here

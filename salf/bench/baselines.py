@@ -25,6 +25,8 @@ and returns a ``BaselineChoice``: either a **boundary** k, whose quality is then
   ``CKA_CHANGE_LEVEL`` of the largest: the blocks above it only refine what it made, and training from it up
   lets fine-tuning reshape the representation's last turn (``cka_change_boundary``);
 - ``lora``: LoRA adapters on every block (PEFT's default modules), embeddings frozen, head trained;
+- ``freeze-deep-half``, ``spectrum-25``, ``spectrum-50``, ``lora-plan``: the rules LLM tools use
+  (``salf.bench.baselines_llm``);
 - ``lisa``: LISA-style layerwise importance sampling: embeddings and head always trained, plus
   ``lisa_layers`` blocks drawn at random every ``lisa_interval`` steps. Every parameter is in the
   optimizer; the blocks not drawn get ``requires_grad=False`` and ``grad=None``, so AdamW skips them
@@ -104,6 +106,8 @@ class BaselineContext:
     batch_size: int
     learning_rate: float
     settings: BaselineSettings = field(default_factory=BaselineSettings)
+    default_boundary: Callable[[], int | None] | None = None
+    """The boundary of salf's default plan for this seed (None: not known here), for baselines built on it."""
     load_seconds: float = 0.0
     """Time spent loading models for this baseline (not part of its profiling time)."""
 
@@ -555,3 +559,6 @@ def lisa(ctx: BaselineContext) -> BaselineChoice:
     # Every parameter starts trainable, so the optimizer holds them all; the callback switches blocks.
     variant = TrainVariant(spec=FreezeSpec.full(ctx.num_layers), callbacks=callbacks, describe=describe)
     return BaselineChoice(variant=variant, details={"lisa_layers": s.lisa_layers, "lisa_interval": s.lisa_interval})
+
+
+from salf.bench import baselines_llm  # noqa: E402,F401  (registers the LLM tools' rules; imports this module)

@@ -129,7 +129,7 @@ class TaskBench:
         runs = oracle_runs * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
         runs += t.steps if self._per_datum_lens() else 0
         runs += sum(sweep.weight(self) for sweep in active_sweeps(t))
-        profiling = len(self.p.lenses(self.suite.lenses)) * self._trace_weight() + len(self._baselines())
+        profiling = len(self.lenses()) * self._trace_weight() + len(self._baselines())
         return runs + profiling + (t.ceiling_steps or 0)
 
     def _trace_weight(self) -> float:
@@ -299,7 +299,7 @@ class TaskBench:
         estimators = self.suite.estimators or ESTIMATORS.names()
         per_datum_lens = self._per_datum_lens()
         records = []
-        for lens in self.p.lenses(self.suite.lenses):
+        for lens in self.lenses():
             variants = [f"salf/{lens}/{e}/{p}" for e in estimators for p in self.suite.policies]
             keys = [RunStore.key(self.t.name, seed, v) for v in variants]
             planned = all(self.store.get(k, self.recipe) for k in keys)
@@ -317,6 +317,13 @@ class TaskBench:
                 self.skipped += len(keys)
             records += self._trace_and_plan(seed, lens, [] if planned else estimators, per_datum)
         return records
+
+    def lenses(self) -> list[str]:
+        """The lenses traced: those that fit the task's labels and model and can read its data (the answer probe
+        reads only completions with a closed set of answers)."""
+        from salf.method.lenses import LENSES
+
+        return [lens for lens in self.p.lenses(self.suite.lenses) if LENSES.get(lens).applies(self.loaded.data.data)]
 
     def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
@@ -439,7 +446,12 @@ class TaskBench:
             if baseline.trains:
                 key = RunStore.key(self.t.name, seed, variant)
                 if self.store.get(key, self.recipe) is None:
-                    choice = baseline.decide(self._baseline_context(seed))
+                    try:
+                        choice = baseline.decide(self._baseline_context(seed))
+                    except SalfError as e:  # e.g. no default plan to put LoRA on: reported, not fatal
+                        out.append(self._unit(seed, variant, 0.0, lambda e=e: {
+                            "kind": "baseline", "boundary": None, "status": "unavailable", "error": str(e)}))
+                        continue
                     out.append(self._train(seed, variant, "baseline", choice.variant.spec, run=choice.variant,
                                            extra=choice.details))
                 else:
@@ -461,9 +473,16 @@ class TaskBench:
         return out
 
     def _baseline_context(self, seed: int) -> BaselineContext:
+        from salf.bench.analysis import default_plan
+
+        def default_boundary() -> int | None:
+            plan = self.store.get(RunStore.key(self.t.name, seed, default_plan(self.loaded.data.task, self.lenses())),
+                                  self.recipe)
+            return plan["boundary"] if plan else None
+
         return BaselineContext(load=lambda: self.fresh_model(seed), data=self.loaded.data, num_layers=self.p.num_layers,
                                cost=self.costs["ratio"], seed=seed, batch_size=self.t.batch_size,
-                               learning_rate=self.t.lr, settings=self.t.baselines)
+                               learning_rate=self.t.lr, settings=self.t.baselines, default_boundary=default_boundary)
 
     def _equal_compute(self, seed: int, oracle: dict[int, dict], chosen: list[dict]) -> None:
         full = oracle[0].get("metrics", {}).get("flops_per_padded_token")

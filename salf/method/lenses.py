@@ -40,7 +40,20 @@ _LABEL_WORDS = {
 
 
 DEFAULT_LENS = {CLASS_LABELS: "probe", TOKEN_LABELS: "logit-lens"}
-"""The lens used when none is asked for, by label kind."""
+"""The lens used when none is asked for, by label kind; completions with a closed set of answers take
+``CLOSED_ANSWERS_LENS`` instead (``default_lens``)."""
+
+CLOSED_ANSWERS_LENS = "answer-probe"
+"""The default lens of completion data whose answers come from a closed set (label words, one-word instructions;
+``closed_answers``): the logit lens of a frozen LLM reads such a task as unsolved at every depth whenever the
+answer format is new to it (BENCHMARKS.md, "SmolLM2")."""
+
+
+def default_lens(kind: str, data: Sequence[dict]) -> str:
+    """The lens ``salf plan`` traces with when none is asked for."""
+    if kind == TOKEN_LABELS and closed_answers(data):
+        return CLOSED_ANSWERS_LENS
+    return DEFAULT_LENS[kind]
 
 
 # Upper bound on the elements of one [tokens, vocab chunk] logit block: keeps the lens's own memory
@@ -152,6 +165,11 @@ class Lens(abc.ABC):
     needs_head: bool = True
     """Whether the lens reads the model's vocabulary head (and so needs a causal LM with one)."""
     pooling: str = "targets"
+
+    @staticmethod
+    def applies(data: Sequence[dict]) -> bool:
+        """Whether the lens can read these data at all (beyond their label kind)."""
+        return True
 
     def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
         self.parts = parts
@@ -291,36 +309,25 @@ def _chunked_ce_rows(x, weight, bias, y, vocab_chunk, softcap) -> torch.Tensor:
     return lse - target
 
 
-@LENSES.register("probe")
-class ProbeLens(Lens):
-    """d_{i,l} = held-out CE of a linear probe on the pooled latent state of datum i at layer l.
+class _CrossFittedProbe(Lens):
+    """A linear probe per layer on one vector per datum (which vector, and which class: the subclass's), fitted
+    by L-BFGS-B on standardised features and cross-fitted over ``probe_folds`` stratified folds, so that every
+    datum is scored by a probe that never saw it. d_{i,l} is datum i's held-out cross-entropy at layer l."""
 
-    The pooled vector is the one a classification head reads (``TraceConfig.pooling``). Probes are
-    multinomial logistic regressions with L2, fitted by L-BFGS-B on standardised features, cross-fitted
-    over ``probe_folds`` stratified folds so that every datum is scored by a probe that never saw it.
-    """
-
-    label_kind = CLASS_LABELS
     needs_head = False
 
-    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict], classes: Sequence[Any]):
         super().__init__(parts, config, sample)
-        classes, self.labels = np.unique([int(d["labels"]) for d in sample], return_inverse=True)
-        self.num_classes = len(classes)
+        kinds, self.labels = np.unique(np.asarray(classes), return_inverse=True)
+        self.num_classes = len(kinds)
         check_probe_data(self.labels, self.num_classes, config.probe_folds)
-        self.pooling = head_reads(parts) if config.pooling == "auto" else config.pooling
-        self._pool = POOLERS[self.pooling]
         self.features: np.ndarray | None = None  # [N, L+1, H], allocated at the first read
 
-    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        self._rows = rows
-        self._mask = batch["attention_mask"]
-
-    def read(self, layer: int, hidden: torch.Tensor) -> None:
-        pooled = self._pool(hidden, self._mask.to(hidden.device)).detach().to("cpu", torch.float32).numpy()
+    def store(self, rows: torch.Tensor, layer: int, vectors: torch.Tensor) -> None:
+        vectors = vectors.detach().to("cpu", torch.float32).numpy()
         if self.features is None:
-            self.features = np.zeros((self.n_data, self.num_latents, pooled.shape[-1]), dtype=np.float32)
-        self.features[self._rows.numpy(), layer] = pooled
+            self.features = np.zeros((self.n_data, self.num_latents, vectors.shape[-1]), dtype=np.float32)
+        self.features[rows.numpy(), layer] = vectors
 
     def chance(self) -> float:
         """Entropy (nats) of the sample's class frequencies: the cross-entropy of the best constant guess."""
@@ -340,6 +347,84 @@ class ProbeLens(Lens):
                     x, self.labels, self.num_classes, folds, self.config.probe_l2, self.config.probe_max_iter
                 )
         return out
+
+
+@LENSES.register("probe")
+class ProbeLens(_CrossFittedProbe):
+    """d_{i,l} = held-out CE of a linear probe on the pooled latent state of datum i at layer l, predicting its
+    class: the pooled vector is the one a classification head reads (``TraceConfig.pooling``)."""
+
+    label_kind = CLASS_LABELS
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        super().__init__(parts, config, sample, [int(d["labels"]) for d in sample])
+        self.pooling = head_reads(parts) if config.pooling == "auto" else config.pooling
+        self._pool = POOLERS[self.pooling]
+
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self._rows = rows
+        self._mask = batch["attention_mask"]
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        self.store(self._rows, layer, self._pool(hidden, self._mask.to(hidden.device)))
+
+
+RARE_ANSWER = "\x00rare"
+"""The answer probe's class of the answers seen fewer than ``probe_folds`` times in the sample."""
+
+
+def answer_classes(sample: Sequence[dict], min_count: int) -> list[str]:
+    """Each datum's answer (its target tokens, in order) as a class; answers seen fewer than ``min_count``
+    times share ``RARE_ANSWER``, since a cross-fitted probe cannot learn an answer from fewer examples than it
+    holds out."""
+    keys = [" ".join(str(t) for t in d["labels"][1:] if t != IGNORE_INDEX) for d in sample]
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return [key if counts[key] >= min_count else RARE_ANSWER for key in keys]
+
+
+def closed_answers(sample: Sequence[dict], min_count: int = 5, min_share: float = 0.5) -> bool:
+    """Whether most data's answers come from a closed set (label words, a short list of one-word answers):
+    at least ``min_share`` of them have an answer seen ``min_count`` times or more, and there are at least two
+    such answers. Plain text (every position a target) never qualifies."""
+    if any(all(t != IGNORE_INDEX for t in d["labels"][1:]) for d in sample):
+        return False
+    classes = answer_classes(sample, min_count)
+    repeated = [c for c in classes if c != RARE_ANSWER]
+    return len(set(repeated)) >= 2 and len(repeated) >= min_share * len(classes)
+
+
+@LENSES.register("answer-probe")
+class AnswerProbeLens(_CrossFittedProbe):
+    """d_{i,l} = held-out CE of a linear probe on datum i's latent state at the answer position (the last
+    prompt token, which predicts the first answer token) at layer l, predicting its whole answer.
+
+    What the layers know, not what the head already says: the logit lens of a frozen LLM reads a task whose
+    answer format it has not been shown as unsolved at every depth (SmolLM2 read label words at 11.8 nats at its
+    top layer, above the chance level), although its states may already separate the answers. For
+    completion data with a closed set of answers (``closed_answers``): label words, one-word instructions."""
+
+    label_kind = TOKEN_LABELS
+    applies = staticmethod(closed_answers)
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        if not closed_answers(sample, config.probe_folds):
+            raise SalfError(
+                "the answer probe needs completions whose answers repeat (label words, a closed set of short "
+                "answers); most answers in this sample are unique, or the data are plain text",
+                "use lens 'logit-lens' for open-ended completions and plain text",
+            )
+        super().__init__(parts, config, sample, answer_classes(sample, config.probe_folds))
+
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        targets = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        self._rows = rows
+        self._answer_at = targets.int().argmax(dim=1)  # the first target of every row (each has one)
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        at = self._answer_at.to(hidden.device)
+        self.store(self._rows, layer, hidden[torch.arange(hidden.shape[0], device=hidden.device), at])
 
 
 def label_kind(data: Sequence[dict]) -> str:
@@ -363,10 +448,11 @@ def _is_class_label(labels: Any) -> bool:
     return isinstance(labels, (int, np.integer)) and not isinstance(labels, bool)
 
 
-def choose_lens(parts: ModelParts, kind: str, requested: str | None) -> str:
-    """The lens to trace with: the requested one if it fits the labels and model, else the default."""
+def choose_lens(parts: ModelParts, kind: str, requested: str | None, data: Sequence[dict] = ()) -> str:
+    """The lens to trace with: the requested one if it fits the labels and model, else the default for the
+    labels and ``data`` (``default_lens``)."""
     if requested is None:
-        requested = DEFAULT_LENS[kind]
+        requested = default_lens(kind, data) if data else DEFAULT_LENS[kind]
         fix = "give token labels with a causal LM that has its language-model head, or class labels"
     else:
         fix = "use lens 'probe' with class labels" if kind == CLASS_LABELS else "use lens 'logit-lens'"
@@ -385,4 +471,4 @@ def choose_lens(parts: ModelParts, kind: str, requested: str | None) -> str:
     return requested
 
 
-__all__ = ["BasisCosineLens", "CLASS_LABELS", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "choose_lens", "chunked_cross_entropy", "head_reads", "label_kind"]
+__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "CLOSED_ANSWERS_LENS", "choose_lens", "chunked_cross_entropy", "closed_answers", "default_lens", "head_reads", "label_kind"]
