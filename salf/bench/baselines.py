@@ -26,7 +26,7 @@ and returns a ``BaselineChoice``: either a **boundary** k, whose quality is then
   lets fine-tuning reshape the representation's last turn (``cka_change_boundary``);
 - ``lora``: LoRA adapters on every block (PEFT's default modules), embeddings frozen, head trained;
 - ``freeze-deep-half``, ``spectrum-25``, ``spectrum-50``, ``lora-plan``: the rules LLM tools use
-  (``salf.bench.baselines_llm``);
+  (``salf.bench.baselines_llm``, registered when the package ``salf.bench`` is imported);
 - ``lisa``: LISA-style layerwise importance sampling: embeddings and head always trained, plus
   ``lisa_layers`` blocks drawn at random every ``lisa_interval`` steps. Every parameter is in the
   optimizer; the blocks not drawn get ``requires_grad=False`` and ``grad=None``, so AdamW skips them
@@ -560,5 +560,3 @@ def lisa(ctx: BaselineContext) -> BaselineChoice:
     variant = TrainVariant(spec=FreezeSpec.full(ctx.num_layers), callbacks=callbacks, describe=describe)
     return BaselineChoice(variant=variant, details={"lisa_layers": s.lisa_layers, "lisa_interval": s.lisa_interval})
 
-
-from salf.bench import baselines_llm  # noqa: E402,F401  (registers the LLM tools' rules; imports this module)
