@@ -202,9 +202,14 @@ class TaskBench:
             sweep.run(self, seed, oracle)
 
     def oracle_boundaries(self, picked: list[dict]) -> list[int]:
-        """The boundaries k > 0 the oracle trains: those the plans and baselines picked first (so every plan is
-        scored early in a session that may end), then the ``oracle_stride`` grid and the last boundary."""
+        """The boundaries k > 0 the oracle trains: those the plans and baselines picked first, the default plan's
+        before all (so the plans are scored early in a session that may end), then the ``oracle_stride`` grid and
+        the last boundary."""
+        from salf.bench.analysis import default_plan
+
         n, stride = self.p.num_layers, self.t.oracle_stride
+        default = default_plan(self.loaded.data.task, self.lenses())
+        picked = sorted(picked, key=lambda r: r.get("variant") != default)  # the default plan's boundary first
         chosen = [r["boundary"] for r in picked if isinstance(r.get("boundary"), int) and 0 < r["boundary"] <= n]
         grid = [*range(stride, n + 1, stride), n]
         return list(dict.fromkeys([*chosen, *grid]))
