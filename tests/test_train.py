@@ -381,3 +381,13 @@ def _user_trainer(tmp_path, model, max_steps: int, callbacks, **args) -> Trainer
     )
     return Trainer(model=model, args=training_args, data_collator=Collator(0), train_dataset=lm_data(),
                    callbacks=callbacks)
+
+
+@pytest.mark.parametrize("ratio, total, steps", [(0.1, 200, 20), (0.05, 150, 8), (0.0, 100, 0)])
+def test_warmup_is_the_configured_share_of_the_run(tmp_path, ratio, total, steps):
+    """On every transformers version: 4.x reads the share from ``warmup_ratio`` (a float in ``warmup_steps`` was
+    an int count there, so warm-up vanished), 5.x from a float below 1 in ``warmup_steps``."""
+    from salf.training.trainer import _training_arguments
+
+    args = _training_arguments(TrainConfig(warmup_ratio=ratio, max_steps=total), tmp_path, "lm", has_eval=False)
+    assert args.get_warmup_steps(total) == steps

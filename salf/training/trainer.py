@@ -257,7 +257,6 @@ def _training_arguments(config: TrainConfig, ckpt_dir: Path, task: str, has_eval
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no",
@@ -277,6 +276,10 @@ def _training_arguments(config: TrainConfig, ckpt_dir: Path, task: str, has_eval
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=config.ddp_find_unused_parameters,
     )
+    # The warm-up is a share of the run: transformers 4.x reads it from ``warmup_ratio`` (its ``warmup_steps`` is an
+    # int count, so a ratio there silently meant no warm-up); 5.x dropped ``warmup_ratio`` and reads a float below
+    # 1 in ``warmup_steps`` as the share.
+    kwargs["warmup_ratio" if "warmup_ratio" in names else "warmup_steps"] = config.warmup_ratio
     if config.bf16 and not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # the Trainer refuses bf16 without a GPU unless told to autocast on the CPU
     if rank_and_world()[1] > 1 and not torch.cuda.is_available():
