@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import resource
@@ -294,8 +295,41 @@ def _training_arguments(config: TrainConfig, ckpt_dir: Path, task: str, has_eval
     return TrainingArguments(**kwargs)
 
 
-def _save_model(model: nn.Module, tokenizer: Any, model_dir: Path, config: TrainConfig) -> None:
-    model.save_pretrained(str(model_dir))  # safetensors; with LoRA, the adapters only
+def _warn_if_fsdp_dropped(trainer: Trainer) -> None:
+    """Warn when the launcher asked for FSDP (``ACCELERATE_USE_FSDP``, set by ``accelerate launch`` with an FSDP
+    config) but accelerate set up something else: accelerate enables FSDP on accelerator devices only, so on
+    CPU processes it trains with DDP (every rank holds the whole model) without a word."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not getattr(trainer, "is_fsdp_enabled", False):
+        kind = getattr(getattr(trainer.accelerator, "distributed_type", None), "value", "unknown")
+        logging.getLogger("salf.training").warning(
+            "salf: FSDP was requested (ACCELERATE_USE_FSDP) but accelerate set up %s, not FSDP: the model is not "
+            "sharded (accelerate runs FSDP on GPUs and other accelerators only; see docs/DISTRIBUTED.md)", kind)
+
+
+def _sharded_state_dict(trainer: Trainer, config: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the model's full weights gathered from every rank's shards (called on every rank: each
+    takes part in the gathering; the main process gets the tensors); None otherwise (not sharded, LoRA, or no
+    model to save), where the model's own ``state_dict`` is complete."""
+    if not (config.save_model and not config.lora and getattr(trainer, "is_fsdp_enabled", False)):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # FSDP1 and FSDP2 alike. Offloading to the CPU (rank 0 only, as accelerate's get_state_dict does) saves
+    # accelerator memory; on the CPU there is nothing to save and FSDP1's offload of CPU tensors crashes
+    # (SIGSEGV, torch 2.13), so there every rank gets the full weights.
+    on_cpu = trainer.accelerator.device.type == "cpu"
+    return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
+
+
+def _save_model(
+    model: nn.Module,
+    tokenizer: Any,
+    model_dir: Path,
+    config: TrainConfig,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    # safetensors; with LoRA, the adapters only; under FSDP the weights gathered by _sharded_state_dict
+    model.save_pretrained(str(model_dir), **({"state_dict": state_dict} if state_dict is not None else {}))
     folders = [model_dir]
     if config.lora and config.lora_save_merged:
         model.merge_and_unload().save_pretrained(str(model_dir.parent / "model-merged"))
@@ -410,6 +444,7 @@ def fit(
             train_batch_sampler=batch_sampler,
             project_labelled_only=config.project_labelled_only,
         )
+        _warn_if_fsdp_dropped(trainer)
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -447,8 +482,9 @@ def fit(
         report.remove()  # the saved model and the caller's model carry no hooks
 
         model_dir = out / "model"
+        full_weights = _sharded_state_dict(trainer, config)  # FSDP: gathered by every rank, before rank 0 saves
         if main and config.save_model:  # probe runs (the learning-rate search's candidates) keep no model
-            _save_model(model, tokenizer, model_dir, config)
+            _save_model(model, tokenizer, model_dir, config, full_weights)
         if main and plan_dict is not None:
             write_json(out / "plan.json", plan_dict)
 
