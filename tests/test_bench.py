@@ -678,3 +678,16 @@ def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
     assert ks[:3] == [13, 28, 7] and ks[3:] == [k for k in range(3, 31, 3) if k != 28]  # default, picked, grid
     bench.t.oracle_stride, bench.p.num_layers = 4, 10
     assert TaskBench.oracle_boundaries(bench, []) == [4, 8, 10]  # the last boundary always
+
+
+def test_a_strided_sweep_is_complete_once_its_grid_is_trained():
+    from salf.bench.store import complete_records, sweep_boundaries
+
+    meta = {"kind": "meta", "task": "t", "seed": None, "num_layers": 7, "task_config": {"oracle_stride": 3}}
+    assert sweep_boundaries(meta) == {0, 3, 6, 7}
+    oracle = [{"task": "t", "seed": 0, "variant": f"oracle/k={k}", "status": "done"} for k in (0, 3, 5, 6)]
+    plan = {"task": "t", "seed": 0, "variant": "salf/x", "kind": "plan"}
+    assert complete_records([meta, *oracle, plan]) == [meta]  # k = 7 missing: the seed is not finished
+    last = {"task": "t", "seed": 0, "variant": "oracle/k=7", "status": "diverged"}
+    assert len(complete_records([meta, *oracle, plan, last])) == 7
+    assert sweep_boundaries({"num_layers": 4}) == {0, 1, 2, 3, 4}  # suites from before the stride: every boundary

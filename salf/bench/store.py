@@ -86,19 +86,27 @@ def load_runs(out_dir: str | Path) -> list[dict[str, Any]]:
         raise SalfError(f"{path} is damaged (not JSON)") from None
 
 
-def complete_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of every (task, seed) whose oracle sweep finished (all boundaries 0..L), plus task records.
+def sweep_boundaries(meta: dict[str, Any]) -> set[int]:
+    """The boundaries a task's oracle sweep must have trained: 0..L, or every ``oracle_stride``-th and L."""
+    n = meta["num_layers"]
+    stride = int(meta.get("task_config", {}).get("oracle_stride", 1))
+    return {*range(0, n + 1, stride), n}
 
-    A benchmark stopped mid-seed leaves a partial sweep, which would make regret and the frontier lie.
+
+def complete_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of every (task, seed) whose oracle sweep finished (``sweep_boundaries``), plus task records.
+
+    A benchmark stopped mid-seed leaves a partial sweep, which would make regret and the frontier lie. (A plan's
+    own boundary off the stride grid is trained too, before the grid; it is not needed for the sweep to count.)
     """
     records = list(records)
-    layers = {r["task"]: r["num_layers"] for r in records if r.get("kind") == "meta"}
+    required = {r["task"]: {f"oracle/k={k}" for k in sweep_boundaries(r)} for r in records if r.get("kind") == "meta"}
     oracle: dict[tuple[str, Any], set[str]] = defaultdict(set)
     for r in records:
-        if r.get("variant", "").startswith("oracle/"):
+        if r.get("variant", "").startswith("oracle/"):  # a diverged run is a result too
             oracle[(r["task"], r["seed"])].add(r["variant"])
-    done = {key for key, variants in oracle.items() if len(variants) >= layers.get(key[0], 0) + 1}
+    done = {key for key, variants in oracle.items() if key[0] in required and required[key[0]] <= variants}
     return [r for r in records if r.get("seed") is None or (r["task"], r["seed"]) in done]
 
 
-__all__ = ["RunStore", "complete_records", "load_runs"]
+__all__ = ["RunStore", "complete_records", "load_runs", "sweep_boundaries"]
