@@ -138,6 +138,24 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         return type(model)(model.config)
 
 
+def _loaded_fingerprints(model: nn.Module) -> list[str]:
+    """``model_fingerprint`` of ``model`` as its config says, and as salf's loader leaves it: a tokenizer without a pad
+    token pads with EOS, and the loader writes that id into ``config.pad_token_id`` (``_ensure_pad_token``) before
+    `salf plan` records the fingerprint (GPT-2, and base models whose config names no pad token)."""
+    config = model.config
+    eos = getattr(config, "eos_token_id", None)
+    pads = [getattr(config, "pad_token_id", None), *(eos if isinstance(eos, (list, tuple)) else [eos])]
+    original = pads[0]
+    prints = []
+    try:
+        for pad in dict.fromkeys(p for i, p in enumerate(pads) if i == 0 or p is not None):
+            config.pad_token_id = pad
+            prints.append(model_fingerprint(model)["fingerprint"])
+    finally:
+        config.pad_token_id = original
+    return prints
+
+
 def _skeleton_from_plan(plan: Plan, model_path: str | None) -> tuple[nn.Module, list[str]]:
     """Build the plan's model from its config on the meta device; prefer the head whose fingerprint matches."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -164,7 +182,7 @@ def _skeleton_from_plan(plan: Plan, model_path: str | None) -> tuple[nn.Module, 
         except ValueError:  # no such head for this model type (an encoder has no causal LM)
             continue
         want = plan.model.get("fingerprint")
-        if want is not None and model_fingerprint(model)["fingerprint"] == want:
+        if want is not None and want in _loaded_fingerprints(model):
             return model, []
         built.append(model)
     if not built:

@@ -416,3 +416,25 @@ def test_an_untied_head_plan_exports_the_head_tied_and_says_so(target):
 
     assert export_context(plan, model=model).trainable == export_context(tied, model=model).trainable
     assert "head (tied to the embeddings)" in text  # the summary says what the export does: frozen with them
+
+
+def test_export_recognises_a_model_planned_with_a_tokenizer_without_pad(tmp_path: Path):
+    """`salf plan` loads the model with a tokenizer that has no pad token (GPT-2 style), pads with EOS and writes
+    that id into config.pad_token_id before recording the fingerprint; the export, built from the saved config,
+    still recognises the model (found by running LLaMA-Factory on the export: scripts/check_export_llamafactory.py)."""
+    from helpers import WORDS, completion_data
+
+    from salf.cli import main
+    from salf.models.loading import tiny_tokenizer
+
+    folder = tmp_path / "gpt2"
+    tiny_model("gpt2", "causal-lm").save_pretrained(folder)
+    tiny_tokenizer(WORDS * 2, pad=False, bos=False).save_pretrained(folder)
+    data = completion_data(tmp_path / "data.jsonl", n=8)
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(folder), "--data", str(data), "--policy", "freeze-first-half",
+                 "--out", str(plan_path), "--sample-size", "8", "--no-progress"]) == 0
+    assert json.loads((folder / "config.json").read_text())["pad_token_id"] == 0  # the loader makes it EOS (2)
+    text = export_plan(plan_path, "llamafactory", model_path=str(folder))
+    assert "does not match the fingerprint" not in text
+    assert "freeze_trainable_layers: 2" in text
