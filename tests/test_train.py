@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -206,13 +207,19 @@ class PoisonAt(TrainerCallback):
                 model.transformer.ln_f.weight.fill_(float("nan"))
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
+def completion_data() -> list[dict]:
+    """``lm_data`` with the first half of every row's positions masked: the trainer projects only the rest."""
+    return [{**d, "labels": [-100] * (len(d["labels"]) // 2) + d["labels"][len(d["labels"]) // 2:]} for d in lm_data()]
+
+
+@pytest.mark.parametrize("make_data", [lm_data, completion_data], ids=["text", "completion"])
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path, make_data):
     out = tmp_path / "run"
     with pytest.raises(SalfError, match=r"at step 3.*checkpoint-2"):
         train(
             tiny_model("gpt2"),
             0,
-            lm_data(),
+            make_data(),
             None,
             FreezeSpec.from_boundary(2, L),
             config(max_steps=6, save_steps=1),
@@ -225,6 +232,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in kept.values())
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["step"] == 3 and history[-1]["loss"] is None  # NaN written as null
+    # every step before it has its loss, also where the loss is computed outside the model (labelled positions)
+    assert [h["step"] for h in history[:-1]] == [1, 2] and all(math.isfinite(h["loss"]) for h in history[:-1])
     assert not (out / "metrics.json").exists()
 
 

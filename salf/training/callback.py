@@ -169,12 +169,17 @@ class SalfCallback(TrainerCallback):
         if isinstance(ids, torch.Tensor):
             self._step_tokens += ids.numel()
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        self.observe_loss(loss, kwargs.get("num_items_in_batch") is not None)
+
+    def observe_loss(self, loss: Any, normalized: bool) -> None:
+        """Record a training forward's loss: the model's own (seen by the forward hook), or one computed outside
+        the model (the trainer's labelled-positions-only projection calls the model without labels)."""
         if isinstance(loss, torch.Tensor):
             # A copy: the Trainer may scale the returned loss in place (by the world size) after this hook.
             self._step_losses.append(loss.detach().float().clone())
             # A loss divided by the token count of *all* ranks is each rank's share (the Trainer scales it
             # back by the world size): see salf.training.distributed.reduce_step.
-            self._normalized = kwargs.get("num_items_in_batch") is not None
+            self._normalized = normalized
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_losses = []

@@ -71,12 +71,16 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
 
 
-def _projecting(model: nn.Module, keep: torch.Tensor):
+def _projecting(model: nn.Module, keep: torch.Tensor, observers: Sequence[SalfCallback] = ()):
     """``model`` as the Trainer calls it, projecting only positions ``keep``: the Trainer passes the batch and,
-    when the model takes loss keywords, ``num_items_in_batch``."""
+    when the model takes loss keywords, ``num_items_in_batch``. The loss is computed outside the model, so its
+    forward hooks never see it: ``observers`` get it instead (each step's loss in history.json, the NaN stop)."""
 
     def forward(num_items_in_batch: torch.Tensor | int | None = None, **batch: Any) -> Any:
-        return projected_forward(model, batch, keep, num_items_in_batch)
+        out = projected_forward(model, batch, keep, num_items_in_batch)
+        for observer in observers:
+            observer.observe_loss(out.loss, num_items_in_batch is not None)
+        return out
 
     return forward
 
@@ -117,7 +121,8 @@ class _SalfTrainer(Trainer):
         if keep is not None:
             # The Trainer's own compute_loss still calls the model and scales the loss (gradient accumulation,
             # devices) exactly as for the model's own loss; only the call projects fewer positions.
-            model = _projecting(model, keep)
+            observers = [c for c in self.callback_handler.callbacks if isinstance(c, SalfCallback)]
+            model = _projecting(model, keep, observers)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def get_train_dataloader(self):
