@@ -7,8 +7,11 @@ dropout off in frozen blocks, and measures the first step's FLOPs (``callback.sa
 
     python examples/trl_sft.py --model Qwen/Qwen2-0.5B --data train.jsonl --plan plan.json --out runs/trl
 
-``--data`` is a JSONL file with a ``text`` field (TRL tokenizes it); any dataset ``SFTTrainer`` accepts works
-through ``sft_with_plan``.
+``--data`` is any file ``salf train`` reads: ``text``, ``prompt`` + ``completion``, or ``messages`` (a conversation,
+rendered with the model's chat template). salf tokenizes it (``salf.data.encode.load_task_data``) and hands TRL
+``input_ids`` with ``assistant_masks``, so TRL's loss covers exactly the tokens salf's would: the completion, or the
+assistant turns, whether or not the template marks them for TRL. Any dataset ``SFTTrainer`` accepts works through
+``sft_with_plan``.
 """
 
 from __future__ import annotations
@@ -40,15 +43,30 @@ def sft_with_plan(model: Any, tokenizer: Any, train_dataset: Any, spec: FreezeSp
     return trainer, callback
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from datasets import load_dataset
+def sft_dataset(path: str, tokenizer: Any, max_length: int = 512) -> Any:
+    """A data file of any shape salf reads, as TRL's pre-tokenized rows: ``input_ids`` and ``assistant_masks``
+    (1 where a token is a target: every token of plain text, the completion, the assistant turns)."""
+    from datasets import Dataset
 
+    from salf.data.batch import IGNORE_INDEX
+    from salf.data.encode import load_task_data
+    from salf.data.tasks import DataConfig
+
+    data = load_task_data(path, tokenizer, DataConfig(max_length=max_length))
+    if data.task == "classification":
+        raise SystemExit("classification data: train it with `salf train`, or give the labels as words "
+                         "(prompt/completion) for a causal LM")
+    return Dataset.from_list([{"input_ids": d["input_ids"], "assistant_masks": [int(t != IGNORE_INDEX) for t in d["labels"]]}
+                              for d in data.data])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     from salf.method.plan import model_fingerprint
     from salf.models.loading import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the model the plan was made for (folder or hub name)")
-    p.add_argument("--data", required=True, help="JSONL file with a 'text' field")
+    p.add_argument("--data", required=True, help="JSONL/Parquet file with 'text', 'prompt' + 'completion' or 'messages'")
     p.add_argument("--plan", required=True, help="plan.json written by `salf plan`")
     p.add_argument("--out", required=True, help="output directory of the trainer")
     p.add_argument("--max-steps", type=int, default=100)
@@ -59,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = Plan.load(a.plan)
     loaded = load_model(a.model, "lm")
     plan.check_model(model_fingerprint(loaded.model))  # refuse a plan made for another model
-    dataset = load_dataset("json", data_files=a.data, split="train")
+    dataset = sft_dataset(a.data, loaded.tokenizer)
     _, callback = sft_with_plan(loaded.model, loaded.tokenizer, dataset, plan.freeze_spec(), a.out,
                                 max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
                                 learning_rate=a.learning_rate)

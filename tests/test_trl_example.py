@@ -91,3 +91,30 @@ def test_sft_trainer_with_a_plan(tmp_path: Path):
     salf_full = salf_step_flops(0, tmp_path / "salf-full")
     assert trl_plan < trl_full and salf_plan < salf_full
     assert trl_full - trl_plan == salf_full - salf_plan
+
+
+def test_messages_train_in_trl_with_the_loss_on_assistant_tokens_only(tmp_path: Path):
+    """A conversation file through ``sft_dataset``: TRL's batches label exactly salf's targets (the assistant turns,
+    found from a chat template without TRL's generation markers), and a plan trains on them."""
+    import json
+
+    from test_chat import TEMPLATE, chat_rows
+
+    from salf.data.encode import load_task_data
+
+    example = load_example()
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(8)))
+    tokenizer = tiny_tokenizer(WORDS * 2, model_max_length=128)
+    tokenizer.chat_template = TEMPLATE
+    dataset = example.sft_dataset(str(data), tokenizer)
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    trainer, callback = example.sft_with_plan(
+        model, tokenizer, dataset, FreezeSpec.from_boundary(2, LAYERS), str(tmp_path / "trl"), max_steps=1,
+        per_device_train_batch_size=BATCH, learning_rate=1e-2, use_cpu=True, disable_tqdm=True, seed=0)
+    assert len(callback.history) == 1
+    salf_labels = {tuple(d["input_ids"]): d["labels"] for d in load_task_data(data, tokenizer).data}
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        n = len(next(k for k in salf_labels if list(k) == ids[: len(k)]))
+        assert labels[:n] == salf_labels[tuple(ids[:n])] and set(labels[n:]) <= {-100}
