@@ -200,29 +200,13 @@ there to save compute, and this one still charges a point of quality at a tenth 
 then by name."""
 
 
-def default_plan(data_task: str, lenses: Iterable[str] = ()) -> str:
-    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved=0.75').
-
-    ``lenses``: the lenses the task was traced with. Completions with a closed set of answers plan with the answer
-    probe by default (``salf.method.lenses.default_lens``), and the benchmark traces it only where it applies, so
-    a task traced with it takes its plan as the default."""
+def default_plan(data_task: str) -> str:
+    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved=0.75')."""
     from salf.method.gain import DEFAULT_ESTIMATOR
-    from salf.method.lenses import CLASS_LABELS, CLOSED_ANSWERS_LENS, DEFAULT_LENS, TOKEN_LABELS
+    from salf.method.lenses import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
     kind = CLASS_LABELS if data_task == "classification" else TOKEN_LABELS
-    lens = CLOSED_ANSWERS_LENS if kind == TOKEN_LABELS and CLOSED_ANSWERS_LENS in set(lenses) else DEFAULT_LENS[kind]
-    return f"salf/{lens}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY[kind]}"
-
-
-def task_default_plan(task: dict[str, Any]) -> str:
-    """``default_plan`` of one analysed task (its lenses read from its variants' names)."""
-    lenses = {name.split("/")[1] for name in task["variants"] if name.startswith("salf/")}
-    return default_plan(task["data_task"], lenses)
-
-
-DEFAULT_ROW = "salf/default"
-"""The pooled table's row of salf's default plan on every task, whichever lens each task defaults to
-(``task_default_plan``); shown only where the tasks of one model default to more than one lens."""
+    return f"salf/{DEFAULT_LENS[kind]}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY[kind]}"
 
 
 def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -256,22 +240,17 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
             if not task:
                 continue
             model = str(task.get("model"))
-            default = task_default_plan(task)
+            default = default_plan(task["data_task"])
             for group in (model, ALL_MODELS):
                 tasks.setdefault(group, []).append(name)
                 for variant, v in task["variants"].items():
                     if v["kind"] not in REGRET_TABLE_KINDS:
                         continue
-                    # the default's own row too, where tasks of one model default to different lenses
-                    for row in (variant, *([DEFAULT_ROW] if variant == default else [])):
-                        entry = pooled.setdefault(group, {}).setdefault(
-                            row, {"kind": v["kind"], "default": False, "tasks": [], "per_seed": []})
-                        entry["default"] = entry["default"] or variant == default
-                        entry["tasks"].append(name)
-                        entry["per_seed"] += v["per_seed"]
-    for variants in pooled.values():  # one lens by default on every task: its row says it all
-        if DEFAULT_ROW in variants and sum(e["default"] for e in variants.values()) == 2:
-            del variants[DEFAULT_ROW]
+                    entry = pooled.setdefault(group, {}).setdefault(
+                        variant, {"kind": v["kind"], "default": False, "tasks": [], "per_seed": []})
+                    entry["default"] = entry["default"] or variant == default
+                    entry["tasks"].append(name)
+                    entry["per_seed"] += v["per_seed"]
     if len(tasks) <= 2:  # one model (or none): the pooled table would repeat it
         pooled.pop(ALL_MODELS, None)
         tasks.pop(ALL_MODELS, None)
@@ -290,4 +269,4 @@ def combined_regret(dirs: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
     return regret_by_model(finished_analyses(dirs))
 
 
-__all__ = ["ALL_MODELS", "DEFAULT_ROW", "PER_SEED_FIELDS", "REGRET_TABLE_KINDS", "REGRET_TABLE_ORDER", "TARGET_FLOPS", "TARGET_QUALITY", "analyze", "combined_regret", "default_plan", "finished_analyses", "task_default_plan", "regret_by_model"]
+__all__ = ["ALL_MODELS", "PER_SEED_FIELDS", "REGRET_TABLE_KINDS", "REGRET_TABLE_ORDER", "TARGET_FLOPS", "TARGET_QUALITY", "analyze", "combined_regret", "default_plan", "finished_analyses", "regret_by_model"]

@@ -154,7 +154,7 @@ def _run_untied(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
                  "tied_predicted_step_flops_ratio": float(tied["ratio"][k])}
         bench._train(seed, f"{UNTIED}/k={k}", UNTIED, untied_spec(k, n), boundary=k, extra=extra)
 
-    default = default_plan(bench.loaded.data.task, bench.lenses())
+    default = default_plan(bench.loaded.data.task)
     plan = bench.store.get(RunStore.key(t.name, seed, default), bench.recipe)
     if plan is None:  # the suite's lenses, estimators or policies leave the default plan out
         return

@@ -208,7 +208,7 @@ class TaskBench:
         from salf.bench.analysis import default_plan
 
         n, stride = self.p.num_layers, self.t.oracle_stride
-        default = default_plan(self.loaded.data.task, self.lenses())
+        default = default_plan(self.loaded.data.task)
         picked = sorted(picked, key=lambda r: r.get("variant") != default)  # the default plan's boundary first
         chosen = [r["boundary"] for r in picked if isinstance(r.get("boundary"), int) and 0 < r["boundary"] <= n]
         grid = [*range(stride, n + 1, stride), n]
@@ -481,7 +481,7 @@ class TaskBench:
         from salf.bench.analysis import default_plan
 
         def default_boundary() -> int | None:
-            plan = self.store.get(RunStore.key(self.t.name, seed, default_plan(self.loaded.data.task, self.lenses())),
+            plan = self.store.get(RunStore.key(self.t.name, seed, default_plan(self.loaded.data.task)),
                                   self.recipe)
             return plan["boundary"] if plan else None
 

@@ -184,9 +184,9 @@ def trace_model(model: nn.Module, data: Sequence[dict], config: TraceConfig, pad
     started = time.perf_counter()
     parts = find_parts(model)
     kind = label_kind(data)
+    lens_name = choose_lens(parts, kind, config.lens)
     indices = sample_indices(data, kind, config)
     sample = [data[i] for i in indices]
-    lens_name = choose_lens(parts, kind, config.lens, sample)
     lens = LENSES.get(lens_name)(parts, config, sample)
     # The base model runs the blocks without the head, so no [tokens, vocab] logits are ever built.
     base = getattr(model, "base_model", model)
