@@ -15,6 +15,9 @@ from salf.data.encode import load_task_data
 from salf.errors import SalfError
 from salf.models.loading import tiny_tokenizer
 
+# The version matrix (scripts/version_matrix.sh) runs these on the lowest allowed and the newest dependencies.
+pytestmark = pytest.mark.matrix
+
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"

@@ -19,6 +19,9 @@ from salf.errors import SalfError
 from salf.models.loading import tiny_tokenizer
 from salf.models.tiny import tiny_model
 
+# The version matrix (scripts/version_matrix.sh) runs these on the lowest allowed and the newest dependencies.
+pytestmark = pytest.mark.matrix
+
 FAST_TRACE = ["--no-progress", "--sample-size", "16", "--trace-batch-size", "8"]
 FAST_TRAIN = ["--no-progress", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3"]
 

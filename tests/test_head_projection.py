@@ -19,6 +19,9 @@ from salf.training.config import TrainConfig
 from salf.training.run import train
 from salf.training.trainer import _SalfTrainer, _takes_logits_to_keep
 
+# The version matrix (scripts/version_matrix.sh) runs these on the lowest allowed and the newest dependencies.
+pytestmark = pytest.mark.matrix
+
 CAUSAL = ["llama", "gpt2"]  # gpt2's head is tied to its embeddings
 
 

@@ -16,6 +16,9 @@ from salf.models.arch import find_parts, supported_types
 from salf.models.loading import LoadedModel, load_model, minilm_path, tiny_tokenizer
 from salf.models.tiny import tiny_config, tiny_model
 
+# The version matrix (scripts/version_matrix.sh) runs these on the lowest allowed and the newest dependencies.
+pytestmark = pytest.mark.matrix
+
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "the sky is blue"]
 
 
@@ -216,3 +219,15 @@ def test_a_fresh_head_is_said_once_in_one_line_without_the_transformers_load_rep
     said = [r.getMessage() for r in caplog.records if r.name == "salf.models.loading"]
     assert len(said) == 1 and "\n" not in said[0], said
     assert "no weights for classifier in its checkpoint" in said[0] and "start from random values" in said[0]
+
+
+def test_dtype_keyword_follows_the_transformers_version(monkeypatch):
+    # from_pretrained / from_config read the dtype as `torch_dtype` before transformers 4.56 (4.x passed an
+    # unknown `dtype` on to the model's __init__: a TypeError), as `dtype` since.
+    from salf import compat
+
+    monkeypatch.setattr(compat, "transformers_version", lambda: (4, 55, 4))
+    assert compat.dtype_kwargs(torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(compat, "transformers_version", lambda: (4, 56, 0))
+    assert compat.dtype_kwargs(torch.float16) == {"dtype": torch.float16}
+    assert compat.dtype_kwargs(None) == {}

@@ -56,6 +56,7 @@ class Capture(TrainerCallback):
         self.model = model
 
 
+@pytest.mark.matrix
 def test_boundary_run_keeps_frozen_weights_and_optimizer_state(tmp_path):
     model = tiny_model("gpt2")
     parts = find_parts(model)
@@ -122,6 +123,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# Not in the version matrix (@pytest.mark.matrix): a timing test, which says nothing about library versions.
 def test_half_boundary_steps_are_faster_than_full(tmp_path, one_thread):
     # gpt2, 8 blocks of width 256, sequences of 64: boundary 4 skips half the backward pass (FLOPs 2/3
     # of full). Runs alternate (full, half, full, half). Load from other processes only ever adds time,
@@ -170,6 +172,7 @@ class SignalAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.matrix
 def test_interrupt_then_resume_matches_straight_run(tmp_path):
     cfg = config(max_steps=6, save_steps=100, lr_scheduler="linear", warmup_ratio=0.2)
     spec = FreezeSpec.from_boundary(1, L)
@@ -212,6 +215,7 @@ def completion_data() -> list[dict]:
     return [{**d, "labels": [-100] * (len(d["labels"]) // 2) + d["labels"][len(d["labels"]) // 2:]} for d in lm_data()]
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("make_data", [lm_data, completion_data], ids=["text", "completion"])
 def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path, make_data):
     out = tmp_path / "run"
@@ -237,6 +241,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path, make
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.matrix
 def test_lora_adapters_only_on_planned_blocks(tmp_path):
     model = tiny_model("gpt2", "classification", num_labels=3)
     score_before = model.score.weight.detach().clone()
@@ -274,6 +279,7 @@ def test_lora_adapters_only_on_planned_blocks(tmp_path):
     assert metrics["lora"] and metrics["trainable_params"] < metrics["total_params"] / 4
 
 
+@pytest.mark.matrix
 def test_completion_metrics_score_each_completion_token_from_the_position_before_it():
     from types import SimpleNamespace
 
@@ -285,6 +291,7 @@ def test_completion_metrics_score_each_completion_token_from_the_position_before
     assert metrics == {"token_accuracy": 0.75, "exact_match": 0.5}  # the row without a completion is not counted
 
 
+@pytest.mark.matrix
 def test_merged_lora_model_is_saved_with_its_tokenizer(tmp_path):
     """model-merged is a whole model a user loads on its own, so the tokenizer goes there too."""
     from peft import LoraConfig, get_peft_model
@@ -304,6 +311,7 @@ def test_merged_lora_model_is_saved_with_its_tokenizer(tmp_path):
     assert (tmp_path / "model-merged" / "model.safetensors").is_file()
 
 
+@pytest.mark.matrix
 def test_fresh_head_gets_its_own_learning_rate(tmp_path):
     capture = Capture()
     model = tiny_model("bert", "classification", num_labels=3)
@@ -326,6 +334,7 @@ def test_fresh_head_gets_its_own_learning_rate(tmp_path):
     assert metrics["eval_accuracy"] is not None and metrics["eval_macro_f1"] is not None
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("late", [False, True])
 def test_salf_callback_in_a_users_trainer(tmp_path, late):
     model = tiny_model("gpt2")
@@ -345,6 +354,7 @@ def test_salf_callback_in_a_users_trainer(tmp_path, late):
     assert any("trainable_fraction" in entry for entry in trainer.state.log_history)
 
 
+@pytest.mark.matrix
 def test_salf_callback_raises_on_nan_in_a_users_trainer(tmp_path):
     model = tiny_model("gpt2")
     callback = SalfCallback(FreezeSpec.from_boundary(2, L), flop_sample_steps=0)
@@ -355,6 +365,7 @@ def test_salf_callback_raises_on_nan_in_a_users_trainer(tmp_path):
     assert callback.flops_per_padded_token is None and callback.sampled_flops == 0
 
 
+@pytest.mark.matrix
 def test_refuses_non_empty_out_dir_and_bad_settings(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -392,6 +403,7 @@ def _user_trainer(tmp_path, model, max_steps: int, callbacks, **args) -> Trainer
                    callbacks=callbacks)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("ratio, total, steps", [(0.1, 200, 20), (0.05, 150, 8), (0.0, 100, 0)])
 def test_warmup_is_the_configured_share_of_the_run(tmp_path, ratio, total, steps):
     """On every transformers version: 4.x reads the share from ``warmup_ratio`` (a float in ``warmup_steps`` was

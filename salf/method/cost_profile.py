@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salf.compat import dtype_kwargs
 from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
 from salf.method.cost import TASKS, CostProfile, head_key, task_of
@@ -113,7 +114,7 @@ def build_model(config: Any, task: str, num_labels: int, dtype: torch.dtype, att
         attn = _FUSED
     try:
         with torch.device(device):
-            model = auto.from_config(config, attn_implementation=attn, dtype=dtype)
+            model = auto.from_config(config, attn_implementation=attn, **dtype_kwargs(dtype))
     except (ValueError, KeyError) as e:
         raise SalfError(f"cannot build a {task} model for model type {config.model_type!r}: {e}",
                         "use the config of a transformers causal LM or sequence classifier") from e

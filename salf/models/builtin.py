@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from salf.compat import dtype_kwargs
 from salf.errors import SalfError
 from salf.registry import Registry
 
@@ -175,7 +176,8 @@ def load_gguf(source: Path):
     if importlib.util.find_spec("gguf") is None:
         raise SalfError("reading the SmolLM2 GGUF file needs the gguf package", SMOLLM2_INSTALL)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                 **dtype_kwargs(torch.float32))
     return model.eval(), tokenizer
 
 

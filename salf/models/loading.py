@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from salf.compat import dtype_kwargs
 from salf.errors import SalfError
 from salf.models.arch import ARCHITECTURES, supported_types
 from salf.models.builtin import MINILM_PACKAGE, minilm_path, resolve_builtin  # noqa: F401 (minilm_path: moved, kept here)
@@ -256,7 +257,7 @@ def _load_weights(name: str, task: str, config, dtype):
             return auto.from_pretrained(
                 name,
                 config=config,
-                dtype=dtype,
+                **dtype_kwargs(dtype),  # 'dtype' on transformers >= 4.56, 'torch_dtype' before (salf.compat)
                 output_loading_info=True,
                 ignore_mismatched_sizes=task == "classification",
             )
