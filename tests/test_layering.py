@@ -20,6 +20,7 @@ ROOT = Path(salf.__file__).parent
 # Group of a module: the longest matching name (a subpackage covers everything inside it; the package
 # root ``salf`` itself is base, but a new top-level module must be placed here by name).
 GROUPS = {
+    "salf.compat": "base",
     "salf.errors": "base",
     "salf.fileio": "base",
     "salf.registry": "base",
