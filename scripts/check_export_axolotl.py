@@ -182,25 +182,9 @@ def _check(work: Path, python: Path, names: list[str], a) -> int:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     for cells in [head, *table]:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |")
-    for r in results:
-        for note in r.get("notes", []):
-            if not note.startswith("this only sets requires_grad"):
-                print(f"  {r['case']}: NOTE {note}")
-        for problem in r["problems"]:
-            print(f"  {r['case']}: MISMATCH {problem}")
-    print("\nPASS: axolotl trains exactly what each export says" if ok else "\nFAIL")
-    if a.record:
-        record = Path(a.record)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({
-            "check": "scripts/check_export_axolotl.py", "passed": ok, "steps": a.steps,
-            "date": time.strftime("%Y-%m-%d"), "tool_versions": versions, "salf_side": salf_versions,
-            "python": sys.version.split()[0],
-            "cases": [{k: v for k, v in r.items() if k not in ("plan", "trained")} |
-                      {"plan_trains": lf._span(r.get("plan", [])), "axolotl_trains": lf._span(r.get("trained", []))}
-                      for r in results],
-        }, indent=1) + "\n")
-        print(f"wrote {record}")
+    lf.report(results, ok, "axolotl", "axolotl", a.record, {
+        "check": "scripts/check_export_axolotl.py", "passed": ok, "steps": a.steps,
+        "tool_versions": versions, "salf_side": salf_versions})
     return 0 if ok else 1
 
 

@@ -359,6 +359,31 @@ def _train_config(export: str, folder: Path, dataset_dir: Path, out: Path, steps
         f"{k}: {json.dumps(v)}\n" for k, v in extra.items())
 
 
+def report(results: list[dict], ok: bool, tool: str, key: str, record: str | None, fields: dict,
+           drop: tuple[str, ...] = ("plan", "trained")) -> None:
+    """Print each case's NOTEs and mismatches and the verdict; write ``record`` (JSON: ``fields``, the date, the
+    Python version and every case, its plan and what ``tool`` trained as block spans) when given. Shared by the
+    axolotl check."""
+    for r in results:
+        for note in r.get("notes", []):
+            if not note.startswith("this only sets requires_grad"):
+                print(f"  {r['case']}: NOTE {note}")
+        for problem in r["problems"]:
+            print(f"  {r['case']}: MISMATCH {problem}")
+    print(f"\nPASS: {tool} trains exactly what each export says" if ok else "\nFAIL")
+    if not record:
+        return
+    path = Path(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        **fields, "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0],
+        "cases": [{k: v for k, v in r.items() if k not in drop} |
+                  {"plan_trains": _span(r.get("plan", [])), f"{key}_trains": _span(r.get("trained", []))}
+                  for r in results],
+    }, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--env", default=DEFAULT_ENV, help="virtual environment holding llamafactory")
@@ -434,25 +459,10 @@ def _check(work: Path, python: Path, names: list[str], a) -> int:
         print(f"workaround: {w}")
     print(f"{a.steps} steps per case, {time.perf_counter() - t0:.0f} s in LLaMA-Factory\n")
     print(_table(results))
-    for r in results:
-        for note in r.get("notes", []):
-            if not note.startswith("this only sets requires_grad"):
-                print(f"  {r['case']}: NOTE {note}")
-        for problem in r["problems"]:
-            print(f"  {r['case']}: MISMATCH {problem}")
-    print("\nPASS: LLaMA-Factory trains exactly what each export says" if ok else "\nFAIL")
-    if a.record:
-        record = Path(a.record)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({
-            "check": "scripts/check_export_llamafactory.py", "passed": ok, "steps": a.steps,
-            "date": time.strftime("%Y-%m-%d"), "tool_versions": tool["versions"], "salf_side": salf_versions,
-            "python": sys.version.split()[0], "workarounds": tool["workarounds"],
-            "cases": [{k: v for k, v in r.items() if k not in ("plan", "trained", "error")} |
-                      {"plan_trains": _span(r.get("plan", [])), "llamafactory_trains": _span(r.get("trained", []))}
-                      for r in results],
-        }, indent=1) + "\n")
-        print(f"wrote {record}")
+    report(results, ok, "LLaMA-Factory", "llamafactory", a.record, {
+        "check": "scripts/check_export_llamafactory.py", "passed": ok, "steps": a.steps,
+        "tool_versions": tool["versions"], "salf_side": salf_versions, "workarounds": tool["workarounds"]},
+        drop=("plan", "trained", "error"))
     return 0 if ok else 1
 
 
