@@ -78,7 +78,7 @@ class DemoResult:
 def demo(out: str = "runs/demo", steps: int = 150, policy: str | None = None, seed: int = 0, overwrite: bool = False,
          no_progress: bool = False, model: str = "builtin:minilm", head_pooling: str | None = None,
          **_: Any) -> DemoResult:
-    from salf.figures import plot_plan
+    from salf.report.plan_figure import plot_plan
 
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):

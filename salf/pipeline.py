@@ -187,7 +187,7 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
          trace_file: str | None = None, figure: str | None = None, per_datum: bool = False,
          head_pooling: str | None = None, no_progress: bool = False, head: str | None = None, **_: Any) -> PlanResult:
-    from salf.figures import plot_plan
+    from salf.report.plan_figure import plot_plan
     from salf.method.gain import ESTIMATORS
 
     if policy is not None:

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(work: Path, python: Path, names: list[str], a) -> int:
-    from salf.export_context import export_context
+    from salf.export.context import export_context
     from salf.method.plan import Plan
 
     salf_data, dataset_dir = lf._write_data(work)

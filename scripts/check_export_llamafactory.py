@@ -257,7 +257,7 @@ def _span(names: set[str] | list[str]) -> str:
             others.add(n.rsplit(".", 1)[0] if "." in n else n)
     parts = []
     if blocks:
-        from salf.export_context import block_span
+        from salf.export.context import block_span
 
         parts.append("b" + block_span(blocks))
     parts += sorted(o.rsplit(".", 1)[-1] for o in others)
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check(work: Path, python: Path, names: list[str], a) -> int:
     import importlib.metadata
 
-    from salf.export_context import export_context
+    from salf.export.context import export_context
     from salf.method.plan import Plan
 
     salf_data, dataset_dir = _write_data(work)

@@ -22,8 +22,8 @@ from torch import nn
 
 from salf.errors import SalfError
 from salf.export import export_plan
-from salf.export_context import plan_fingerprint
-from salf.export_tools import EXPORTERS
+from salf.export.context import plan_fingerprint
+from salf.export.tools import EXPORTERS
 from salf.method.freeze import apply_plan
 from salf.method.plan import Plan, model_fingerprint
 from salf.models.arch import find_parts
@@ -412,7 +412,7 @@ def test_an_untied_head_plan_exports_the_head_tied_and_says_so(target):
     text = export_plan(plan, target, model=model)
     assert "NOTE: the plan unties the output head" in text and "salf train --plan" in text
     tied = make_plan(model, [2, 3])
-    from salf.export_context import export_context
+    from salf.export.context import export_context
 
     assert export_context(plan, model=model).trainable == export_context(tied, model=model).trainable
     assert "head (tied to the embeddings)" in text  # the summary says what the export does: frozen with them

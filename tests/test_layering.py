@@ -18,7 +18,8 @@ import salf
 ROOT = Path(salf.__file__).parent
 
 # Group of a module: the longest matching name (a subpackage covers everything inside it; the package
-# root ``salf`` itself is base, but a new top-level module must be placed here by name).
+# root ``salf`` itself is base, but a new top-level module must be placed here by name). Names of modules
+# that do not exist (yet) are harmless: only the modules found are looked up.
 GROUPS = {
     "salf.compat": "base",
     "salf.errors": "base",
@@ -29,16 +30,13 @@ GROUPS = {
     "salf.models": "models",
     "salf.method": "method",
     "salf.training": "training",
-    "salf.figures": "commands",
+    "salf.options": "base",
     "salf.pipeline": "commands",
     "salf.demo": "commands",
+    "salf.api": "commands",
+    "salf.commands": "commands",
     "salf.export": "commands",
-    "salf.export_context": "commands",
-    "salf.export_tools": "commands",
     "salf.report": "commands",
-    "salf.report_runs": "commands",
-    "salf.report_figures": "commands",
-    "salf.report_html": "commands",
     "salf.bench": "bench",
     "salf.cli": "cli",
 }

@@ -15,8 +15,8 @@ from helpers import save_tiny, text_data
 from salf import pipeline
 from salf.errors import SalfError
 from salf.report import report, write_report
-from salf.report_figures import draw_curves
-from salf.report_runs import load_runs
+from salf.report.figures import draw_curves
+from salf.report.runs import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@
 (``metrics.json``, ``history.json``, ``plan.json`` when planned) and writes one HTML file with
 
 - the plan: the transition trace with its fitted depth law, the gain of each block, the cost-benefit
-  curve with the chosen boundary (drawn by ``salf.figures``), and the plan's numbers;
+  curve with the chosen boundary (drawn by ``salf.report.plan_figure``), and the plan's numbers;
 - the training curves: loss against step and against training FLOPs, one line per run;
 - predicted against measured savings: the plan's predicted step-FLOPs ratio next to the measured
   FLOPs-per-token, total training FLOPs and step-time ratios, when a full fine-tuning run
@@ -15,8 +15,8 @@ The page has no scripts and loads nothing: CSS is inline and figures are base64 
 holds run directories instead of being one (``salf demo``'s ``runs/demo`` with ``full/`` and
 ``planned/``) stands for the runs inside it.
 
-The runs and their savings are read by ``salf.report_runs``, the page is drawn by ``salf.report_html``
-with the figures of ``salf.report_figures``.
+The runs and their savings are read by ``salf.report.runs``, the page is drawn by ``salf.report.html``
+with the figures of ``salf.report.figures``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 from salf.errors import SalfError
 from salf.fileio import write_atomic
-from salf.report_html import render_html
-from salf.report_runs import Run, Saving, compute_savings, find_full, load_runs
+from salf.report.html import render_html
+from salf.report.runs import Run, Saving, compute_savings, find_full, load_runs
 
 REPORT_NAME = "report.html"
 

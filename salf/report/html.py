@@ -15,8 +15,8 @@ from typing import Any
 from salf import __version__
 from salf.method.plan import Plan
 from salf.models.heads import head_note
-from salf.report_figures import curves_figure, plan_figures, savings_figure
-from salf.report_runs import Run, Saving, compute_savings, find_full, finite
+from salf.report.figures import curves_figure, plan_figures, savings_figure
+from salf.report.runs import Run, Saving, compute_savings, find_full, finite
 
 
 def _fmt(value: Any) -> str:

@@ -1,5 +1,5 @@
-"""The report's figures as PNG bytes: the plan (``salf.figures``), the training curves against step and
-against FLOPs, and predicted against measured savings.
+"""The report's figures as PNG bytes: the plan (``salf.report.plan_figure``), the training curves against
+step and against FLOPs, and predicted against measured savings.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import io
 from collections.abc import Sequence
 
 from salf.method.plan import Plan
-from salf.report_runs import Run, Saving, finite
+from salf.report.runs import Run, Saving, finite
 
 
 # Figures
@@ -27,7 +27,7 @@ def plan_figures(plan: Plan) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from salf.figures import _draw_gains, _draw_trace, _draw_tradeoff
+    from salf.report.plan_figure import _draw_gains, _draw_trace, _draw_tradeoff
 
     out = []
     for caption, draw in (

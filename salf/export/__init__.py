@@ -21,8 +21,8 @@ the same parameters, and says where that tool cannot express the plan exactly:
 Each exporter reads the real parameter names of the planned architecture: from a meta-device copy of a model
 passed in, or of the plan's model built from its config (``--model`` overrides where to find it), never its
 weights. Every snippet starts with the plan's fingerprint (``plan_fingerprint``) and a line saying what it
-trains and freezes. Exporters are registered by name in ``EXPORTERS`` (``salf.export_tools``); the planned model they read
-is ``salf.export_context``.
+trains and freezes. Exporters are registered by name in ``EXPORTERS`` (``salf.export.tools``); the planned
+model they read is ``salf.export.context``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 
 from torch import nn
 
-from salf.export_context import export_context, plan_fingerprint
-from salf.export_tools import EXPORTERS
+from salf.export.context import export_context, plan_fingerprint
+from salf.export.tools import EXPORTERS
 from salf.fileio import write_atomic
 from salf.method.plan import Plan
 
@@ -61,4 +61,4 @@ def export(plan: str, to: str, out: str | None = None, model: str | None = None,
     return f"wrote the {to} settings of plan {plan_fingerprint(loaded)} to {out}"
 
 
-__all__ = ["export", "export_plan"]
+__all__ = ["EXPORTERS", "export", "export_context", "export_plan", "plan_fingerprint"]

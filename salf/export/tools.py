@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from salf.errors import SalfError
-from salf.export_context import ExportContext, block_span
+from salf.export.context import ExportContext, block_span
 from salf.registry import Registry
 
 LORA_RANK = 8
