@@ -17,6 +17,7 @@ PUBLIC = {
     "SalfError": "salf.errors",
     "Plan": "salf.method.plan",
     "make_plan": "salf.method.plan",
+    "PolicyChoice": "salf.method.plan",
     "FreezeSpec": "salf.method.freeze",
     "apply_plan": "salf.method.freeze",
     "TraceConfig": "salf.method.lenses",

@@ -21,10 +21,10 @@ from salf.data.tasks import DataConfig, TaskData, split_holdout
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.method.cost import boundary_costs
-from salf.method.cost_profile import labelled_positions_estimate, profile_cost
+from salf.method.cost_profile import CostShape, labelled_positions_estimate, profile_cost
 from salf.method.gain import DEFAULT_ESTIMATOR, estimate_gains
 from salf.method.lenses import TraceConfig
-from salf.method.plan import Plan, check_policy, default_policy, make_plan, model_fingerprint
+from salf.method.plan import Plan, PolicyChoice, check_policy, default_policy, make_plan, model_fingerprint
 from salf.method.trace import Trace, trace_model
 from salf.models.heads import check_head_mode, head_mode_for, head_note
 from salf.models.loading import LoadedModel, load_config, load_model, load_tokenizer
@@ -173,11 +173,12 @@ def run_plan(loaded: Loaded, trace_result: Trace, policy: str | None = None, est
     gains = estimate_gains(trace_result.mean, estimator, chance=trace_result.chance)
     seq = cost_seq or mean_length(loaded.data)
     # Training projects only the labelled positions through a causal LM's head (TrainConfig's default).
-    profile = profile_cost(loaded.model.model, cost_batch, seq, lora_rank=lora_rank if lora else None,
-                           projected_positions=labelled_positions_estimate(loaded.data.data, cost_batch, seq))
+    profile = profile_cost(loaded.model.model,
+                           CostShape(cost_batch, seq, labelled_positions_estimate(loaded.data.data, cost_batch, seq)),
+                           lora_rank=lora_rank if lora else None)
     costs = boundary_costs(profile, untie_head=head_mode == "untie")
     info = {**data_info(loaded.data), "trace_sample": trace_result.n_data}
-    return make_plan(trace_result, gains, costs, policy, model_info(loaded.model), info, seed=seed, per_datum=per_datum,
+    return make_plan(trace_result, gains, costs, PolicyChoice(policy, seed, per_datum), model_info(loaded.model), info,
                      head=head_mode)
 
 

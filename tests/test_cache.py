@@ -22,7 +22,7 @@ from salf.models.loading import tiny_tokenizer
 from salf.models.tiny import tiny_model
 from salf.training.cache import attach_prefix_cache
 from salf.training.cache_keys import CacheKeys, data_fingerprint
-from salf.training.cache_store import PrefixCache, build_prefix_cache
+from salf.training.cache_store import CacheBuild, PrefixCache, build_prefix_cache
 from salf.training.config import TrainConfig
 from salf.training.run import train
 
@@ -121,9 +121,7 @@ def test_cache_holds_each_datum_prefix_output_without_padding(tmp_path, dtype):
         data,
         3,
         tmp_path / "c",
-        dtype=dtype,
-        batch_size=3,
-        shard_bytes=40 * 32 * 2,
+        build=CacheBuild(dtype=dtype, batch_size=3, shard_bytes=40 * 32 * 2),
         show_progress=False,
     )
     assert len(cache) == 7 and cache.hidden_size == 32 and cache.dtype == cache_mod.DTYPES[dtype]
@@ -162,7 +160,7 @@ def test_existing_cache_is_reused_and_a_stale_one_refused(tmp_path):
     cases = {
         "data": (model, changed, 2, {}),
         "boundary": (model, data, 3, {}),
-        "dtype": (model, data, 2, {"dtype": "bfloat16"}),
+        "dtype": (model, data, 2, {"build": CacheBuild(dtype="bfloat16")}),
         "tokenizer": (model, data, 2, {"tokenizer": tiny_tokenizer(["a b c"])}),
         "model.config": (make("gpt2", n_head=2), data, 2, {}),
     }
@@ -176,7 +174,7 @@ def test_existing_cache_is_reused_and_a_stale_one_refused(tmp_path):
         find_parts(model).blocks[1].mlp.c_fc.weight.mul_(1.01)
     with pytest.raises(SalfError, match="model.prefix_weights"):
         build_prefix_cache(model, data, 2, out, show_progress=False)
-    rebuilt = build_prefix_cache(model, data, 2, out, rebuild=True, show_progress=False)
+    rebuilt = build_prefix_cache(model, data, 2, out, build=CacheBuild(rebuild=True), show_progress=False)
     assert not rebuilt.reused
     torch.testing.assert_close(rebuilt.get(0), prefix_output(model, data[0], 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the old cache and the build dir are gone
@@ -199,7 +197,7 @@ def test_a_directory_that_is_not_a_cache_is_never_replaced(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(SalfError, match="not a salf prefix cache"):
-        build_prefix_cache(make("gpt2"), lm_data(), 2, out, rebuild=True, show_progress=False)
+        build_prefix_cache(make("gpt2"), lm_data(), 2, out, build=CacheBuild(rebuild=True), show_progress=False)
     assert (out / "notes.txt").read_text() == "keep me"
     with pytest.raises(SalfError, match="no manifest.json"):
         PrefixCache.open(out)

@@ -21,7 +21,7 @@ from salf.fileio import to_json
 from salf.method.cost import LORA_MODES, MODES, CostProfile, StepCost, boundary_costs, head_key, step_cost
 from salf.method.cost_counting import labelled_positions, measure_step_flops
 from salf.method.cost_lora import lora_config_for
-from salf.method.cost_profile import profile_cost
+from salf.method.cost_profile import CostShape, profile_cost
 from salf.models.arch import find_parts
 from salf.models.tiny import CAUSAL_TYPES, TINY_CONFIGS, tiny_config, tiny_model
 
@@ -39,12 +39,12 @@ def _model(model_type: str, task: str):
 @functools.cache
 def _cached(model_type: str, task: str):
     model = _model(model_type, task)
-    return model, find_parts(model), profile_cost(model, B, T)
+    return model, find_parts(model), profile_cost(model, CostShape(B, T))
 
 
 @functools.cache
 def _lora_profile(model_type: str, task: str, rank: int = 4) -> CostProfile:
-    return profile_cost(_cached(model_type, task)[0], B, T, lora_rank=rank)
+    return profile_cost(_cached(model_type, task)[0], CostShape(B, T), lora_rank=rank)
 
 
 def _batch(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -104,7 +104,7 @@ def test_a_mean_pooling_head_matches_a_real_step():
                       MaskedMeanPooler)
     parts = find_parts(model)
     batch = _batch("classification")
-    for k, predicted in enumerate(boundary_costs(profile_cost(model, B, T))):
+    for k, predicted in enumerate(boundary_costs(profile_cost(model, CostShape(B, T)))):
         trainable = _plan_predicate(parts, range(k, parts.num_layers), k == 0, True)
         _assert_agrees(predicted, measure_step_flops(model, batch, trainable), f"mean-pooling bert k={k}")
 
@@ -160,7 +160,7 @@ def test_labelled_only_projection_matches_a_real_step(model_type):
     batch = _completion_batch()
     keep = labelled_positions(batch["labels"])
     assert keep.tolist() == [4, 5, 6]
-    profile = profile_cost(model, B, T, projected_positions=len(keep))
+    profile = profile_cost(model, CostShape(B, T, projected_positions=len(keep)))
     assert profile.forward_head == full_profile.forward_head * len(keep) / T  # the head's products scale
     assert profile.forward_blocks == full_profile.forward_blocks
     for k, predicted in enumerate(boundary_costs(profile)):
@@ -169,7 +169,7 @@ def test_labelled_only_projection_matches_a_real_step(model_type):
         assert predicted.total < boundary_costs(full_profile)[k].total
     measured = measure_step_flops(model, batch, _plan_predicate(parts, {1, 3}, False, False), logits_to_keep=keep)
     _assert_agrees(step_cost(profile, {1, 3}, False, False), measured, f"{model_type} {{1, 3}} frozen head")
-    lora_profile = profile_cost(model, B, T, lora_rank=4, projected_positions=len(keep))
+    lora_profile = profile_cost(model, CostShape(B, T, projected_positions=len(keep)), lora_rank=4)
     base = _model(model_type, "causal-lm")
     lora = get_peft_model(base, lora_config_for(base, 4, range(2, 4)))
     _assert_agrees(boundary_costs(lora_profile, train_head=False)[2], measure_step_flops(lora, batch, logits_to_keep=keep),
@@ -193,7 +193,7 @@ def test_profile_leaves_the_real_model_untouched():
     model = tiny_model("llama")
     model.model.layers[0].requires_grad_(False)
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-    profile_cost(model, 1, 4)
+    profile_cost(model, CostShape(1, 4))
     for n, p in model.named_parameters():
         assert p.device.type == "cpu" and torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
         assert p.grad is None
@@ -206,7 +206,7 @@ def test_replicated_profile_equals_full_depth(model_type, task, lora):
     model = _cached(model_type, task)[0]
     replicated = _lora_profile(model_type, task) if lora else _cached(model_type, task)[2]
     assert replicated.profiled_blocks == (2 if model_type == "gemma2" else 1)
-    full = profile_cost(model, B, T, lora_rank=replicated.lora_rank, replicate=False)
+    full = profile_cost(model, CostShape(B, T), lora_rank=replicated.lora_rank, replicate=False)
     assert full.profiled_blocks == 0
     assert {**replicated.to_dict(), "profiled_blocks": 0} == full.to_dict()
 
@@ -218,7 +218,7 @@ def test_sdpa_is_profiled_as_the_fused_gpu_kernel():
     eager, parts, eager_profile = _cached("llama", "causal-lm")
     torch.manual_seed(0)
     sdpa = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").train()
-    sdpa_profile = profile_cost(sdpa, B, T)
+    sdpa_profile = profile_cost(sdpa, CostShape(B, T))
     assert sdpa_profile.attn_implementation == "sdpa"
     heads, head_dim = 4, 8
     scores = 2 * B * heads * T * T * head_dim  # one T x T product of one block
@@ -238,8 +238,8 @@ def test_sdpa_is_profiled_as_the_fused_gpu_kernel():
 def test_masked_fused_attention_costs_the_same_flops():
     """With a mask (here a sliding window shorter than the batch) sdpa takes the memory-efficient
     kernel: the same FLOP formulas, plus the additive mask it keeps for backward."""
-    windowed = boundary_costs(profile_cost(tiny_config("mistral", sliding_window=4), B, T, attn_implementation="sdpa"))
-    plain = boundary_costs(profile_cost(tiny_config("mistral"), B, T, attn_implementation="sdpa"))
+    windowed = boundary_costs(profile_cost(tiny_config("mistral", sliding_window=4), CostShape(B, T), attn_implementation="sdpa"))
+    plain = boundary_costs(profile_cost(tiny_config("mistral"), CostShape(B, T), attn_implementation="sdpa"))
     for w, p in zip(windowed, plain):
         assert (w.forward, w.backward) == (p.forward, p.backward)
         assert w.activation_bytes >= p.activation_bytes
@@ -301,7 +301,7 @@ def test_profile_round_trips_through_json():
 
 def test_profile_of_a_config_uses_its_dtype_and_task():
     config = tiny_config("qwen2")
-    p16 = profile_cost(config, B, T, dtype=torch.bfloat16)
+    p16 = profile_cost(config, CostShape(B, T), dtype=torch.bfloat16)
     p32 = _cached("qwen2", "causal-lm")[2]
     assert p16.dtype_bytes == 2 and p16.task == "causal-lm"
     assert p16.forward_blocks == p32.forward_blocks and p16.backward_blocks == p32.backward_blocks
@@ -316,13 +316,13 @@ def test_mistakes_raise_salf_errors():
     with pytest.raises(SalfError, match="optimizer"):
         step_cost(p, [1], optimizer="lion")
     with pytest.raises(SalfError, match="task"):
-        profile_cost(tiny_config("llama"), 1, 4, task="seq2seq")
+        profile_cost(tiny_config("llama"), CostShape(1, 4), task="seq2seq")
     with pytest.raises(SalfError, match="learned positions"):
-        profile_cost(tiny_config("gpt2"), 1, 4096)
+        profile_cost(tiny_config("gpt2"), CostShape(1, 4096))
     with pytest.raises(SalfError, match="projected_positions"):
-        profile_cost(tiny_config("llama"), 1, 4, projected_positions=5)
+        profile_cost(tiny_config("llama"), CostShape(1, 4, projected_positions=5))
     with pytest.raises(SalfError, match="projected_positions"):
-        profile_cost(tiny_config("bert"), 1, 4, task="classification", projected_positions=2)
+        profile_cost(tiny_config("bert"), CostShape(1, 4, projected_positions=2), task="classification")
     with pytest.raises(SalfError, match="unknown fields"):
         CostProfile.from_dict({**p.to_dict(), "flops": 1})
     with pytest.raises(SalfError, match="at least one block"):

@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from salf.data.batch import IGNORE_INDEX, collate
 from salf.method.cost import boundary_costs
 from salf.method.cost_counting import labelled_positions, loss_on_positions, projected_forward
-from salf.method.cost_profile import labelled_positions_estimate, profile_cost
+from salf.method.cost_profile import CostShape, labelled_positions_estimate, profile_cost
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
 from salf.training.run import train
@@ -145,8 +145,8 @@ def test_a_real_training_step_costs_what_the_cost_model_predicts(tmp_path, model
     kept = len(labelled_positions(batch["labels"]))
     assert kept == 8 < width - 1  # four rows, two completion tokens each, no shared position
     model = tiny_model(model_type)
-    projected = boundary_costs(profile_cost(model, size, width, projected_positions=kept))[0].total
-    full = boundary_costs(profile_cost(model, size, width))[0].total
+    projected = boundary_costs(profile_cost(model, CostShape(size, width, projected_positions=kept)))[0].total
+    full = boundary_costs(profile_cost(model, CostShape(size, width)))[0].total
     measured = _measured_step(tmp_path, model_type, True, data)
     assert measured == pytest.approx(projected, rel=1e-9)  # the rule asks for a few percent; it is exact
     assert _measured_step(tmp_path, model_type, False, data) == pytest.approx(full, rel=1e-9)

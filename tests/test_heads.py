@@ -18,7 +18,7 @@ from salf.cli import main
 from salf.errors import SalfError
 from salf.method.cost import boundary_costs
 from salf.method.cost_counting import measure_step_flops
-from salf.method.cost_profile import profile_cost
+from salf.method.cost_profile import CostShape, profile_cost
 from salf.method.freeze import FreezeSpec, apply_plan
 from salf.models.arch import find_parts
 from salf.models.heads import has_tied_head, head_mode_for, untie_head
@@ -57,7 +57,7 @@ def test_untied_head_costs_match_a_real_step(model_type, overrides):
     """Predicted FLOPs, activation bytes, trainable parameters and optimizer bytes of every k > 0 with an
     untied head agree with a real step of the untied model under the plan."""
     model = tiny_model(model_type, **overrides).train()
-    costs = boundary_costs(profile_cost(model, B, T), untie_head=True)
+    costs = boundary_costs(profile_cost(model, CostShape(B, T)), untie_head=True)
     untied = copy.deepcopy(model)
     untie_head(untied)
     parts = find_parts(untied)
@@ -77,7 +77,7 @@ def test_untied_head_costs_match_a_real_step(model_type, overrides):
         assert predicted.trainable_params == trainable, what
         assert predicted.optimizer_bytes == 8 * trainable, what  # AdamW: two fp32 states
         assert predicted.total_params == total, what
-    tied = boundary_costs(profile_cost(model, B, T))
+    tied = boundary_costs(profile_cost(model, CostShape(B, T)))
     assert costs[0].total == tied[0].total  # k = 0 trains the tied head with the embeddings anyway
 
 

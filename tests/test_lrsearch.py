@@ -61,21 +61,21 @@ def test_search_picks_the_clearly_best_rate_within_budget(tmp_path):
     """1e-6 learns nothing in a few steps and 3.0 wrecks the model; 3e-3 is clearly best."""
     from salf.models.tiny import tiny_model
     from salf.training.config import TrainConfig
-    from salf.training.lrsearch import search_learning_rate
+    from salf.training.lrsearch import TunedModel, search_learning_rate
 
     config = TrainConfig(max_steps=60, batch_size=8, learning_rate=3e-3, head_learning_rate=2e-3,
                          save_steps=None, logging_steps=50, seed=0)
     search = LRSearchConfig(factors=(1 / 3000, 1.0, 1000.0), budget=1.0)
-    result = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),
-                                  0, class_data(96), None, config, tmp_path, task="classification", search=search)
+    result = search_learning_rate(TunedModel(lambda: tiny_model("llama", "classification", num_labels=3), 0),
+                                  class_data(96), None, config, tmp_path, task="classification", search=search)
     assert result.learning_rate == pytest.approx(3e-3)
     # The fresh head keeps its own rate in every candidate: only the body's is searched.
     assert [c.head_learning_rate for c in result.candidates] == [pytest.approx(2e-3)] * 3
     assert len(result.candidates) == 3 and {c.steps for c in result.candidates} == {18}  # (60 - 3 x 2) / 3
     assert result.step_share <= 1.0 and result.flops > 0 and result.val_size == 32
     assert not any((tmp_path / d / "model").exists() for d in ("rung0-x1",))  # candidates keep no model
-    again = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),
-                                 0, class_data(96), None, config, tmp_path, task="classification", search=search)
+    again = search_learning_rate(TunedModel(lambda: tiny_model("llama", "classification", num_labels=3), 0),
+                                 class_data(96), None, config, tmp_path, task="classification", search=search)
     assert [c.val_loss for c in again.candidates] == [c.val_loss for c in result.candidates]  # reproducible
 
 
@@ -84,14 +84,14 @@ def test_a_head_only_plan_searches_the_head_rate(tmp_path):
     from salf.method.freeze import FreezeSpec
     from salf.models.tiny import tiny_model
     from salf.training.config import TrainConfig
-    from salf.training.lrsearch import search_learning_rate
+    from salf.training.lrsearch import TunedModel, search_learning_rate
 
     config = TrainConfig(max_steps=30, batch_size=8, learning_rate=1e-4, head_learning_rate=2e-3,
                          save_steps=None, logging_steps=50, seed=0)
     search = LRSearchConfig(factors=(1 / 3, 3.0), budget=1.0)
     head_only = FreezeSpec(trainable_blocks=(), embeddings=False)
-    result = search_learning_rate(lambda: tiny_model("llama", "classification", num_labels=3),
-                                  0, class_data(64), head_only, config, tmp_path, task="classification", search=search)
+    result = search_learning_rate(TunedModel(lambda: tiny_model("llama", "classification", num_labels=3), 0),
+                                  class_data(64), head_only, config, tmp_path, task="classification", search=search)
     assert sorted(c.head_learning_rate for c in result.candidates) == [pytest.approx(2e-3 / 3), pytest.approx(6e-3)]
 
 

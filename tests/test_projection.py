@@ -17,8 +17,16 @@ import pytest
 from salf.errors import SalfError
 from salf.fileio import to_json
 from salf.method.cost import boundary_costs
-from salf.method.cost_profile import profile_cost
-from salf.method.projection import ACCELERATORS, Projection, load_config, project, render_table
+from salf.method.cost_profile import CostShape, profile_cost
+from salf.method.projection import (
+    ACCELERATORS,
+    Projection,
+    StepTraining,
+    Throughput,
+    load_config,
+    project,
+    render_table,
+)
 from salf.models.tiny import tiny_config
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -27,7 +35,7 @@ PUBLISHED_PARAMS = {"llama3_8b": 8.03e9, "qwen2_7b": 7.62e9, "gemma2_9b": 9.24e9
 
 @functools.cache
 def _projected(name: str) -> Projection:
-    return project(CONFIGS / f"{name}.json", seq_len=2048, batch_size=1)
+    return project(CONFIGS / f"{name}.json", CostShape(batch_size=1, seq_len=2048))
 
 
 @pytest.fixture
@@ -39,7 +47,7 @@ def test_llama3_8b_projects_in_seconds(llama8b):
     assert llama8b.num_layers == 32 and len(llama8b.rows) == 33
     # The first projection also imports the model code; once warm it takes about a second on an idle
     # core (the bound is generous for a loaded shared machine).
-    again = project(CONFIGS / "llama3_8b.json", seq_len=2048, batch_size=1)
+    again = project(CONFIGS / "llama3_8b.json", CostShape(batch_size=1, seq_len=2048))
     assert again.profile_seconds < 10
     assert [r.to_dict() for r in again.rows] == [r.to_dict() for r in llama8b.rows]
     full, head_only = llama8b.rows[0], llama8b.rows[-1]
@@ -68,7 +76,7 @@ def test_a_70b_config_projects_in_seconds(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
     start = time.perf_counter()
-    p = project(path, seq_len=2048, batch_size=1, boundaries=[0, 40, 79, 80], accelerator="h200")
+    p = project(path, CostShape(batch_size=1, seq_len=2048), boundaries=[0, 40, 79, 80], throughput=Throughput("h200"))
     assert time.perf_counter() - start < 20
     assert p.total_params == pytest.approx(70.6e9, rel=0.01)
     assert [r.boundary for r in p.rows] == [0, 40, 79, 80]
@@ -79,8 +87,9 @@ def test_projection_is_the_cost_model(tmp_path):
     """Rows are exactly boundary_costs(profile_cost(config)) and time = FLOPs / (peak x utilisation)."""
     config = tiny_config("qwen2")
     config.save_pretrained(tmp_path)
-    p = project(tmp_path, seq_len=16, batch_size=2, peak_tflops=100, utilisation=0.5, accelerator=None)
-    costs = boundary_costs(profile_cost(config, 2, 16, attn_implementation="sdpa"))
+    p = project(tmp_path, CostShape(batch_size=2, seq_len=16),
+                throughput=Throughput(accelerator=None, peak_tflops=100, utilisation=0.5))
+    costs = boundary_costs(profile_cost(config, CostShape(2, 16), attn_implementation="sdpa"))
     assert p.accelerator is None and p.peak_flops == 100e12 and p.attention == "sdpa"
     for row, cost in zip(p.rows, costs, strict=True):
         assert (row.forward_flops, row.backward_flops, row.total_flops) == (cost.forward, cost.backward, cost.total)
@@ -94,7 +103,7 @@ def test_projection_is_the_cost_model(tmp_path):
 
 
 def test_eager_attention_stores_the_probabilities(llama8b):
-    eager = project(CONFIGS / "llama3_8b.json", 2048, 1, boundaries=[0], attention="eager")
+    eager = project(CONFIGS / "llama3_8b.json", CostShape(1, 2048), boundaries=[0], attention="eager")
     sdpa = llama8b.rows[0]
     probabilities = 32 * 32 * 2048 * 2048 * 2  # layers x heads x T x T, bf16
     assert eager.rows[0].activation_bytes - sdpa.activation_bytes > probabilities
@@ -105,7 +114,8 @@ def test_eager_attention_stores_the_probabilities(llama8b):
 
 
 def test_lora_projection_and_rendering(llama8b):
-    lora = project(CONFIGS / "qwen2_7b.json", 1024, 2, lora_rank=16, boundaries=[0, 14, 28], accelerator="A100")
+    lora = project(CONFIGS / "qwen2_7b.json", CostShape(2, 1024), StepTraining(lora_rank=16), boundaries=[0, 14, 28],
+                   throughput=Throughput("A100"))
     assert lora.accelerator == "a100" and lora.peak_flops == ACCELERATORS["a100"]
     assert lora.rows[0].grad_bytes < 0.1 * llama8b.rows[0].grad_bytes  # adapters + head only
     text = render_table(lora)
@@ -137,15 +147,15 @@ def test_freezing_a_tied_embedding_freezes_the_output_projection():
 
 def test_mistakes_raise_salf_errors(tmp_path, monkeypatch):
     with pytest.raises(SalfError, match="unknown accelerator"):
-        project(CONFIGS / "llama3_8b.json", 16, 1, accelerator="abacus")
+        project(CONFIGS / "llama3_8b.json", CostShape(1, 16), throughput=Throughput("abacus"))
     with pytest.raises(SalfError, match="no config file"):
-        project(tmp_path / "missing" / "config.json", 16, 1)
+        project(tmp_path / "missing" / "config.json", CostShape(1, 16))
     with pytest.raises(SalfError, match="utilisation"):
-        project(CONFIGS / "llama3_8b.json", 16, 1, utilisation=1.5)
+        project(CONFIGS / "llama3_8b.json", CostShape(1, 16), throughput=Throughput(utilisation=1.5))
     with pytest.raises(SalfError, match="out of range"):
-        project(CONFIGS / "llama3_8b.json", 16, 1, boundaries=[33])
+        project(CONFIGS / "llama3_8b.json", CostShape(1, 16), boundaries=[33])
     with pytest.raises(SalfError, match="dtype"):
-        project(CONFIGS / "llama3_8b.json", 16, 1, dtype="int8")
+        project(CONFIGS / "llama3_8b.json", CostShape(1, 16), dtype="int8")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SalfError, match="cannot read"):
         load_config(tmp_path / "bad.json")

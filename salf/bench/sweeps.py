@@ -67,7 +67,7 @@ def _searched_unit(bench: Any, seed: int, k: int) -> dict:
 
     def make() -> dict[str, Any]:
         from salf.training.config import TrainingInterrupted
-        from salf.training.lrsearch import search_learning_rate
+        from salf.training.lrsearch import TunedModel, search_learning_rate
 
         search = t.lr_search
         run_dir = bench.run_dir(seed, variant)
@@ -77,8 +77,8 @@ def _searched_unit(bench: Any, seed: int, k: int) -> dict:
         started = time.perf_counter()
         with open(run_dir / "lr-search.log", "w") as log, contextlib.redirect_stdout(log):
             try:
-                result = search_learning_rate(lambda: bench.fresh_model(seed).model, bench.loaded.model.tokenizer,
-                                              bench.loaded.data.data, spec, config, run_dir / "lr-search",
+                tuned = TunedModel(lambda: bench.fresh_model(seed).model, bench.loaded.model.tokenizer)
+                result = search_learning_rate(tuned, bench.loaded.data.data, spec, config, run_dir / "lr-search",
                                               task=bench.loaded.data.task, search=search)
             except TrainingInterrupted:
                 raise

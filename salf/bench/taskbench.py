@@ -71,7 +71,7 @@ class TaskBench:
 
     def _boundary_costs(self, untie_head: bool) -> dict[str, Any]:
         from salf.method.cost import boundary_costs
-        from salf.method.cost_profile import labelled_positions_estimate, profile_cost
+        from salf.method.cost_profile import CostShape, labelled_positions_estimate, profile_cost
 
         model = self.fresh_model(0).model
         data = self.loaded.data.data
@@ -79,7 +79,7 @@ class TaskBench:
         started = time.perf_counter()
         # The runs project only the labelled positions through a causal LM's head (TrainConfig's default).
         projected = labelled_positions_estimate(data, self.t.batch_size, seq)
-        profile = profile_cost(model, self.t.batch_size, seq, projected_positions=projected)
+        profile = profile_cost(model, CostShape(self.t.batch_size, seq, projected_positions=projected))
         per_k = boundary_costs(profile, untie_head=untie_head)
         seconds = time.perf_counter() - started
         full = per_k[0].total
@@ -334,7 +334,7 @@ class TaskBench:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
         from salf.method.gain import estimate_gains, fit_depth_law
         from salf.method.lenses import TraceConfig
-        from salf.method.plan import make_plan
+        from salf.method.plan import PolicyChoice, make_plan
         from salf.method.trace import trace_model
         from salf.pipeline import data_info, model_info
 
@@ -359,7 +359,7 @@ class TaskBench:
                 variant = f"salf/{lens}/{estimator}/{policy}"
                 key = RunStore.key(self.t.name, seed, variant)
                 started = time.perf_counter()
-                plan = make_plan(trace, gains, costs["step_costs"], policy, info_model, info_data, seed=seed)
+                plan = make_plan(trace, gains, costs["step_costs"], PolicyChoice(policy, seed), info_model, info_data)
                 plan_seconds = gains_of[estimator][1] + time.perf_counter() - started
                 profiling = trace_seconds + costs["seconds"] + plan_seconds
                 record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
@@ -379,8 +379,8 @@ class TaskBench:
                 gains = estimate_gains(trace.mean, PER_DATUM_ESTIMATOR, fit, trace.chance)
                 gain_seconds = fit_seconds + time.perf_counter() - started
             started = time.perf_counter()
-            plan = make_plan(trace, gains, costs["step_costs"], PER_DATUM_POLICY, info_model, info_data, seed=seed,
-                             per_datum=True)
+            plan = make_plan(trace, gains, costs["step_costs"], PolicyChoice(PER_DATUM_POLICY, seed, per_datum=True),
+                             info_model, info_data)
             plan_seconds = gain_seconds + time.perf_counter() - started
             profiling = trace_seconds + costs["seconds"] + plan_seconds
             variant = self.per_datum_variants(lens)[0]

@@ -16,6 +16,7 @@ import json
 import math
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,16 +75,55 @@ def _batches(ids: torch.Tensor, seq_len: int, batch: int, seed: int):
                 yield torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in start.tolist()])
 
 
-def pretrain(out: Path, minutes: float | None = None, layers: int = 6, width: int = 256, vocab: int = 4096,
-             seq_len: int = 128, batch: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None,
-             steps: int | None = None) -> Path:
-    """Pretrain for ``steps`` steps (the cosine schedule spans them) or, without ``steps``, for ``minutes`` of
-    wall-clock time (the schedule spans the steps the measured ~1.5k tokens/s would take); both: whichever
-    comes first."""
+@dataclass(frozen=True)
+class PretrainBudget:
+    """How long the fixture pretrains: a number of steps, a wall-clock time, or both (whichever comes first)."""
+
+    steps: int | None = None
+    """Training steps (reproducible whatever else runs on the machine); the cosine schedule spans them."""
+    minutes: float | None = None
+    """Wall-clock budget; without ``steps`` the schedule spans the steps the measured ~1.5k tokens/s would take."""
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.minutes is None:
+            raise SalfError("the fixture needs a budget", "give --steps N (reproducible) or --minutes M")
+        if self.steps is not None and self.steps < 0:
+            raise SalfError(f"the fixture's step budget cannot be negative, got {self.steps}", "give --steps N >= 1")
+        if self.minutes is not None and not self.minutes >= 0:
+            raise SalfError(f"the fixture's time budget cannot be negative, got {self.minutes} minutes",
+                            "give --minutes M > 0")
+
+
+@dataclass(frozen=True)
+class FixtureModel:
+    """The shape of the GPT-2 fixture and its byte-level BPE tokenizer."""
+
+    layers: int = 6
+    """Number of GPT-2 blocks."""
+    width: int = 256
+    """Hidden size: a multiple of 64 (one attention head per 64 dimensions)."""
+    vocab: int = 4096
+    """Vocabulary size the tokenizer is trained to (special tokens included)."""
+
+    def __post_init__(self) -> None:
+        if self.layers < 1:
+            raise SalfError(f"the fixture needs at least one block, got {self.layers}", "give --layers N with N >= 1")
+        if self.width < 64 or self.width % 64:
+            raise SalfError(f"the fixture's width must be a positive multiple of 64, got {self.width}",
+                            "give e.g. --width 256")
+        if self.vocab < 1:
+            raise SalfError(f"the fixture's vocabulary must be positive, got {self.vocab}")
+
+
+def pretrain(out: Path, budget: PretrainBudget, model: FixtureModel = FixtureModel(), seq_len: int = 128,
+             batch: int = 16, lr: float = 1e-3, seed: int = 0, threads: int | None = None) -> Path:
+    """Pretrain for ``budget.steps`` steps (the cosine schedule spans them) or, without them, for
+    ``budget.minutes`` of wall-clock time (the schedule spans the steps the measured ~1.5k tokens/s would
+    take); both: whichever comes first. A finished fixture in ``out`` is returned as it is."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    if steps is None and minutes is None:
-        raise SalfError("the fixture needs a budget", "give --steps N (reproducible) or --minutes M")
+    steps, minutes = budget.steps, budget.minutes
+    layers, width, vocab = model.layers, model.width, model.vocab
     out.mkdir(parents=True, exist_ok=True)
     final = out / "model"
     if (final / "config.json").exists():
@@ -103,19 +143,19 @@ def pretrain(out: Path, minutes: float | None = None, layers: int = 6, width: in
         torch.save(ids, ids_path)
     config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=width, n_layer=layers, n_head=width // 64,
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    gpt = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(gpt.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     state_path, step, spent = out / "state.pt", 0, 0.0
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(state["model"])
+        gpt.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, spent = state["step"], state["seconds"]
     budget = math.inf if minutes is None else minutes * 60
     tokens_per_step = batch * seq_len
     # Schedule length: the step budget, else what the measured ~1.5k tokens/s gives in the time budget.
     est_steps = steps if steps is not None else max(1, int(budget * 1500 / tokens_per_step))
-    model.train()
+    gpt.train()
     t0, last_save = time.time() - spent, time.time()
     log = open(out / "progress.log", "a")
     for x in _batches(ids, seq_len, batch, seed + step):
@@ -125,10 +165,10 @@ def pretrain(out: Path, minutes: float | None = None, layers: int = 6, width: in
         frac = min(1.0, step / est_steps)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        loss = model(input_ids=x, labels=x).loss
+        loss = gpt(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
         opt.step()
         step += 1
         if step % 20 == 0:
@@ -136,10 +176,10 @@ def pretrain(out: Path, minutes: float | None = None, layers: int = 6, width: in
                   f"tok/s {step * tokens_per_step / max(elapsed, 1):.0f}", file=log, flush=True)
         if time.time() - last_save > 120:
             tmp = out / "state.pt.tmp"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": elapsed}, tmp)
+            torch.save({"model": gpt.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": elapsed}, tmp)
             tmp.replace(state_path)
             last_save = time.time()
-    model.save_pretrained(final.with_suffix(".tmp"), safe_serialization=True)
+    gpt.save_pretrained(final.with_suffix(".tmp"), safe_serialization=True)
     tok.save_pretrained(final.with_suffix(".tmp"))
     write_json(final.with_suffix(".tmp") / "pretrain.json",
                {"steps": step, "seconds": time.time() - t0, "final_loss": float(loss.item()), "layers": layers,
@@ -159,7 +199,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args()
     minutes = 40.0 if a.minutes is None and a.steps is None else a.minutes
-    path = pretrain(a.out, minutes, layers=a.layers, width=a.width, threads=a.threads, steps=a.steps)
+    path = pretrain(a.out, PretrainBudget(steps=a.steps, minutes=minutes),
+                    FixtureModel(layers=a.layers, width=a.width), threads=a.threads)
     print(json.dumps({"model": str(path)}))
 
 

@@ -13,6 +13,7 @@ import copy
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -190,19 +191,39 @@ def _reduced_config(config: Any, depth: int) -> Any:
     return reduced
 
 
+@dataclass(frozen=True)
+class CostShape:
+    """The shape of the training step a cost profile is measured at."""
+
+    batch_size: int
+    """Sequences per step."""
+    seq_len: int
+    """Tokens per sequence."""
+    projected_positions: int | None = None
+    """Positions of each sequence a step projects through a causal LM's head, as training on completions
+    does (``labelled_positions_estimate``); None: all of them."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise SalfError(f"batch_size and seq_len must be >= 1, got {self.batch_size} and {self.seq_len}")
+        if self.projected_positions is not None and not 1 <= self.projected_positions <= self.seq_len:
+            raise SalfError(
+                f"projected_positions {self.projected_positions} needs a causal LM and 1..{self.seq_len} positions",
+                "leave it out to project every position",
+            )
+
+
 def profile_cost(
     model_or_config: Any,
-    batch_size: int,
-    seq_len: int,
+    shape: CostShape,
     lora_rank: int | None = None,
     task: str | None = None,
     num_labels: int = 2,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     replicate: bool = True,
-    projected_positions: int | None = None,
 ) -> CostProfile:
-    """Measure the cost profile of a model (or a transformers config) at ``batch_size`` x ``seq_len``.
+    """Measure the cost profile of a model (or a transformers config) at ``shape`` (batch x sequence length).
 
     A real model is never run: a meta-device copy is built from its config, with its dtype, task
     (``...ForSequenceClassification`` -> 'classification'), label count and attention
@@ -218,9 +239,11 @@ def profile_cost(
     3-9 passes, so this keeps an 80-block model to a second or two instead of a minute. Other model
     types are always profiled at full depth.
 
-    ``projected_positions`` (a causal LM only): a step projects only this many positions of each sequence
-    through the head, as training on completions does (``labelled_positions_estimate``); None: all of them.
+    ``shape.projected_positions`` (a causal LM only): a step projects only this many positions of each
+    sequence through the head, as training on completions does (``labelled_positions_estimate``); None: all
+    of them.
     """
+    batch_size, seq_len, projected_positions = shape.batch_size, shape.seq_len, shape.projected_positions
     model = None
     config = model_or_config
     if isinstance(model_or_config, nn.Module):
@@ -235,11 +258,9 @@ def profile_cost(
     task = task or "causal-lm"
     if task not in TASKS:
         raise SalfError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
-    if batch_size < 1 or seq_len < 1:
-        raise SalfError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     if lora_rank is not None and lora_rank < 1:
         raise SalfError(f"LoRA rank must be >= 1, got {lora_rank}")
-    if projected_positions is not None and (task != "causal-lm" or not 1 <= projected_positions <= seq_len):
+    if projected_positions is not None and task != "causal-lm":
         raise SalfError(f"projected_positions {projected_positions} needs a causal LM and 1..{seq_len} positions",
                         "leave it out to project every position")
     max_pos = getattr(config, "max_position_embeddings", None)
@@ -364,4 +385,4 @@ def _profile(config: Any, task: str, num_labels: int, dtype: torch.dtype, attn: 
     return CostProfile(**data)
 
 
-__all__ = ["FUSED_ATTENTION", "build_model", "labelled_positions_estimate", "profile_cost"]
+__all__ = ["FUSED_ATTENTION", "CostShape", "build_model", "labelled_positions_estimate", "profile_cost"]

@@ -349,14 +349,31 @@ def model_fingerprint(model) -> dict[str, Any]:
     }
 
 
-def make_plan(trace, gains, costs: list, policy: str, model_info: dict[str, Any], data_info: dict[str, Any],
-              seed: int = 0, per_datum: bool = False, head: str | None = None) -> Plan:
+@dataclass(frozen=True)
+class PolicyChoice:
+    """How ``make_plan`` chooses the boundary: the policy, the seed of random baselines, and whether to
+    also choose one boundary per datum."""
+
+    policy: str
+    """A policy as ``name`` or ``name=value`` (a name in ``POLICIES``; e.g. 'unsolved=0.75')."""
+    seed: int = 0
+    """Seed of the random baselines (``random``)."""
+    per_datum: bool = False
+    """Also choose each traced datum's boundary from its own deviation trace (``per_datum_boundaries``)."""
+
+    def __post_init__(self) -> None:
+        parse_policy(self.policy)  # unknown name or non-numeric value -> SalfError
+
+
+def make_plan(trace, gains, costs: list, choice: PolicyChoice, model_info: dict[str, Any], data_info: dict[str, Any],
+              head: str | None = None) -> Plan:
     """Choose the boundary and record the evidence.
 
     ``trace`` is a ``salf.method.trace.Trace``, ``gains`` a ``salf.method.gain.Gains``, ``costs`` the
     ``salf.method.cost.StepCost`` of every boundary k = 0..L (``salf.method.cost.boundary_costs``, made
     with the same head choice). ``head``: 'tied' or 'untie' for a model with a tied head, else None.
     """
+    policy, seed, per_datum = choice.policy, choice.seed, choice.per_datum
     full_cost = costs[0]
     cost = np.array([c.total / full_cost.total for c in costs])
     k = choose_boundary(gains.values, cost, policy, seed=seed, frozen_share=gains.frozen_share)

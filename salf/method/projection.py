@@ -24,8 +24,8 @@ from typing import Any
 
 from salf import table
 from salf.errors import SalfError
-from salf.method.cost import CostProfile, boundary_costs
-from salf.method.cost_profile import profile_cost
+from salf.method.cost import OPTIMIZER_STATES, CostProfile, boundary_costs
+from salf.method.cost_profile import CostShape, profile_cost
 from salf.method.measure import MeasuredBoundary
 from salf.models.builtin import is_builtin, resolve_builtin
 
@@ -208,45 +208,85 @@ def _peak(accelerator: str | None, peak_tflops: float | None) -> tuple[str | Non
     return key, ACCELERATORS[key]
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """The FLOP/s a step is assumed to run at: an accelerator's dense bf16 peak times a utilisation (MFU)."""
+
+    accelerator: str | None = "h100"
+    """Key of ``ACCELERATORS`` (any case), or None when ``peak_tflops`` is given."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s; overrides the accelerator's table entry."""
+    utilisation: float = 0.4
+    """Fraction of peak achieved (model FLOPs utilisation), in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.utilisation <= 1:
+            raise SalfError(f"utilisation must be in (0, 1], got {self.utilisation}", "e.g. 0.4")
+        _peak(self.accelerator, self.peak_tflops)  # unknown accelerator, no peak or a non-positive one
+
+    @property
+    def key(self) -> str | None:
+        """The accelerator's key in ``ACCELERATORS`` (lower case), or the given name with ``peak_tflops``."""
+        return _peak(self.accelerator, self.peak_tflops)[0]
+
+    @property
+    def peak_flops(self) -> float:
+        """Dense peak FLOP/s."""
+        return _peak(self.accelerator, self.peak_tflops)[1]
+
+
+@dataclass(frozen=True)
+class StepTraining:
+    """What a projected step trains besides the blocks after the boundary, and with which optimizer."""
+
+    lora_rank: int | None = None
+    """LoRA rank of adapters on the trained blocks; None trains their full weights."""
+    optimizer: str = "adamw"
+    """Optimizer whose state is counted (a key of ``salf.method.cost.OPTIMIZER_STATES``)."""
+    train_head: bool = True
+    """Train the final norm and the head."""
+
+    def __post_init__(self) -> None:
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise SalfError(f"LoRA rank must be >= 1, got {self.lora_rank}")
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise SalfError(f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZER_STATES)}")
+
+
 def project(
     config_or_path: Any,
-    seq_len: int,
-    batch_size: int,
-    lora_rank: int | None = None,
+    shape: CostShape,
+    training: StepTraining = StepTraining(),
     boundaries: Iterable[int] | None = None,
-    accelerator: str | None = "h100",
-    peak_tflops: float | None = None,
-    utilisation: float = 0.4,
+    throughput: Throughput = Throughput(),
     task: str = "causal-lm",
-    optimizer: str = "adamw",
-    train_head: bool = True,
     dtype: str | None = None,
     attention: str = "sdpa",
 ) -> Projection:
-    """Project the step cost of each boundary of a model from its config alone.
+    """Project the step cost of each boundary of a model from its config alone, at ``shape`` (batch x
+    sequence length; ``shape.projected_positions`` for a causal LM trained on completions).
 
-    ``peak_tflops`` (dense) overrides the accelerator's table entry. ``dtype`` ('bfloat16',
-    'float32'...) overrides the config's for parameter and activation bytes. ``attention`` is the
-    attention implementation trained with: 'sdpa' (default) or a flash attention is costed as the
-    fused GPU kernel (no T x T probabilities stored), 'eager' as plain matrix products.
+    ``training``: LoRA or full weights, the optimizer and the head. ``throughput`` turns FLOPs into step
+    time. ``dtype`` ('bfloat16', 'float32'...) overrides the config's for parameter and activation bytes.
+    ``attention`` is the attention implementation trained with: 'sdpa' (default) or a flash attention is
+    costed as the fused GPU kernel (no T x T probabilities stored), 'eager' as plain matrix products.
     ``boundaries`` defaults to every k = 0..L; ratios are always to full fine-tuning.
     """
     import torch
 
     start = time.perf_counter()
-    if not 0 < utilisation <= 1:
-        raise SalfError(f"utilisation must be in (0, 1], got {utilisation}", "e.g. 0.4")
-    accelerator, peak = _peak(accelerator, peak_tflops)
+    accelerator, peak = throughput.key, throughput.peak_flops
+    lora_rank = training.lora_rank
     config = load_config(config_or_path)
     torch_dtype = None
     if dtype is not None:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
             raise SalfError(f"unknown dtype {dtype!r}", "use bfloat16, float16 or float32")
-    profile: CostProfile = profile_cost(config, batch_size, seq_len, lora_rank=lora_rank, task=task, dtype=torch_dtype,
+    profile: CostProfile = profile_cost(config, shape, lora_rank=lora_rank, task=task, dtype=torch_dtype,
                                         attn_implementation=attention)
     n = profile.num_layers
-    costs = boundary_costs(profile, train_head=train_head, optimizer=optimizer)
+    costs = boundary_costs(profile, train_head=training.train_head, optimizer=training.optimizer)
     ks = sorted(set(range(n + 1) if boundaries is None else boundaries))
     bad = [k for k in ks if not 0 <= k <= n]
     if bad:
@@ -264,7 +304,7 @@ def project(
             grad_bytes=costs[k].grad_bytes,
             optimizer_bytes=costs[k].optimizer_bytes,
             activation_bytes=costs[k].activation_bytes,
-            step_seconds=costs[k].total / (peak * utilisation),
+            step_seconds=costs[k].total / (peak * throughput.utilisation),
             limit_saving=k / n * 2 / 3,
             limit_saving_cached=k / n,
         )
@@ -276,13 +316,13 @@ def project(
         model_type=profile.model_type,
         num_layers=n,
         total_params=profile.total_params,
-        batch_size=batch_size,
-        seq_len=seq_len,
+        batch_size=shape.batch_size,
+        seq_len=shape.seq_len,
         lora_rank=lora_rank,
         attention=profile.attn_implementation,
         accelerator=accelerator,
         peak_flops=peak,
-        utilisation=utilisation,
+        utilisation=throughput.utilisation,
         rows=rows,
         profile_seconds=time.perf_counter() - start,
     )
@@ -310,7 +350,8 @@ def render_table(projection: Projection) -> str:
     return table.render_table(headers, rows, title=title) + "\n" + note
 
 
-__all__ = ["ACCELERATORS", "BoundaryProjection", "Projection", "load_config", "project", "render_table"]
+__all__ = ["ACCELERATORS", "BoundaryProjection", "Projection", "StepTraining", "Throughput", "load_config", "project",
+           "render_table"]
 
 
 @dataclass
@@ -425,9 +466,9 @@ def cost(config: str, seq: int = 2048, batch: int = 1, lora: bool = False, lora_
             raise SalfError("--measure steps AdamW", "drop --optimizer to measure")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype, attention = ("bfloat16", "sdpa") if device == "cuda" else ("float32", "eager")
-    projection = project(config, seq_len=seq, batch_size=batch, lora_rank=lora_rank if lora else None,
-                         boundaries=parse_boundaries(boundaries), accelerator=accelerator, peak_tflops=peak_tflops,
-                         utilisation=utilisation, task=task, optimizer=optimizer, dtype=dtype, attention=attention)
+    projection = project(config, CostShape(batch, seq), StepTraining(lora_rank if lora else None, optimizer),
+                         boundaries=parse_boundaries(boundaries), throughput=Throughput(accelerator, peak_tflops, utilisation),
+                         task=task, dtype=dtype, attention=attention)
     if not measure:
         return CostResult(projection)
     from salf.method.cost_profile import build_model

@@ -23,7 +23,6 @@ forward without ``salf_prefix`` (evaluation) runs the real prefix. ``salf.traini
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from salf.errors import SalfError
 from salf.method.freeze import FreezeReport, FreezeSpec
 from salf.models.arch import find_parts, unwrap_peft
 from salf.training.cache_keys import CacheKeys, feeds_prefix
-from salf.training.cache_store import MANIFEST, PrefixCache, build_prefix_cache
+from salf.training.cache_store import MANIFEST, CacheBuild, PrefixCache, build_prefix_cache
 from salf.training.config import TrainConfig
 from salf.training.distributed import is_distributed, is_main_process
 from salf.training.strategy import IndexedDataset, pop_indices
@@ -240,17 +239,17 @@ def prepare_cached_training(
     model: nn.Module,
     train_data: Sequence[dict],
     boundary: int,
-    cache_dir: str | os.PathLike,
     pad_token_id: int,
+    config: TrainConfig,
     *,
     tokenizer: Any = None,
-    dtype: str = "float32",
-    rebuild: bool = False,
-    batch_size: int = 8,
-    show_progress: bool = False,
     device: torch.device | str | None = None,
 ) -> CachedTraining:
     """Build (or reuse, after checking its keys) the cache of ``train_data`` at ``boundary`` and attach it.
+
+    The cache is ``config.prefix_cache``, stored in ``config.prefix_cache_dtype``, replaced when stale if
+    ``config.prefix_cache_rebuild``, built in batches of ``config.eval_batch_size or config.batch_size``
+    with a progress bar if ``config.show_progress``.
 
     Call it after the plan is applied (the prefix must be frozen) and before the ``Trainer`` is built;
     use the returned ``dataset`` and ``collator`` for training and ``remove()`` afterwards. ``device``:
@@ -258,7 +257,12 @@ def prepare_cached_training(
     process group the main process builds while the others wait at a barrier (build a cache that takes
     longer than the group's timeout beforehand, in one process).
     """
-    build = dict(dtype=dtype, batch_size=batch_size, tokenizer=tokenizer, rebuild=rebuild, device=device)
+    if config.prefix_cache is None:
+        raise SalfError("the config names no prefix cache", "set TrainConfig.prefix_cache to a directory")
+    cache_dir, dtype, rebuild = config.prefix_cache, config.prefix_cache_dtype, config.prefix_cache_rebuild
+    show_progress = config.show_progress
+    build = dict(build=CacheBuild(dtype=dtype, batch_size=config.eval_batch_size or config.batch_size,
+                                  rebuild=rebuild), tokenizer=tokenizer, device=device)
     if is_distributed():
         # One process builds (or reuses) the cache, the others wait for it, then open and check it.
         keys = CacheKeys.compute(model, train_data, boundary, dtype, tokenizer)
@@ -311,13 +315,9 @@ class PrefixCacheStrategy:
             model,
             train_data,
             report.prefix_blocks,
-            config.prefix_cache,
             pad_id,
+            config,
             tokenizer=tokenizer,
-            dtype=config.prefix_cache_dtype,
-            rebuild=config.prefix_cache_rebuild,
-            batch_size=config.eval_batch_size or config.batch_size,
-            show_progress=config.show_progress,
             device=device,  # build on the training device, where the Trainer puts the model anyway
         )
 

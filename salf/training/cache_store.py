@@ -257,17 +257,37 @@ def _replace_dir(tmp: Path, out: Path, keys: CacheKeys, replace_existing: bool) 
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class CacheBuild:
+    """How ``build_prefix_cache`` writes a cache: the stored precision, the prefix pass's batches, the shard
+    size, and whether a stale cache is replaced."""
+
+    dtype: str = "float32"
+    """Precision of the stored hidden states: a key of ``salf.training.cache_keys.DTYPES``."""
+    batch_size: int = 8
+    """Data per batch of the prefix pass (longest first, so little padding)."""
+    rebuild: bool = False
+    """Replace an existing cache whose keys differ (stale) instead of refusing it."""
+    shard_bytes: int = 1 << 30
+    """Largest shard file; a datum's states are never split across shards."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SalfError(f"unknown cache dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if self.batch_size < 1 or self.shard_bytes < 1:
+            raise SalfError(
+                f"batch_size and shard_bytes must be positive, got {self.batch_size}, {self.shard_bytes}"
+            )
+
+
 def build_prefix_cache(
     model: nn.Module,
     data: Sequence[dict],
     boundary: int,
     out_dir: str | os.PathLike,
     *,
-    dtype: str = "float32",
-    batch_size: int = 8,
+    build: CacheBuild = CacheBuild(),
     tokenizer: Any = None,
-    rebuild: bool = False,
-    shard_bytes: int = 1 << 30,
     show_progress: bool = True,
     device: torch.device | str | None = None,
 ) -> PrefixCache:
@@ -275,16 +295,13 @@ def build_prefix_cache(
     once and store every datum's output in ``out_dir``; returns the opened cache.
 
     An existing cache with the same keys is reused as it is; one with other keys (stale) is refused with
-    a ``SalfError`` unless ``rebuild``; a non-empty directory that is not a cache is always refused.
-    Data are run longest first in batches of ``batch_size`` (little padding); the suffix is never run.
+    a ``SalfError`` unless ``build.rebuild``; a non-empty directory that is not a cache is always refused.
+    Data are run longest first in batches of ``build.batch_size`` (little padding); the suffix is never run.
     Needs ``N_tokens x hidden_size x (4 | 2)`` bytes on disk, checked before anything is written.
     ``device``: run the prefix there, moving the model there first (as the ``Trainer`` would) and leaving
     it there; None runs it where the model is.
     """
-    if dtype not in DTYPES:
-        raise SalfError(f"unknown cache dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
-    if batch_size < 1 or shard_bytes < 1:
-        raise SalfError(f"batch_size and shard_bytes must be positive, got {batch_size}, {shard_bytes}")
+    dtype, batch_size, rebuild, shard_bytes = build.dtype, build.batch_size, build.rebuild, build.shard_bytes
     _check_data(data)
     inner = unwrap_peft(model)
     parts = find_parts(inner)

@@ -39,7 +39,7 @@ from torch import nn
 
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
-from salf.training.config import FRESH_HEAD_LEARNING_RATE, TrainConfig
+from salf.training.config import TrainConfig
 from salf.training.run import train
 
 LR_GRID_FACTORS = (1 / 3, 1.0, 3.0)
@@ -220,9 +220,7 @@ def _scaled(config: TrainConfig, factor: float, task: str, head_only: bool) -> T
     """The candidate's rates: the body's rate x ``factor``; the head's own rate unchanged unless ``head_only``."""
     if not head_only:
         return replace(config, learning_rate=config.learning_rate * factor)
-    head = config.head_learning_rate
-    if head is None and task == "classification":
-        head = FRESH_HEAD_LEARNING_RATE  # the rate train() gives a fresh head
+    head = config.head_learning_rate  # resolved (salf.training.recipes.resolve_recipe)
     return replace(config, learning_rate=config.learning_rate * factor,
                    head_learning_rate=None if head is None else head * factor)
 
@@ -249,9 +247,24 @@ def _rank(c: Candidate) -> tuple:
     return (diverged, -round(c.val_accuracy, 9), c.factor != 1.0, c.val_loss, c.factor)
 
 
+@dataclass(frozen=True)
+class TunedModel:
+    """The model the search tunes: a source of fresh copies, and how its batches are padded."""
+
+    load: Callable[[], nn.Module]
+    """Returns a fresh copy of the model (the same initial weights every call: the global torch seed is
+    reset to the run's seed before each call, so a fresh head starts the same)."""
+    tokenizer_or_pad_id: Any
+    """The model's tokenizer, or the pad token id, as ``salf.training.run.train`` takes it."""
+
+    def __post_init__(self) -> None:
+        if not callable(self.load):
+            raise SalfError(f"TunedModel.load must be callable, got a {type(self.load).__name__}",
+                            "pass a function that returns a fresh copy of the model")
+
+
 def search_learning_rate(
-    load_model: Callable[[], nn.Module],
-    tokenizer_or_pad_id: Any,
+    model: TunedModel,
     train_data: Sequence[dict],
     spec: FreezeSpec | None,
     config: TrainConfig,
@@ -262,10 +275,11 @@ def search_learning_rate(
 ) -> LRSearchResult:
     """Successive halving over ``search.factors`` x the configured rates; returns the best by ``_rank``.
 
-    ``load_model`` returns a fresh copy of the model to tune (the same initial weights every call: the
+    ``model.load`` returns a fresh copy of the model to tune (the same initial weights every call: the
     global torch seed is reset to ``config.seed`` before each call, so a fresh head starts the same).
     ``work_dir`` holds the candidates' outputs (replaced on every call).
     """
+    load_model, tokenizer_or_pad_id = model.load, model.tokenizer_or_pad_id
     search = search or LRSearchConfig()
     plan = plan_search(len(train_data), config, search)
     rest, val = split_validation(train_data, plan.val_size, config.seed)
@@ -286,9 +300,9 @@ def search_learning_rate(
             if progress is not None:
                 progress(f"lr search: rung {rung + 1}/{len(plan.sizes)}, lr {cfg.learning_rate:.3g} for {n_steps} steps")
             torch.manual_seed(config.seed)
-            model = load_model()
+            candidate = load_model()
             t0 = time.perf_counter()
-            metrics = train(model, tokenizer_or_pad_id, rest, val, spec, cfg, work / f"rung{rung}-x{factor:g}",
+            metrics = train(candidate, tokenizer_or_pad_id, rest, val, spec, cfg, work / f"rung{rung}-x{factor:g}",
                             task=task)
             spent_eval += plan.eval_batches
             loss = metrics.get("eval_loss")
@@ -299,7 +313,7 @@ def search_learning_rate(
                 val_accuracy=validation_accuracy(metrics), seconds=time.perf_counter() - t0,
                 flops=metrics.get("train_flops"),
             ))
-            del model
+            del candidate
         tried += scored
         scored.sort(key=_rank)
         alive = [c.factor for c in scored]
@@ -319,5 +333,5 @@ def search_learning_rate(
     )
 
 
-__all__ = ["LRSearchConfig", "LRSearchResult", "SearchPlan", "plan_search", "search_learning_rate", "split_validation",
+__all__ = ["LRSearchConfig", "LRSearchResult", "SearchPlan", "TunedModel", "plan_search", "search_learning_rate", "split_validation",
            "rung_sizes", "rung_steps", "run_steps"]

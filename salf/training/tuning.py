@@ -24,7 +24,7 @@ from salf.method.freeze import FreezeSpec
 from salf.models.arch import find_parts
 from salf.training.budget import estimate_steps, flops_of_run
 from salf.training.config import TrainConfig
-from salf.training.lrsearch import LRSearchConfig, search_learning_rate
+from salf.training.lrsearch import LRSearchConfig, TunedModel, search_learning_rate
 from salf.training.outputs import prepare_out_dir
 from salf.training.recipes import default_recipe, recipe_kind
 
@@ -103,7 +103,7 @@ def search_rate(load_model: Callable[[], nn.Module], tokenizer: Any, train_data:
         prepare_out_dir(Path(out), config)  # refuse a non-empty --out now, not after the search
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="salf-lr-search-") as work:
-        result = search_learning_rate(load_model, tokenizer, train_data, spec, config, work, task,
+        result = search_learning_rate(TunedModel(load_model, tokenizer), train_data, spec, config, work, task,
                                       LRSearchConfig(budget=budget), progress=progress)
     tuned = replace(config, learning_rate=result.learning_rate, head_learning_rate=result.head_learning_rate)
     return tuned, {**result.to_dict(), "wall_seconds": time.perf_counter() - start}
