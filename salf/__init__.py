@@ -1,8 +1,9 @@
 """salf: semantic-aware layer freezing. Decide where to fine-tune, freeze the rest, measure the saving.
 
-The names most scripts need are available here (``from salf import Plan, SalfCallback, apply_plan``);
-each is imported from its module on first use, so ``import salf`` (and the CLI's ``--help``) stays
-cheap. The modules themselves: ``salf.method`` (trace, gain, cost, plan, freeze), ``salf.training``,
+The Python API is here: ``salf.plan(model, data, PlanConfig(...))``, ``salf.apply_plan(model, plan)``,
+``salf.train(model, data, plan=plan, config=TrainConfig(...))`` (``salf.api``), with the configs
+(``salf.config``) and the names most scripts need (``Plan``, ``SalfCallback``, ``FreezeSpec``); each is
+imported from its module on first use, so ``import salf`` (and the CLI's ``--help``) stays cheap. The modules themselves: ``salf.method`` (trace, gain, cost, plan, freeze), ``salf.training``,
 ``salf.bench``, ``salf.data``, ``salf.models``; docs/DESIGN.md describes the layout.
 """
 
@@ -15,16 +16,20 @@ __version__ = "0.1.0"
 
 PUBLIC = {
     "SalfError": "salf.errors",
+    "plan": "salf.api",
+    "apply_plan": "salf.api",
+    "train": "salf.api",
+    "DataConfig": "salf.config",
+    "PlanConfig": "salf.config",
+    "TraceConfig": "salf.config",
+    "TrainConfig": "salf.config",
+    "Task": "salf.config",
     "Plan": "salf.method.plan",
     "make_plan": "salf.method.plan",
     "PolicyChoice": "salf.method.plan",
     "FreezeSpec": "salf.method.freeze",
-    "apply_plan": "salf.method.freeze",
-    "TraceConfig": "salf.method.lenses",
     "trace_model": "salf.method.trace",
     "SalfCallback": "salf.training.callback",
-    "TrainConfig": "salf.training.config",
-    "train": "salf.training.run",
 }
 """Public name -> the module that defines it."""
 

@@ -1,8 +1,10 @@
-"""The ``salf`` command line: parses arguments and dispatches to ``salf.pipeline``.
+"""The ``salf`` command line: generated from the options dataclasses, dispatched to ``salf.commands``.
 
-Every subcommand is one function in ``salf.pipeline`` taking one options dataclass; this module
-only turns flags into those dataclasses, prints results, and turns ``SalfError`` into a one-line
-message and a non-zero exit code (the traceback only with ``--debug``).
+Every subcommand is ``salf.commands.<name>.run(options)`` taking its one options dataclass
+(``salf.config.commands``); the parser is generated from those dataclasses' fields
+(``salf.config.parser``), so a flag's name, default, choices and help live in one place. This module
+only parses, prints results, and turns ``SalfError`` into a one-line message and a non-zero exit code
+(the traceback only with ``--debug``).
 """
 
 from __future__ import annotations
@@ -17,20 +19,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from salf import __version__
+from salf.config.commands import COMMANDS
+from salf.config.parser import add_options, build
 from salf.errors import SalfError
 
-# Subcommand -> the library function that does the work (keyword arguments = the flags' dests).
-HANDLERS = {
-    "trace": "salf.pipeline:trace",
-    "plan": "salf.pipeline:plan",
-    "train": "salf.pipeline:train",
-    "demo": "salf.demo:demo",
-    "report": "salf.report:report",
-    "bench": "salf.bench.runner:bench",
-    "bench-table": "salf.bench.report:bench_table",
-    "cost": "salf.method.projection:cost",
-    "export": "salf.export:export",
-}
+HANDLERS = {name: f"salf.commands.{name.replace('-', '_')}:run" for name in COMMANDS}
+"""Subcommand -> the function that runs it, imported only when the command runs (``--help`` loads no torch)."""
 
 EXAMPLES = {
     "trace": "salf trace --model gpt2 --data train.jsonl --out trace.json",
@@ -152,100 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"salf {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    common.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
-    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
-                              epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    p = add("trace", "One no-grad pass: the deviation of every latent space from the targets.")
-    _model_data(p)
-    _head_pooling(p)
-    _trace_options(p)
-    p.add_argument("--out", required=True, help="where to write trace.json")
-
-    p = add("plan", "Trace, estimate each block's gain, and choose the layers to fine-tune.")
-    _model_data(p)
-    _head_pooling(p)
-    _trace_options(p)
-    _plan_options(p)
-    p.add_argument("--out", required=True, help="where to write plan.json (the figure goes beside it)")
-
-    p = add("train", "Fine-tune with a plan (or fully) through the Hugging Face Trainer.")
-    _model_data(p)
-    _head_pooling(p, ". With --plan: default the plan's pooling; a different one is refused (the plan's "
-                     "trace read the plan's pooled vector; make a new plan for another pooling)")
-    _train_options(p)
-    p.add_argument("--out", required=True, help="run directory: checkpoints, model (safetensors), metrics.json")
-
-    p = add("demo", "Trace, plan and fine-tune real MiniLM-L6 on Python docstrings -> module, full vs planned.")
-    p.add_argument("--out", default="runs/demo", help="demo output directory")
-    p.add_argument("--model", default="builtin:minilm",
-                   help="the model to fine-tune (default builtin:minilm; e.g. builtin:e5-small, 12 blocks)")
-    p.add_argument("--steps", type=int, default=150, help="training steps of each fine-tuning")
-    p.add_argument("--policy", default=None, help=f"planning policy ({POLICY_DEFAULTS_HELP})")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    _head_pooling(p)
-
-    p = add("report", "One self-contained HTML page: the plan, training curves, predicted vs measured savings, runs compared.")
-    p.add_argument("run_dir", help="run directory of `salf train` (or a `salf demo` folder holding full/ and planned/)")
-    p.add_argument("--compare", dest="others", nargs="+", action="extend", default=None, metavar="OTHER_RUN",
-                   help="more run directories to compare with, e.g. the full fine-tuning run (repeatable)")
-    p.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
-
-    p = add("bench", "Oracle sweep over every boundary, salf's policies and the baselines; regret, frontier, savings.")
-    p.add_argument("--suite", default="smoke", help="suite name in bench/ (smoke, minilm, causal, full) or a suite JSON file")
-    p.add_argument("--out", default=None, help="output directory (default: bench_out/<suite>); rerunning resumes")
-    p.add_argument("--seeds", default=None, help="replace every task's seeds, e.g. 0,1,2 or 0-2")
-    p.add_argument("--tasks", default=None,
-                   help="run only these tasks of the suite (comma-separated names); processes running different "
-                        "tasks may share --out")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the suite's)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="rerun finished runs instead of skipping them")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: rewrite results.md, frontier.png and summary.json from the seeds finished so far")
-    p.add_argument("--replan", action="store_true",
-                   help="train nothing: trace and plan every started seed again with the estimators, policies and "
-                        "boundary baselines its runs.json lacks (a new estimator is scored on the finished sweeps)")
-
-    p = add("bench-table", "Regret by model over one or more `salf bench` output directories: every plan and "
-                           "baseline, mean over tasks and seeds (plain and trade-off regret, share kept, FLOPs).")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="output directories of `salf bench` (each with a runs.json)")
-    p.add_argument("--out", default=None, help="also write the table as markdown to this file, with every model's oracle sweeps (mean ± std per boundary)")
-
-    p = add("cost", "Per-boundary step FLOPs, memory and projected step time of a model, from its config alone.")
-    p.add_argument("--config", required=True,
-                   help="a config.json file or folder, a hub name (needs network), or builtin:NAME")
-    p.add_argument("--seq", type=int, default=2048, help="sequence length in tokens")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (per device)")
-    p.add_argument("--lora", action="store_true", help="cost LoRA adapters on the trained blocks instead of full weights")
-    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--boundaries", default="all", help="all, or block indices k to show, e.g. 0,8,16,24")
-    p.add_argument("--accelerator", default="h100", help="peak table entry for the projected step time (h100, h200, a100, ...)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of another accelerator")
-    p.add_argument("--utilisation", type=float, default=0.4, help="assumed fraction of peak reached (model FLOPs utilisation)")
-    p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm", help="model head to cost")
-    p.add_argument("--optimizer", default="adamw", help="adamw | sgd-momentum | sgd (optimizer state bytes)")
-    p.add_argument("--measure", action="store_true",
-                   help="also time real optimizer steps per boundary on this machine (random weights; CUDA if present)")
-    p.add_argument("--measure-steps", type=int, default=5, help="timed steps per boundary and repeat (with --measure)")
-    p.add_argument("--measure-repeats", type=int, default=2,
-                   help="sweeps over the boundaries, in alternating order (with --measure)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads while measuring (default: torch's)")
-
-    p = add("export", "Print (or write) the settings that apply a plan in another tool: LLaMA-Factory, axolotl, "
-                      "PEFT, torchtune, DeepSpeed.")
-    p.add_argument("plan", help="plan.json written by `salf plan`")
-    p.add_argument("--to", required=True, choices=["llamafactory", "axolotl", "peft", "torchtune", "deepspeed"],
-                   help="the tool (= salf.export.EXPORTERS)")
-    p.add_argument("--out", default=None, help="write the snippet to this file instead of printing it")
-    p.add_argument("--model", default=None,
-                   help="where to read the planned model's config (default: the plan's model name or folder)")
+    for name, options_class in COMMANDS.items():
+        summary = (options_class.__doc__ or "").split(": ", 1)[-1].strip()
+        summary = summary[:1].upper() + summary[1:]
+        p = sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_options(p, options_class)
     return parser
 
 
@@ -261,18 +168,19 @@ def _print_result(result: Any, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.output__debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     module, _, function = HANDLERS[args.command].partition(":")
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "json")}
+    as_json = args.output__json
     try:
+        options = build(COMMANDS[args.command], args)
         # Imported here so `salf --help` answers without loading torch and transformers.
         handler: Callable[..., Any] = getattr(importlib.import_module(module), function)
         # With --json, stdout carries the JSON alone: what libraries print meanwhile (the Trainer's
         # log dicts) goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = handler(**options)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            result = handler(options)
     except SalfError as e:
-        if args.debug:
+        if args.output__debug:
             raise
         print(f"salf {args.command}: error: {e.problem}", file=sys.stderr)
         if e.fix:
@@ -281,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"salf {args.command}: interrupted", file=sys.stderr)
         return 130
-    _print_result(result, getattr(args, "json", False))
+    _print_result(result, as_json)
     return 0
 
 

@@ -15,8 +15,10 @@ from types import SimpleNamespace
 import torch
 
 from salf.bench.measured import exact_match
+from salf.commands.loading import load
+from salf.config import DataConfig
+from salf.config.commands import ModelSource
 from salf.data.batch import collate
-from salf.pipeline import load
 from salf.training.trainer import _completion_metrics, _top_token
 
 
@@ -29,7 +31,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--batch", type=int, default=32)
     a = p.parse_args()
-    loaded = load(a.model, a.eval_file, label_mode=a.label_mode, max_length=a.max_length)
+    loaded = load(ModelSource(a.model, a.eval_file), DataConfig(label_mode=a.label_mode, max_length=a.max_length))
     model, tokenizer, data = loaded.model.model.eval(), loaded.model.tokenizer, loaded.data.data[: a.n]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(d["input_ids"]) for d in data)  # one width for all batches, so they stack

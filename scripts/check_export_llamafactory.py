@@ -106,10 +106,9 @@ def run_in_tool(job_path: str) -> int:
 
     job = json.loads(Path(job_path).read_text())
     workarounds = _import_llamafactory()
+    from llamafactory.train.tuner import run_exp
     from omegaconf import OmegaConf
     from transformers import TrainerCallback
-
-    from llamafactory.train.tuner import run_exp
 
     class Recorder(TrainerCallback):
         def __init__(self) -> None:
@@ -197,11 +196,11 @@ def _write_data(work: Path) -> tuple[Path, Path]:
 
 
 def _hand_plan(folder: Path, blocks: list[int], head: str | None):
-    from salf.method.plan import Plan, model_fingerprint
-    from salf.models.loading import load_config
-
     import torch
     from transformers import AutoModelForCausalLM
+
+    from salf.method.plan import Plan, model_fingerprint
+    from salf.models.loading import load_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(str(folder), {}))

@@ -16,8 +16,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from salf.commands.cost import run as cost
+from salf.config.commands import CostOptions
 from salf.fileio import write_atomic, write_json
-from salf.method.projection import cost
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "cost-cpu"
 FIXTURE = "tiny:gpt2:n_embd=256,n_layer=8,n_head=4,vocab_size=4096,n_positions=256"
@@ -39,7 +40,8 @@ def main() -> None:
     for name, config, seq, task in MODELS:
         if only and name not in only:
             continue
-        result = cost(config, seq=seq, batch=4, task=task, measure=True, measure_steps=4, measure_repeats=2, threads=1)
+        result = cost(CostOptions(config, seq=seq, batch=4, task=task, measure=True, measure_steps=4, measure_repeats=2,
+                                  threads=1))
         data = {"config": config, "seq": seq, "batch": 4, "task": task, "device": result.device, **result.to_json()}
         write_json(OUT / f"{name}.json", data)
         rows = data["measured"]["rows"]

@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 from salf.bench.suite import BenchSuite
+from salf.commands.loading import load
+from salf.config import DataConfig
+from salf.config.commands import ModelSource
 from salf.data.corpora import build_corpus
 from salf.data.encode import load_task_data
 from salf.fileio import write_atomic
 from salf.method.freeze import FreezeSpec
-from salf.pipeline import load
 from salf.training.config import TrainConfig
 from salf.training.run import train
 
@@ -36,7 +38,7 @@ def run(corpus: str, seed: int, boundary: int, pooling: str, work: Path) -> dict
     task = next(t for t in BenchSuite.load("e5-quick").tasks if t.corpus == corpus)
     files = build_corpus(corpus, work / "data", seed=task.data_seed, limit=task.corpus_limit)
     torch.manual_seed(seed)  # the fresh head is drawn when the model loads
-    loaded = load(MODEL, str(files.train_path), max_length=task.max_length, seed=task.data_seed, head_pooling=pooling)
+    loaded = load(ModelSource(MODEL, str(files.train_path), pooling), DataConfig(max_length=task.max_length, seed=task.data_seed))
     held = load_task_data(files.eval_path, loaded.model.tokenizer, replace(loaded.config, limit=task.eval_limit),
                           label_names=loaded.data.label_names)
     lm, data = loaded.model, loaded.data

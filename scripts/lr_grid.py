@@ -28,14 +28,17 @@ import torch
 from salf.bench.measured import exact_match
 from salf.bench.suite import BenchSuite
 from salf.bench.tasks import PreparedTask
+from salf.commands import train as train_command
+from salf.commands.loading import load
+from salf.config import DataConfig, TrainConfig
+from salf.config.commands import ModelSource, Output, TrainOptions
 from salf.fileio import write_atomic, write_json
-from salf.pipeline import load, train
 
 GRID = (3e-5, 1e-4, 3e-4, 1e-3)
 
 
 def variants(rates: tuple[float, ...]) -> dict[str, dict]:
-    return {**{f"lr={r:g}": {"lr": r} for r in rates}, "default": {}, "auto": {"lr": "auto"}}
+    return {**{f"lr={r:g}": {"learning_rate": r} for r in rates}, "default": {}, "auto": {"learning_rate": "auto"}}
 
 
 def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out: Path, max_steps: int | None,
@@ -44,10 +47,12 @@ def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out
     done = folder / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
-    result = train(model=prepared.model_path, data=str(prepared.train_file), eval_data=str(prepared.eval_file),
-                   out=str(folder), max_steps=max_steps, seed=seed, max_length=task.max_length,
-                   label_mode=task.label_mode, head_pooling=task.head_pooling, lora=lora, no_progress=True,
-                   overwrite=True, save_steps=10_000, **flags)
+    options = TrainOptions(
+        out=str(folder), eval_data=str(prepared.eval_file), output=Output(progress=False),
+        source=ModelSource(prepared.model_path, str(prepared.train_file), task.head_pooling),
+        data=DataConfig(label_mode=task.label_mode, max_length=task.max_length, seed=seed),
+        train=TrainConfig(max_steps=max_steps, lora=lora, overwrite=True, save_steps=10_000, **flags))
+    result = train_command.run(options)
     metrics = result.metrics
     if prepared.data_task == "completion":  # quality = the benchmark's exact match of the greedy completion
         metrics["eval_accuracy"] = completion_accuracy(task, prepared, folder, lora)
@@ -58,7 +63,8 @@ def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out
 def completion_accuracy(task, prepared: PreparedTask, folder: Path, lora: bool) -> float:
     """Exact match of the trained model's greedy completions on the task's first `em_limit` eval data."""
     trained = prepared.model_path if lora else str(folder / "model")  # LoRA saves the adapters only
-    loaded = load(trained, str(prepared.eval_file), label_mode=task.label_mode, max_length=task.max_length)
+    loaded = load(ModelSource(trained, str(prepared.eval_file)),
+                  DataConfig(label_mode=task.label_mode, max_length=task.max_length))
     model = loaded.model.model
     if lora:
         from peft import PeftModel

@@ -27,20 +27,8 @@ be imported for want of one of these is skipped; any other import failure fails 
 
 PENDING = {
     # being reduced in issue #23 (options refactor)
-    "pipeline.load",
-    "pipeline.trace",
-    "pipeline.run_plan",
-    "pipeline.plan",
-    "pipeline.train",
     "training.run.train",
     "training.trainer.fit",
-    "training.tuning.search_rate",
-    "method.projection.cost",
-    "bench.runner.bench",
-    "report.report",
-    "export.export",
-    "demo.demo",
-    "bench.report.bench_table",
 }
 """Qualified names (without the ``salf.`` prefix) of the public functions still too wide or still taking
 ``**_``; remove a name as soon as its function is fixed (the test fails on a name that no longer needs to

@@ -343,26 +343,12 @@ def test_prefix_cache_from_the_cli(tmp_path, capsys, llama, text_file):
 def test_head_only_plan_says_only_the_head_trains(lm_plan):
     import dataclasses
 
+    from salf.commands.plan import PlanResult
     from salf.method.plan import Plan
-    from salf.pipeline import PlanResult
 
     plan = Plan.load(lm_plan)
     text = PlanResult(dataclasses.replace(plan, boundary=plan.num_layers)).render()
     assert "train only the head (and the final norm)" in text and f"blocks {plan.num_layers}.." not in text
-
-
-def test_cli_defaults_are_the_library_defaults():
-    from salf.cli import POLICY_DEFAULTS_HELP, build_parser
-    from salf.method.gain import DEFAULT_ESTIMATOR
-    from salf.method.plan import DEFAULT_POLICY
-
-    parser = build_parser()
-    for command in ("plan", "demo"):
-        args = parser.parse_args([command, "--model", "m", "--data", "d", "--out", "p"] if command == "plan" else [command])
-        assert args.policy is None  # resolved by the data's labels (salf.method.plan.default_policy)
-    assert POLICY_DEFAULTS_HELP == (f"default: {DEFAULT_POLICY['classes']} for classification data, "
-                                    f"{DEFAULT_POLICY['tokens']} for completion data")
-    assert parser.parse_args(["plan", "--model", "m", "--data", "d", "--out", "p"]).estimator == DEFAULT_ESTIMATOR
 
 
 # ------------------------------------------------------------------------------ bad inputs, no traceback

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from salf.commands.cost import run as cost
+from salf.config.commands import CostOptions
 from salf.errors import SalfError
-from salf.method.projection import cost, tiny_spec_config
+from salf.method.projection import tiny_spec_config
 
 
 @pytest.mark.parametrize(("spec", "task"), [("tiny:llama", "causal-lm"), ("tiny:gpt2", "causal-lm"),
                                             ("tiny:bert", "classification")])
 def test_measured_flops_and_bytes_equal_the_prediction(spec, task):
-    result = cost(spec, seq=16, batch=2, task=task, measure=True, measure_steps=1, measure_repeats=1)
+    result = cost(CostOptions(spec, seq=16, batch=2, task=task, measure=True, measure_steps=1, measure_repeats=1))
     rows = result.to_json()["measured"]["rows"]
     assert [r["boundary"] for r in rows] == list(range(len(rows)))
     for r in rows:
@@ -35,4 +37,4 @@ def test_tiny_spec_overrides_and_errors():
 
 def test_measure_refuses_lora():
     with pytest.raises(SalfError, match="--measure trains full weights"):
-        cost("tiny:llama", seq=8, measure=True, lora=True)
+        cost(CostOptions("tiny:llama", seq=8, measure=True, lora=True))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import save_tiny, text_data
 
-from salf import pipeline
+from salf.cli import main
 from salf.errors import SalfError
 from salf.report import report, write_report
 from salf.report.figures import draw_curves
@@ -27,12 +27,12 @@ def runs(tmp_path_factory):
     """A plan (budget=0.6, so some blocks are frozen) and two 4-step runs: planned and full."""
     work = tmp_path_factory.mktemp("report")
     model, data = save_tiny(work, "llama"), text_data(work / "text.jsonl", n=24)
-    plan = pipeline.plan(model=str(model), data=str(data), out=str(work / "plan.json"), policy="budget=0.6",
-                         sample_size=16, no_progress=True).plan
-    assert plan.boundary > 0
-    common = dict(model=str(model), data=str(data), max_steps=4, batch_size=4, lr=1e-3, no_progress=True)
-    pipeline.train(out=str(work / "planned"), plan=str(work / "plan.json"), **common)
-    pipeline.train(out=str(work / "full"), **common)
+    source = ["--model", str(model), "--data", str(data), "--no-progress"]
+    assert main(["plan", *source, "--out", str(work / "plan.json"), "--policy", "budget=0.6", "--sample-size", "16"]) == 0
+    assert json.loads((work / "plan.json").read_text())["boundary"] > 0
+    common = [*source, "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3"]
+    assert main(["train", *common, "--out", str(work / "planned"), "--plan", str(work / "plan.json")]) == 0
+    assert main(["train", *common, "--out", str(work / "full")]) == 0
     return work
 
 

@@ -10,7 +10,8 @@ from helpers import label_data, save_tiny
 from salf.cli import main
 from salf.errors import SalfError
 from salf.training.recipes import RECIPES, default_recipe
-from salf.training.tuning import Flags, parse_learning_rate, recipe_config
+from salf.config.train import TrainConfig, parse_learning_rate
+from salf.training.recipes import resolve_recipe
 
 
 def cli(*argv) -> int:
@@ -56,18 +57,18 @@ def test_recipe_rate_scales_as_one_over_width_and_a_flag_wins():
     assert lm.learning_rate_for(lm.reference_width) == lm.learning_rate == lm.learning_rate_for(None)
     assert lm.learning_rate_for(4096) == pytest.approx(lm.learning_rate * lm.reference_width / 4096)
     assert classifier.learning_rate_for(768) == pytest.approx(5e-5)  # BERT-base, from MiniLM's 384
-    assert recipe_config("lm", Flags(), width=512)[0].learning_rate == pytest.approx(lm.learning_rate / 2)
-    assert recipe_config("lm", Flags(lr=1e-3), width=512)[0].learning_rate == 1e-3
-    assert recipe_config("classification", Flags(), width=768)[0].head_learning_rate == classifier.head_learning_rate
+    assert resolve_recipe(TrainConfig(), "lm", width=512)[0].learning_rate == pytest.approx(lm.learning_rate / 2)
+    assert resolve_recipe(TrainConfig(learning_rate=1e-3), "lm", width=512)[0].learning_rate == 1e-3
+    assert resolve_recipe(TrainConfig(), "classification", width=768)[0].head_learning_rate == classifier.head_learning_rate
 
 
 def test_run_length_defaults_to_the_recipes_epochs_and_a_flag_wins():
-    cfg, _ = recipe_config("classification", Flags())
+    cfg, _ = resolve_recipe(TrainConfig(), "classification")
     assert cfg.epochs == RECIPES["classifier"].epochs == 3.0 and cfg.max_steps is None
-    assert recipe_config("lm", Flags())[0].epochs == RECIPES["lm"].epochs
-    assert recipe_config("classification", Flags(epochs=0.5))[0].epochs == 0.5
+    assert resolve_recipe(TrainConfig(), "lm")[0].epochs == RECIPES["lm"].epochs
+    assert resolve_recipe(TrainConfig(epochs=0.5), "classification")[0].epochs == 0.5
     with pytest.raises(SalfError, match="epochs"):
-        recipe_config("classification", Flags(epochs=0))
+        resolve_recipe(TrainConfig(epochs=0), "classification")
 
 
 def test_lr_auto_searches_and_records_its_cost(setup, tmp_path, capsys):

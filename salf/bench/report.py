@@ -378,7 +378,7 @@ class RegretTable:
         return {"dirs": self.dirs, "regret_by_model": self.table, "path": None if self.path is None else str(self.path)}
 
 
-def bench_table(dirs: Sequence[str], out: str | None = None, **_: Any) -> RegretTable:
+def bench_table(dirs: Sequence[str], out: str | None = None) -> RegretTable:
     """``salf bench-table DIR [DIR ...] [--out FILE.md]``: the per-model regret table over benchmark output
     directories (each with a runs.json), and in the markdown file also each model's oracle sweeps; finished
     seeds only; nothing is trained or rewritten in them."""

@@ -38,19 +38,17 @@ the per-model table over several output directories.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from salf.bench.progress import Progress
 from salf.bench.report import BenchResult, write_reports
 from salf.bench.store import RunStore, complete_records
-from salf.bench.suite import BenchSuite, parse_seeds
+from salf.bench.suite import BenchSuite
 from salf.bench.taskbench import TaskBench
 from salf.bench.tasks import PreparedTask
 from salf.errors import SalfError
@@ -136,30 +134,4 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
                        time.perf_counter() - started, paths)
 
 
-def bench(suite: str = "smoke", out: str | None = None, seeds: str | None = None, resume: bool = True,
-          no_progress: bool = False, threads: int | None = None, report_only: bool = False, tasks: str | None = None,
-          replan: bool = False, **_: Any) -> BenchResult:
-    """``salf bench --suite NAME [--out DIR] [--seeds 0,1,2] [--tasks A,B] [--threads N] [--no-resume] [--report-only]
-    [--replan]``.
-
-    ``suite``: a name in ``bench/`` (smoke, minilm, causal, full) or a suite file; ``out`` defaults to
-    ``bench_out/<suite>``; ``seeds`` replaces every task's seeds; ``tasks`` runs only the named tasks
-    (processes running different tasks may share ``out``); ``threads`` the suite's torch threads. The
-    reports always cover the whole suite: every finished seed in ``out/runs.json``.
-    """
-    loaded = BenchSuite.load(suite)
-    if seeds:
-        loaded = loaded.with_seeds(parse_seeds(seeds))
-    report_suite = loaded
-    if tasks:
-        loaded = loaded.only_tasks([n.strip() for n in tasks.split(",") if n.strip()])
-    if threads is not None:
-        loaded = dataclasses.replace(loaded, threads=threads)
-    out = out or f"bench_out/{loaded.name}"
-    if report_only:
-        return report_bench(report_suite, out)
-    return run_bench(loaded, out, resume=resume, show_progress=not no_progress, report_suite=report_suite,
-                     replan=replan)
-
-
-__all__ = ["bench", "report_bench", "run_bench"]
+__all__ = ["report_bench", "run_bench"]

@@ -42,11 +42,13 @@ class TaskBench:
     # -- resources ----------------------------------------------------------------------------
     @cached_property
     def loaded(self):
-        from salf.pipeline import load
+        from salf.commands.loading import load
+        from salf.config.commands import ModelSource
+        from salf.config.data import DataConfig
 
-        return load(self.p.model_path, str(self.p.train_file), label_mode=self.t.label_mode,
-                    max_length=self.t.max_length, limit=self.t.train_limit, seed=self.t.data_seed,
-                    head_pooling=self.t.head_pooling)
+        return load(ModelSource(self.p.model_path, str(self.p.train_file), self.t.head_pooling),
+                    DataConfig(label_mode=self.t.label_mode, max_length=self.t.max_length, limit=self.t.train_limit,
+                               seed=self.t.data_seed))
 
     @cached_property
     def eval_data(self):
@@ -332,11 +334,11 @@ class TaskBench:
 
     def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
+        from salf.api import data_info, model_info
         from salf.method.gain import estimate_gains, fit_depth_law
         from salf.method.lenses import TraceConfig
         from salf.method.plan import PolicyChoice, make_plan
         from salf.method.trace import trace_model
-        from salf.pipeline import data_info, model_info
 
         costs = self.costs
         lm = self.fresh_model(seed)

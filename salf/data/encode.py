@@ -249,9 +249,24 @@ def load_task_data(
     ``label_names``: the class names of the training data, when loading evaluation data, so both use
     one mapping (a label the training data lacks is an error). None takes them from this file, sorted.
     """
+    return encode_rows(records_from_file(path), tokenizer, config, label_names, source=str(path))
+
+
+def encode_rows(
+    rows: list[dict],
+    tokenizer,
+    config: DataConfig | None = None,
+    label_names: list[str] | None = None,
+    source: str = "in-memory data",
+) -> TaskData:
+    """Tokenize rows already in memory (dicts with the fields of a data file) for their task.
+
+    ``source`` names the rows in messages and in the data's fingerprint record; see ``load_task_data``.
+    """
     config = config or DataConfig()
-    path = Path(path)
-    rows = records_from_file(path)
+    path = Path(source)
+    if not rows:
+        raise SalfError(f"{source} has no rows", "give at least one example")
     task = detect_task(list(rows[0].keys()), config)
     rows = _subset(rows, config.limit, config.seed)
     limit = effective_max_length(config.max_length, tokenizer)
@@ -287,7 +302,7 @@ def load_task_data(
         label_names=names,
         fingerprint=task_fingerprint(task, names, data),
         n_truncated=len(truncated),
-        source=str(path),
+        source=source,
         max_length=limit,
         truncated=truncated,
         extra={"label_mode": config.label_mode if names is not None else None, **({"format": fmt} if fmt else {})},
@@ -311,4 +326,4 @@ def _subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return [rows[i] for i in keep]
 
 
-__all__ = ["effective_max_length", "load_task_data", "log"]
+__all__ = ["effective_max_length", "encode_rows", "load_task_data", "log"]

@@ -8,61 +8,9 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from salf.config.data import LABEL_MODES, TASKS, DataConfig, Task
 from salf.errors import SalfError
 from salf.fileio import fingerprint
-
-TASKS = ("lm", "completion", "classification")
-
-
-LABEL_MODES = ("head", "words")
-
-
-@dataclass
-class DataConfig:
-    """How to read one data file and turn it into tokenized data."""
-
-    task: str | None = None
-    """'lm', 'completion' or 'classification'; None detects it from the fields present."""
-    text_field: str = "text"
-    """Field holding the text (lm and classification)."""
-    prompt_field: str = "prompt"
-    """Field holding the prompt (completion)."""
-    completion_field: str = "completion"
-    """Field holding the completion, the only part that is a target (completion)."""
-    label_field: str = "label"
-    """Field holding the class, a string or an integer (classification)."""
-    messages_field: str = "messages"
-    """Field holding a conversation, a list of {role, content} turns (completion: rendered with the model's
-    chat template, the assistant turns are the targets; ``salf.data.chat``)."""
-    max_length: int = 512
-    """Longest sequence in tokens; longer ones are truncated and counted. Also capped at the
-    tokenizer's ``model_max_length`` (which ``salf.models.loading.load_model`` sets from the model)."""
-    limit: int | None = None
-    """Keep at most this many rows, a seeded random subset in file order; None keeps all."""
-    label_mode: str = "head"
-    """Classification by a 'head' (class index), or by label 'words' as completion data (causal LMs)."""
-    label_separator: str = "\nLabel:"
-    """In 'words' mode, put between the text and the label word: prompt = text + separator."""
-    seed: int = 0
-    """Seed of the ``limit`` subset."""
-
-    def __post_init__(self) -> None:
-        if self.task is not None and self.task not in TASKS:
-            raise SalfError(f"unknown task {self.task!r}", f"choose one of: {', '.join(TASKS)} (or leave it unset)")
-        if self.label_mode not in LABEL_MODES:
-            raise SalfError(f"unknown label mode {self.label_mode!r}", f"choose one of: {', '.join(LABEL_MODES)}")
-        if self.label_mode == "words" and self.task not in (None, "classification"):
-            raise SalfError(
-                f"label_mode 'words' turns classification data into completion data, but task is {self.task!r}",
-                "leave --task unset or set it to classification, or use --label-mode head",
-            )
-        if self.max_length < 2:
-            raise SalfError(f"max_length must be at least 2 tokens, got {self.max_length}", "raise max_length")
-        if self.limit is not None and self.limit < 1:
-            raise SalfError(f"limit must be a positive number of rows, got {self.limit}", "raise it, or unset it")
-        names = [self.text_field, self.prompt_field, self.completion_field, self.label_field, self.messages_field]
-        if any(not name for name in names):
-            raise SalfError("a field name is empty", "give every field name as it appears in the file")
 
 
 @dataclass
@@ -187,4 +135,4 @@ def _part(task_data: TaskData, indices: list[int], name: str) -> TaskData:
     )
 
 
-__all__ = ["DataConfig", "LABEL_MODES", "TASKS", "TaskData", "detect_task", "split_holdout", "task_fingerprint"]
+__all__ = ["DataConfig", "LABEL_MODES", "TASKS", "Task", "TaskData", "detect_task", "split_holdout", "task_fingerprint"]

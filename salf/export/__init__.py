@@ -28,7 +28,6 @@ model they read is ``salf.export.context``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -51,7 +50,7 @@ def export_plan(plan: Plan | str | Path, target: str, *, model: nn.Module | None
     return exporter(export_context(plan, model=model, model_path=model_path))
 
 
-def export(plan: str, to: str, out: str | None = None, model: str | None = None, **_: Any) -> str:
+def export(plan: str, to: str, out: str | None = None, model: str | None = None) -> str:
     """``salf export``: print the snippet, or write it atomically to ``out``."""
     loaded = Plan.load(plan)
     text = export_plan(loaded, to, model_path=model)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
+from salf.config.plan import DEFAULT_ESTIMATOR
 from salf.errors import SalfError
 from salf.registry import Registry
 
@@ -25,7 +26,7 @@ ESTIMATORS: Registry[Estimator] = Registry("estimator")
 # word-order task, where freezing past block 3 cost 1-20 points; 'sufficiency-uniform' with the 'unsolved'
 # policy trains as much of the depth as the frozen top layer leaves unsolved, and had the lowest trade-off
 # regret of every plan and fixed rule over both real models.
-DEFAULT_ESTIMATOR = "sufficiency-uniform"
+# (DEFAULT_ESTIMATOR is defined with the other plan options, in salf.config.plan.)
 
 # Starting exponents for the fit: the cost surface has several basins on short or noisy traces
 # (a sharp early drop wants a large alpha, a slow decline a small one), so a few starts are tried.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from salf.config.trace import TraceConfig
 from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
 from salf.method.probe import check_probe_data, cross_fitted_probe_loss, one_blas_thread, stratified_folds
@@ -86,59 +86,6 @@ POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 def head_reads(parts: ModelParts) -> str:
     """The ``POOLERS`` entry matching what ``parts.model``'s classification head reads."""
     return head_pooling(parts.model) if parts.encoder else "last"
-
-
-@dataclass
-class TraceConfig:
-    """How to trace a model: which lens, how much data, and the probe's settings."""
-
-    lens: str | None = None
-    """Lens name from ``LENSES``; None picks one from the labels and the model (see ``choose_lens``)."""
-    sample_size: int = 256
-    """At most this many data are traced; a larger dataset is sampled without replacement by ``seed``."""
-    batch_size: int = 8
-    """Data per forward pass."""
-    seed: int = 0
-    """Seed of the data sample and of the probe's cross-fitting folds; same seed, same trace."""
-    vocab_chunk: int = 8192
-    """Vocabulary rows projected at a time by the token lenses (streaming logsumexp over chunks)."""
-    pooling: str = "auto"
-    """Probe input per datum: 'first' token, 'last' non-pad token, 'mean' of non-pad tokens, or 'auto'
-    (what the model's classification head reads: the last token for causal LMs, the first token for
-    encoders, the token mean for encoders given a mean-pooling head, see ``salf.models.pooling``)."""
-    probe_folds: int = 5
-    """Cross-fitting folds of the probe: each datum's deviation comes from a probe fitted without it,
-    so 1/probe_folds of the sample is held out from each fit."""
-    probe_l2: float = 0.1
-    """Weight of the squared L2 norm of the probe weights, added to the mean training cross-entropy
-    (features are standardised per layer, so one value suits every layer). Weaker values let a probe
-    memorise a small sample and score held-out data worse than chance, which shows up as noise in
-    the trace."""
-    probe_max_iter: int = 100
-    """L-BFGS-B iterations per probe fit."""
-    show_progress: bool = True
-    """Show tqdm progress bars (with ETA) for the forward pass and the probe fits."""
-
-    def __post_init__(self) -> None:
-        if self.lens is not None:
-            LENSES.get(self.lens)
-        flags = {"sample_size": "--sample-size", "batch_size": "--trace-batch-size"}  # the others: Python only
-        for name in ("sample_size", "batch_size", "vocab_chunk", "probe_max_iter"):
-            if getattr(self, name) < 1:
-                raise SalfError(
-                    f"trace {name} must be at least 1, got {getattr(self, name)}",
-                    f"set {flags.get(name, name)} to 1 or more",
-                )
-        if self.pooling != "auto" and self.pooling not in POOLERS:
-            raise SalfError(
-                f"unknown pooling {self.pooling!r}", f"choose one of: auto, {', '.join(sorted(POOLERS))}"
-            )
-        if self.probe_folds < 2:
-            raise SalfError(f"probe_folds must be at least 2, got {self.probe_folds}", "set probe_folds >= 2")
-        if not self.probe_l2 >= 0:
-            raise SalfError(
-                f"probe_l2 must be >= 0, got {self.probe_l2}", "set probe_l2 to 0 or a small positive value"
-            )
 
 
 class Lens(abc.ABC):

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from salf.config.plan import OUTPUT_HEAD_MODES
 from salf.errors import SalfError
 
-HEAD_MODES = ("tied", "untie")
+HEAD_MODES = OUTPUT_HEAD_MODES
 DEFAULT_HEAD_MODE = "untie"
 """What a plan does with a tied head unless told (``salf plan --head``), decided by the causal benchmark
 (BENCHMARKS.md, "Causal LMs with a tied head"): on the fixture's two label-word tasks (3 seeds) an untied
@@ -71,7 +72,7 @@ def untie_head(model: nn.Module) -> bool:
 def check_head_mode(mode: str | None) -> str | None:
     """Validate a head mode ('tied', 'untie' or None: the model's own)."""
     if mode is not None and mode not in HEAD_MODES:
-        raise SalfError(f"unknown head mode {mode!r}", f"use --head {' or --head '.join(HEAD_MODES)}")
+        raise SalfError(f"unknown head mode {mode!r}", f"use --output-head {' or --output-head '.join(HEAD_MODES)}")
     return mode
 
 

@@ -114,6 +114,26 @@ def load_model(
     return LoadedModel(model, tokenizer, task, fresh, model_type, given, pooling)
 
 
+def wrap_model(model, tokenizer, task: str) -> LoadedModel:
+    """A model already in memory, described as ``load_model`` describes one it loads (Python API).
+
+    The tokenizer gets a pad token if it has none and is capped at the model's positions; the head is taken
+    as trained (``fresh_head`` False) and a classifier keeps the pooling it has.
+    """
+    if task not in MODEL_TASKS:
+        raise SalfError(f"unknown task {task!r}", f"choose one of: {', '.join(MODEL_TASKS)}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_input_embeddings"):
+        raise SalfError(f"expected a transformers model, got {type(model).__name__}",
+                        "pass a model made with from_pretrained or from a config (e.g. AutoModelForCausalLM)")
+    _ensure_pad_token(model, tokenizer)
+    _check_vocab(model, tokenizer, config.model_type)
+    _cap_max_length(config, tokenizer)
+    pooling = _pooling_of(model) if task == "classification" and has_pooler(model) else None
+    name = getattr(config, "name_or_path", "") or getattr(model, "name_or_path", "") or f"in-memory {config.model_type}"
+    return LoadedModel(model, tokenizer, task, False, config.model_type, name, pooling)
+
+
 def _apply_pooling(model, task: str, head_pooling: str | None) -> str | None:
     """Give a classifier the asked (or its config's) head pooling; returns what ``LoadedModel.head_pooling`` says."""
     if task == "classification" or head_pooling is not None:

@@ -83,7 +83,7 @@ def _write(runs: list[Run], run_dirs: Sequence[str | Path] | str | Path, out: st
     return write_atomic(path, page), page
 
 
-def report(run_dir: str, others: list[str] | None = None, out: str | None = None, **_: Any) -> ReportResult:
+def report(run_dir: str, others: list[str] | None = None, out: str | None = None) -> ReportResult:
     """``salf report RUN_DIR [--compare OTHER ...] [--out report.html]``."""
     dirs = [run_dir, *(others or [])]
     runs = load_runs(dirs)

@@ -8,7 +8,10 @@ project's measurements (BENCHMARKS.md) or are conventional starting points still
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from salf.config.train import AUTO, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -100,4 +103,28 @@ def default_recipe(task: str, lora: bool) -> Recipe:
     return RECIPES[recipe_kind(task, lora)]
 
 
-__all__ = ["RECIPES", "Recipe", "default_recipe", "recipe_kind"]
+RECIPE_FIELDS = ("learning_rate", "head_learning_rate", "batch_size", "warmup_ratio", "epochs")
+"""The ``TrainConfig`` fields whose None means "the recipe's"."""
+
+
+def resolve_recipe(config: TrainConfig, task: str, width: int | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """``config`` with the recipe of the run's kind in every recipe field it leaves None, and what was decided.
+
+    ``width``: the model's hidden size, which scales the recipe's body rate (``Recipe.learning_rate_for``).
+    ``learning_rate='auto'`` starts from the recipe's rate (the search then tunes it). A head rate left out
+    is the recipe's (2e-3 for a fresh classification head) or, where the recipe has none, the body's.
+    """
+    recipe = default_recipe(task, config.lora)
+    scaled = recipe.learning_rate_for(width)
+    body = scaled if config.learning_rate in (None, AUTO) else float(config.learning_rate)
+    head = config.head_learning_rate if config.head_learning_rate is not None else recipe.head_learning_rate
+    resolved = replace(config, learning_rate=body, head_learning_rate=head if head is not None else body,
+                       batch_size=config.batch_size or recipe.batch_size,
+                       warmup_ratio=recipe.warmup_ratio if config.warmup_ratio is None else config.warmup_ratio,
+                       epochs=recipe.epochs if config.epochs is None else config.epochs)
+    given = {name: getattr(config, name) for name in RECIPE_FIELDS if getattr(config, name) is not None}
+    return resolved, {"kind": recipe_kind(task, config.lora), "recipe": asdict(recipe), "model_width": width,
+                      "learning_rate_for_width": scaled, "flags_given": given}
+
+
+__all__ = ["RECIPES", "RECIPE_FIELDS", "Recipe", "default_recipe", "recipe_kind", "resolve_recipe"]

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from salf.config.train import AUTO
 from salf.data.batch import IGNORE_INDEX, Collator, ListDataset
 from salf.errors import SalfError
 from salf.fileio import write_json
@@ -46,11 +47,12 @@ from salf.method.freeze import FreezeSpec, apply_plan
 from salf.models.arch import find_parts, unwrap_peft
 from salf.training.budget import FlopBudgetStop
 from salf.training.callback import SalfCallback
-from salf.training.config import FRESH_HEAD_LEARNING_RATE, TASKS, TrainConfig, TrainingInterrupted
+from salf.training.config import TASKS, TrainConfig, TrainingInterrupted
 from salf.training.diagnosis import diagnose, label_entropy
 from salf.training.distributed import is_main_process, rank_and_world
 from salf.training.lora import add_lora
 from salf.training.outputs import merge_history, prepare_out_dir
+from salf.training.recipes import resolve_recipe
 from salf.training.strategy import Batching, TrainingStrategy
 
 TRAIN_FLOPS_METHOD = (
@@ -385,6 +387,11 @@ def fit(
         raise SalfError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
     if not isinstance(config, TrainConfig):
         raise SalfError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.learning_rate == AUTO:
+        raise SalfError("learning_rate 'auto' is searched before training, not by the training loop",
+                        "call salf.train (or `salf train --lr auto`), which searches it first, or give a number")
+    if not config.resolved:  # the batch, rates, warm-up and epochs left out: the recipe of the run's kind
+        config, _ = resolve_recipe(config, task, getattr(getattr(model, "config", None), "hidden_size", None))
     _check_data(train_data, task, "training")
     if eval_data is not None:
         _check_data(eval_data, task, "evaluation")
@@ -416,9 +423,7 @@ def fit(
         inner = model.get_base_model() if config.lora else model
         parts = find_parts(inner)
         head_ids = frozenset(id(p) for n, p in inner.named_parameters() if parts.group_of(n) == "head")
-        head_lr = config.head_learning_rate
-        if head_lr is None:
-            head_lr = FRESH_HEAD_LEARNING_RATE if task == "classification" else config.learning_rate
+        head_lr = config.head_learning_rate if config.head_learning_rate is not None else config.learning_rate
 
         callback = SalfCallback(
             spec,

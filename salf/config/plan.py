@@ -1,0 +1,53 @@
+"""How to make a plan (``PlanConfig``): the trace, the gain estimator, the policy and the cost model's shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from salf.config.fields import group, option
+from salf.config.trace import TraceConfig
+from salf.errors import SalfError
+
+OUTPUT_HEAD_MODES = ("tied", "untie")
+"""What to do with an output head tied to the input embeddings (= ``salf.models.heads.HEAD_MODES``, tested)."""
+DEFAULT_ESTIMATOR = "sufficiency-uniform"
+"""The gain estimator plans use unless told (chosen by the benchmark's regret table, salf.method.gain)."""
+LORA_RANK = 8
+"""The LoRA rank salf trains and costs by default (one value for ``salf plan``, ``salf train`` and ``salf cost``)."""
+
+
+@dataclass
+class PlanConfig:
+    """How to make a plan: the trace, the gain estimator, the policy, and the shape the cost model counts."""
+
+    trace: TraceConfig = group(TraceConfig, "trace")
+    policy: str | None = option(None, help="default: unsolved=0.75 for classification data, unsolved for completion "
+                                           "data (salf.method.plan.DEFAULT_POLICY); or: unsolved=S (train S x the "
+                                           "share of the depth the frozen model leaves unsolved) | knee | budget=C "
+                                           "(step cost <= C x full) | coverage=T (>= T of the gain) | full | "
+                                           "freeze-first-half | train-last-quarter | random")
+    estimator: str = option(DEFAULT_ESTIMATOR,
+                            help="the gain estimator (salf.method.gain.ESTIMATORS): sufficiency-uniform (the default, "
+                                 "chosen by the benchmark) | sufficiency | headroom | transition | observed | best-layer")
+    cost_seq: int | None = option(None, help="sequence length the cost model counts (default: the data's mean length)")
+    cost_batch: int = option(8, help="batch size the cost model counts")
+    lora: bool = option(False, help="cost the plan for LoRA adapters instead of full fine-tuning of the trained blocks")
+    lora_rank: int = option(LORA_RANK, help="LoRA rank the cost model counts")
+    per_datum: bool = option(False, help="also give each traced datum its own boundary from its own trace "
+                                         "(train with --per-datum)")
+    output_head: str | None = option(None, flag="--output-head", old=("--head",), choices=OUTPUT_HEAD_MODES,
+                                     help="for a causal LM whose output head (the vocabulary projection) is tied to its "
+                                          "input embeddings: untie it (default: a trainable copy; the embeddings "
+                                          "stay frozen) or keep it tied (frozen with the embeddings when k > 0)")
+    seed: int = option(0, cli=False, help="seed of the random policy and of the trace (salf's commands: --seed)")
+
+    def __post_init__(self) -> None:
+        if self.cost_seq is not None and self.cost_seq < 1:
+            raise SalfError(f"cost_seq must be at least 1 token, got {self.cost_seq}", "raise --cost-seq, or leave it out")
+        if self.cost_batch < 1:
+            raise SalfError(f"cost_batch must be at least 1, got {self.cost_batch}", "raise --cost-batch")
+        if self.lora_rank < 1:
+            raise SalfError(f"lora_rank must be at least 1, got {self.lora_rank}", "raise --lora-rank")
+        if self.output_head is not None and self.output_head not in OUTPUT_HEAD_MODES:
+            raise SalfError(f"unknown output head mode {self.output_head!r}",
+                            f"choose one of: {', '.join(OUTPUT_HEAD_MODES)}")
