@@ -116,7 +116,7 @@ def test_head_mode_is_for_tied_models_only():
     assert head_mode_for(tiny_model("llama"), None) is None
     with pytest.raises(SalfError, match="not tied"):
         head_mode_for(tiny_model("llama"), "untie")
-    with pytest.raises(SalfError, match="--head"):
+    with pytest.raises(SalfError, match="--output-head"):
         head_mode_for(tiny_model("gpt2"), "loose")
 
 
@@ -125,7 +125,7 @@ def test_plan_cli_records_the_head_choice_and_train_follows_it(tmp_path, capsys)
     data = text_data(tmp_path / "text.jsonl", n=24)
     fast = ["--no-progress", "--sample-size", "16", "--trace-batch-size", "8"]
     plan_path = tmp_path / "plan.json"
-    assert main([str(a) for a in ["plan", "--model", gpt2, "--data", data, "--out", plan_path, "--head", "untie",
+    assert main([str(a) for a in ["plan", "--model", gpt2, "--data", data, "--out", plan_path, "--output-head", "untie",
                                   "--policy", "freeze-first-half", *fast]]) == 0
     printed = capsys.readouterr().out
     assert "untied" in printed

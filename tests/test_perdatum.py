@@ -187,7 +187,7 @@ def test_each_step_trains_from_its_batch_boundary_and_costs_less_when_higher(tmp
     probe = StepProbe()
     model = tiny_model("gpt2")
     config = TrainConfig(
-        max_steps=6, batch_size=4, learning_rate=1e-2, save_steps=None, seed=0, flop_sample_steps=0
+        max_steps=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, save_steps=None, seed=0, flop_sample_steps=0
     )
     metrics = train(
         model, 0, data, None, None, config, tmp_path / "run", callbacks=[probe], boundaries=boundaries

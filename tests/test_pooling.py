@@ -1,4 +1,4 @@
-"""salf.models.pooling end to end: the masked-mean head pooler, and --head-pooling through loading, freezing,
+"""salf.models.pooling end to end: the masked-mean head pooler, and --classifier-pooling through loading, freezing,
 tracing, planning, training and the benchmark's baselines, on tiny models (the cost model: test_cost.py)."""
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_mean_pooling_without_a_bert_pooler_is_refused(work, model_type, task):
     labels = {"label_names": LABELS} if task == "classification" else {}
     with pytest.raises(SalfError, match="no BERT-style pooler") as info:
         load_model(folder, task, head_pooling="mean", **labels)
-    assert "--head-pooling first" in info.value.fix
+    assert "--classifier-pooling first" in info.value.fix
     assert load_model(folder, task, head_pooling="first", **labels).head_pooling is None
 
 
@@ -199,7 +199,7 @@ def test_cosine_change_baseline_reads_the_token_mean_of_a_mean_pooling_head():
 
 def test_plan_and_train_with_mean_pooling_from_the_cli(tmp_path, capsys, bert_dir, labels_file):
     plan_path = tmp_path / "plan.json"
-    rc, out, err = run(capsys, "plan", "--model", bert_dir, "--data", labels_file, "--head-pooling", "mean",
+    rc, out, err = run(capsys, "plan", "--model", bert_dir, "--data", labels_file, "--classifier-pooling", "mean",
                        "--out", plan_path, "--json", *FAST_TRACE)
     assert rc == 0, err
     plan = json.loads(out)
@@ -213,8 +213,8 @@ def test_plan_and_train_with_mean_pooling_from_the_cli(tmp_path, capsys, bert_di
     assert saved["salf_head_pooling"] == "mean"
     # asking for the other pooling than the plan's is refused before anything is loaded or written
     rc, _, err = run(capsys, "train", "--model", bert_dir, "--data", labels_file, "--plan", plan_path,
-                     "--head-pooling", "first", "--out", tmp_path / "other", *FAST_TRAIN)
-    assert_clear_error(rc, err, "head pooling 'mean'", "--head-pooling first", "--head-pooling mean")
+                     "--classifier-pooling", "first", "--out", tmp_path / "other", *FAST_TRAIN)
+    assert_clear_error(rc, err, "head pooling 'mean'", "--classifier-pooling first", "--classifier-pooling mean")
     assert not (tmp_path / "other").exists()
 
 
@@ -223,20 +223,20 @@ def test_a_first_token_plan_refuses_a_mean_pooling_model(tmp_path, capsys, bert_
     assert run(capsys, "plan", "--model", bert_dir, "--data", labels_file, "--out", plan_path, *FAST_TRACE)[0] == 0
     assert json.loads(plan_path.read_text())["model"]["head_pooling"] == "first"
     rc, _, err = run(capsys, "train", "--model", bert_dir, "--data", labels_file, "--plan", plan_path,
-                     "--head-pooling", "mean", "--out", tmp_path / "run", *FAST_TRAIN)
-    assert_clear_error(rc, err, "head pooling 'first'", "--head-pooling mean")
+                     "--classifier-pooling", "mean", "--out", tmp_path / "run", *FAST_TRAIN)
+    assert_clear_error(rc, err, "head pooling 'first'", "--classifier-pooling mean")
 
 
 def test_trace_records_the_head_pooling(tmp_path, capsys, bert_dir, labels_file):
     out = tmp_path / "trace.json"
-    rc, _, err = run(capsys, "trace", "--model", bert_dir, "--data", labels_file, "--head-pooling", "mean",
+    rc, _, err = run(capsys, "trace", "--model", bert_dir, "--data", labels_file, "--classifier-pooling", "mean",
                      "--out", out, *FAST_TRACE)
     assert rc == 0, err
     stored = json.loads(out.read_text())
     assert stored["pooling"] == "mean" and stored["model"]["head_pooling"] == "mean"
     rc, _, err = run(capsys, "plan", "--model", bert_dir, "--data", labels_file, "--trace-file", out,
                      "--out", tmp_path / "plan.json", *FAST_TRACE)
-    assert_clear_error(rc, err, "traced with head pooling 'mean'", "--head-pooling mean")
+    assert_clear_error(rc, err, "traced with head pooling 'mean'", "--classifier-pooling mean")
 
 
 def test_mean_pooling_on_a_causal_lm_is_a_clear_error(tmp_path, capsys, work):
@@ -244,6 +244,6 @@ def test_mean_pooling_on_a_causal_lm_is_a_clear_error(tmp_path, capsys, work):
 
     gpt2 = save_tiny(work, "gpt2")
     rc, _, err = run(capsys, "plan", "--model", gpt2, "--data", text_data(tmp_path / "text.jsonl"),
-                     "--head-pooling", "mean", "--out", tmp_path / "plan.json", *FAST_TRACE)
-    assert_clear_error(rc, err, "no BERT-style pooler", "--head-pooling first")
+                     "--classifier-pooling", "mean", "--out", tmp_path / "plan.json", *FAST_TRACE)
+    assert_clear_error(rc, err, "no BERT-style pooler", "--classifier-pooling first")
     assert not (tmp_path / "plan.json").exists()

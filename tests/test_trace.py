@@ -186,8 +186,11 @@ def test_label_kind_rejects_mixed_and_empty_data():
 
 
 def test_unknown_lens_lists_the_known_ones():
-    with pytest.raises(SalfError) as err:
-        TraceConfig(lens="x-ray")
+    from salf.api import check_plan_config
+    from salf.config import PlanConfig
+
+    with pytest.raises(SalfError) as err:  # checked before a model is loaded (configs import no registries)
+        check_plan_config(PlanConfig(trace=TraceConfig(lens="x-ray")))
     for name in LENSES.names():
         assert name in str(err.value)
     assert {"logit-lens", "basis-cosine", "probe"} <= set(LENSES.names())

@@ -8,10 +8,9 @@ import pytest
 from helpers import label_data, save_tiny
 
 from salf.cli import main
-from salf.errors import SalfError
-from salf.training.recipes import RECIPES, default_recipe
 from salf.config.train import TrainConfig, parse_learning_rate
-from salf.training.recipes import resolve_recipe
+from salf.errors import SalfError
+from salf.training.recipes import RECIPES, default_recipe, resolve_recipe
 
 
 def cli(*argv) -> int:

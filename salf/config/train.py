@@ -32,6 +32,14 @@ def parse_learning_rate(text: str | float | None) -> float | str | None:
     return value
 
 
+def number_or_text(text: str) -> float | str:
+    """A flag's value as a number where it reads as one ('auto' stays text); the config checks it."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 RECIPE = "(default: the recipe of the run's kind, see README)"
 
 
@@ -44,7 +52,7 @@ class TrainConfig:
                                              "3 for a classifier, else 1")
     batch_size: int | None = option(None, help=f"data per optimizer step, per device {RECIPE}: 16 for a classifier, "
                                                "else 8")
-    learning_rate: float | str | None = option(None, flag="--lr", metavar="LR|auto", parse=parse_learning_rate,
+    learning_rate: float | str | None = option(None, flag="--lr", metavar="LR|auto", parse=number_or_text,
                                                help="peak learning rate of the trained pretrained weights (and of "
                                                     f"LoRA adapters) {RECIPE}; 'auto' searches it for this plan on a "
                                                     "held-out split first, within --lr-search-budget")

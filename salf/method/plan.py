@@ -320,7 +320,7 @@ class Plan:
         if want is not None and got is not None and want != got:
             raise SalfError(
                 f"this plan was made for a head that reads {want!r} (head pooling), but this model's head reads {got!r}",
-                f"train the model the plan was made for with --head-pooling {want}, or make a new plan with `salf plan`",
+                f"train the model the plan was made for with --classifier-pooling {want}, or make a new plan with `salf plan`",
             )
         for key in ("model_type", "num_layers", "fingerprint"):
             want, got = self.model.get(key), model_info.get(key)

@@ -81,8 +81,8 @@ def head_mode_for(model: nn.Module, requested: str | None) -> str | None:
     check_head_mode(requested)
     if not has_tied_head(model):
         if requested == "untie":
-            raise SalfError("--head untie asks to untie the output head, but this model's head is not tied to "
-                            "its input embeddings", "leave --head out: the head already trains on its own")
+            raise SalfError("--output-head untie asks to untie the output head, but this model's head is not tied to "
+                            "its input embeddings", "leave --output-head out: the head already trains on its own")
         return None
     return requested or DEFAULT_HEAD_MODE
 
@@ -95,7 +95,7 @@ def head_note(mode: str | None, boundary: int) -> str:
         return "tied to the input embeddings, trained with them (full fine-tuning)"
     if mode == "untie":
         return "untied: its own trainable copy of the embedding matrix; the input embeddings stay frozen"
-    return "tied to the input embeddings, so frozen with them (`salf plan --head untie` trains a copy)"
+    return "tied to the input embeddings, so frozen with them (`salf plan --output-head untie` trains a copy)"
 
 
 def apply_head_mode(model: nn.Module, mode: str | None) -> bool:

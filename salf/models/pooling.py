@@ -77,7 +77,7 @@ def use_mean_pooling(model: nn.Module) -> nn.Module:
     if not has_pooler(model):
         raise SalfError(
             f"{type(model).__name__} has no BERT-style pooler (dense + activation) to read the token mean",
-            "use --head-pooling first with this model (mean pooling is for BERT-family encoder classifiers)",
+            "use --classifier-pooling first with this model (mean pooling is for BERT-family encoder classifiers)",
         )
     mean_pooler = MaskedMeanPooler(pooler)
     base.pooler = mean_pooler
@@ -96,5 +96,5 @@ def apply_head_pooling(model: nn.Module, pooling: str | None) -> nn.Module:
         return use_mean_pooling(model)
     if head_pooling(model) == "mean":
         raise SalfError("this model was fine-tuned with a mean-pooling head; it cannot be switched back to 'first'",
-                        "drop --head-pooling first (or load the original pretrained model)")
+                        "drop --classifier-pooling first (or load the original pretrained model)")
     return model
