@@ -188,8 +188,8 @@ def plan(model: str, data: str, out: str, task: str | None = None, label_mode: s
          cost_seq: int | None = None, cost_batch: int = 8, lora: bool = False, lora_rank: int = 8,
          trace_file: str | None = None, figure: str | None = None, per_datum: bool = False,
          head_pooling: str | None = None, no_progress: bool = False, head: str | None = None, **_: Any) -> PlanResult:
-    from salf.report.plan_figure import plot_plan
     from salf.method.gain import ESTIMATORS
+    from salf.report.plan_figure import plot_plan
 
     if policy is not None:
         check_policy(policy)  # fail in a second, not after a long trace

@@ -1,6 +1,6 @@
 """Does the evaluation pass's teacher-forced exact match equal greedy generation's on a trained model?
 
-`salf.training.trainer` scores a completion as exact when every completion token is the model's top
+`salf.training.eval_metrics` scores a completion as exact when every completion token is the model's top
 prediction given the true prefix; `salf.bench.measured.exact_match` generates greedily and compares
 strings. Both are computed here on the same data:
 
@@ -17,7 +17,7 @@ import torch
 from salf.bench.measured import exact_match
 from salf.data.batch import collate
 from salf.pipeline import load
-from salf.training.trainer import _completion_metrics, _top_token
+from salf.training.eval_metrics import _completion_metrics, _top_token
 
 
 def main() -> None:
