@@ -124,6 +124,7 @@ def one_thread():
 
 
 # Not in the version matrix (@pytest.mark.matrix): a timing test, which says nothing about library versions.
+@pytest.mark.timing
 def test_half_boundary_steps_are_faster_than_full(tmp_path, one_thread):
     # gpt2, 8 blocks of width 256, sequences of 64: boundary 4 skips half the backward pass (FLOPs 2/3
     # of full). Runs alternate (full, half, full, half). Load from other processes only ever adds time,
