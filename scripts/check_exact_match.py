@@ -1,6 +1,6 @@
 """Does the evaluation pass's teacher-forced exact match equal greedy generation's on a trained model?
 
-`salf.training.trainer` scores a completion as exact when every completion token is the model's top
+`salf.training.eval_metrics` scores a completion as exact when every completion token is the model's top
 prediction given the true prefix; `salf.bench.measured.exact_match` generates greedily and compares
 strings. Both are computed here on the same data:
 
@@ -19,7 +19,7 @@ from salf.commands.loading import load
 from salf.config import DataConfig
 from salf.config.commands import ModelSource
 from salf.data.batch import collate
-from salf.training.trainer import _completion_metrics, _top_token
+from salf.training.eval_metrics import _completion_metrics, _top_token
 
 
 def main() -> None:

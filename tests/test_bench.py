@@ -8,19 +8,18 @@ import torch
 
 import salf.training.run
 from salf.bench.analysis import ALL_MODELS, analyze, combined_regret, default_plan, regret_by_model
-from salf.bench.baselines import (
-    BASELINES,
-    BaselineContext,
-    LisaCallback,
+from salf.bench.baselines import BASELINES, BaselineContext
+from salf.bench.baselines_gradient import gradient_norm_boundary
+from salf.bench.baselines_representation import (
     cka_change,
     cka_change_boundary,
     cosine_change,
     cosine_change_boundary,
-    gradient_norm_boundary,
     linear_cka,
     variability_boundary,
     variability_ratio,
 )
+from salf.bench.baselines_variants import LisaCallback
 from salf.bench.measured import exact_match, per_datum_flops
 from salf.bench.report import bench_table
 from salf.bench.runner import run_bench

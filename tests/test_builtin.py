@@ -246,6 +246,10 @@ def test_conversion_is_reused(e5, monkeypatch):
     assert resolve_builtin("builtin:e5-small") == str(e5.folder)
     assert e5.folder.parent == e5.root / "builtin" and e5.folder.name.endswith(f"-c{builtin.E5_CONVERTER_VERSION}")
     assert not [p for p in e5.folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+@pytest.mark.timing
+def test_conversion_takes_under_two_minutes(e5):
     assert e5.seconds < 120
 
 

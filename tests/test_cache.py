@@ -259,6 +259,7 @@ def test_attachment_runs_the_real_prefix_without_cached_states_and_comes_off(tmp
         torch.testing.assert_close(model(**batch).logits, before)
 
 
+@pytest.mark.timing
 def test_epoch_two_steps_are_faster_from_the_cache(tmp_path):
     """gpt2 width 256, 8 blocks, boundary 6: the cache removes 6 of 8 blocks' forward from every step."""
     torch.set_num_threads(1)

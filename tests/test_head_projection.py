@@ -16,8 +16,8 @@ from salf.method.cost_counting import labelled_positions, loss_on_positions, pro
 from salf.method.cost_profile import CostShape, labelled_positions_estimate, profile_cost
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
+from salf.training.hf_trainer import _SalfTrainer, _takes_logits_to_keep
 from salf.training.run import train
-from salf.training.trainer import _SalfTrainer, _takes_logits_to_keep
 
 # The version matrix (scripts/version_matrix.sh) runs these on the lowest allowed and the newest dependencies.
 pytestmark = pytest.mark.matrix

@@ -12,7 +12,8 @@ import torch
 from helpers import label_data, save_tiny
 from test_cli import FAST_TRACE, FAST_TRAIN, assert_clear_error, run
 
-from salf.bench.baselines import BASELINES, BaselineContext, cosine_change
+from salf.bench.baselines import BASELINES, BaselineContext
+from salf.bench.baselines_representation import cosine_change
 from salf.data.batch import collate
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec, apply_plan

@@ -124,6 +124,7 @@ def one_thread():
 
 
 # Not in the version matrix (@pytest.mark.matrix): a timing test, which says nothing about library versions.
+@pytest.mark.timing
 def test_half_boundary_steps_are_faster_than_full(tmp_path, one_thread):
     # gpt2, 8 blocks of width 256, sequences of 64: boundary 4 skips half the backward pass (FLOPs 2/3
     # of full). Runs alternate (full, half, full, half). Load from other processes only ever adds time,
@@ -283,7 +284,7 @@ def test_lora_adapters_only_on_planned_blocks(tmp_path):
 def test_completion_metrics_score_each_completion_token_from_the_position_before_it():
     from types import SimpleNamespace
 
-    from salf.training.trainer import _completion_metrics
+    from salf.training.eval_metrics import _completion_metrics
 
     labels = np.array([[-100, -100, 5, 6], [-100, 7, 8, -100], [-100, -100, -100, -100]])
     top = np.array([[0, 5, 6, 0], [7, 9, 0, 0], [1, 1, 1, 1]])  # row 0 right twice; row 1 right, then wrong

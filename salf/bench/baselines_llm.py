@@ -1,5 +1,5 @@
-"""Baselines that LLM fine-tuning tools use, each a run of its own (``BASELINES``, registered on import by
-``salf.bench.baselines``):
+"""Baselines that LLM fine-tuning tools use, each a run of its own (``BASELINES``, registered when the package
+``salf.bench`` is imported):
 
 - ``freeze-deep-half``: the shallow half of the blocks trained, the deep half frozen (the reverse of
   ``freeze-first-half``; LayerTracer reports it beating full fine-tuning in continued pretraining). Backward

@@ -3,7 +3,7 @@ backward (``saved_tensors_hooks``), per block, with the model cut at every block
 
 ``measure_step_flops`` counts a real step of a real model the same way (used to check the profile).
 ``labelled_positions`` and ``projected_forward`` are the forward of a training step that projects only the
-labelled positions through a causal LM's head: the trainer (``salf.training.trainer``) trains with them and the
+labelled positions through a causal LM's head: the trainer (``salf.training.hf_trainer``) trains with them and the
 profile counts them, so both run the same operators.
 """
 

@@ -227,7 +227,7 @@ def _scaled(config: TrainConfig, factor: float, task: str, head_only: bool) -> T
 
 def validation_accuracy(metrics: dict) -> float | None:
     """What a candidate is ranked by before its loss: a classifier's accuracy, a completion task's exact
-    match (teacher-forced, ``salf.training.trainer``); None for plain text, which has only its loss."""
+    match (teacher-forced, ``salf.training.eval_metrics``); None for plain text, which has only its loss."""
     return metrics.get("eval_accuracy", metrics.get("eval_exact_match"))
 
 

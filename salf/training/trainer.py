@@ -14,12 +14,12 @@ trains with checkpoints and resume, evaluates, and writes
 - ``out_dir/history.json``: the loss of every step, ``[{"step", "loss", "seconds", "tokens"}, ...]``;
 - ``out_dir/checkpoints/checkpoint-<step>``: the Trainer's checkpoints (every ``save_steps``).
 
-This module names no strategy: a strategy is anything with the ``TrainingStrategy`` shape.
+This module names no strategy: a strategy is anything with the ``TrainingStrategy`` shape. The ``Trainer``
+subclass it runs is ``salf.training.hf_trainer``; what its evaluation measures, ``salf.training.eval_metrics``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -39,17 +39,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from salf.config.train import AUTO
-from salf.data.batch import IGNORE_INDEX, Collator, ListDataset
+from salf.data.batch import Collator, ListDataset
 from salf.errors import SalfError
 from salf.fileio import write_json
-from salf.method.cost_counting import labelled_positions, projected_forward
 from salf.method.freeze import FreezeSpec, apply_plan
-from salf.models.arch import find_parts, unwrap_peft
+from salf.models.arch import find_parts
 from salf.training.budget import FlopBudgetStop
 from salf.training.callback import SalfCallback
 from salf.training.config import TASKS, TrainConfig, TrainingInterrupted
 from salf.training.diagnosis import diagnose, label_entropy
 from salf.training.distributed import is_main_process, rank_and_world
+from salf.training.eval_metrics import EVAL_METRICS, _top_token
+from salf.training.hf_trainer import _SalfTrainer
 from salf.training.lora import add_lora
 from salf.training.outputs import merge_history, prepare_out_dir
 from salf.training.recipes import resolve_recipe
@@ -65,150 +66,6 @@ TRAIN_FLOPS_METHOD = (
 def _peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
-
-
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the Hugging Face model inside ``model`` (a PEFT wrapper passes keywords on) can project chosen
-    positions only (transformers' causal LMs take ``logits_to_keep``)."""
-    return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
-
-
-def _projecting(model: nn.Module, keep: torch.Tensor, observers: Sequence[SalfCallback] = ()):
-    """``model`` as the Trainer calls it, projecting only positions ``keep``: the Trainer passes the batch and,
-    when the model takes loss keywords, ``num_items_in_batch``. The loss is computed outside the model, so its
-    forward hooks never see it: ``observers`` get it instead (each step's loss in history.json, the NaN stop)."""
-
-    def forward(num_items_in_batch: torch.Tensor | int | None = None, **batch: Any) -> Any:
-        out = projected_forward(model, batch, keep, num_items_in_batch)
-        for observer in observers:
-            observer.observe_loss(out.loss, num_items_in_batch is not None)
-        return out
-
-    return forward
-
-
-class _SalfTrainer(Trainer):
-    """A ``Trainer`` whose AdamW gets the trainable parameters only, the head in its own group, and whose
-    training steps project only the labelled positions through a causal LM's head (``project_labelled_only``)."""
-
-    def __init__(
-        self,
-        *args,
-        head_param_ids: frozenset[int] = frozenset(),
-        head_learning_rate: float,
-        train_batch_sampler: torch.utils.data.Sampler | None = None,
-        project_labelled_only: bool = False,
-        **kwargs,
-    ):
-        self.head_param_ids = head_param_ids
-        self.head_learning_rate = head_learning_rate
-        self.train_batch_sampler = train_batch_sampler
-        self.project_labelled_only = project_labelled_only
-        super().__init__(*args, **kwargs)
-
-    def _projected_positions(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """The positions this step projects through the head, or None for the full projection: in evaluation
-        (its metrics read the top token at every position), for class-index labels, for a model that cannot
-        choose positions, under a custom loss, and where every position is labelled (nothing to save)."""
-        labels = inputs.get("labels")
-        if not (self.project_labelled_only and model.training and isinstance(labels, torch.Tensor)
-                and labels.dim() == 2 and self.label_smoother is None and self.compute_loss_func is None
-                and _takes_logits_to_keep(self.accelerator.unwrap_model(model))):
-            return None
-        keep = labelled_positions(labels)
-        return keep if 0 < keep.numel() < labels.shape[1] - 1 else None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        keep = self._projected_positions(model, inputs)
-        if keep is not None:
-            # The Trainer's own compute_loss still calls the model and scales the loss (gradient accumulation,
-            # devices) exactly as for the model's own loss; only the call projects fewer positions.
-            observers = [c for c in self.callback_handler.callbacks if isinstance(c, SalfCallback)]
-            model = _projecting(model, keep, observers)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def get_train_dataloader(self):
-        if self.train_batch_sampler is None:
-            return super().get_train_dataloader()
-        loader = torch.utils.data.DataLoader(
-            self.train_dataset,
-            batch_sampler=self.train_batch_sampler,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-        )
-        return self.accelerator.prepare(loader)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is not None:
-            return self.optimizer
-        opt_model = self.model if model is None else model
-        decay = set(self.get_decay_parameter_names(opt_model))
-        buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in opt_model.named_parameters():
-            if param.requires_grad:
-                buckets.setdefault((id(param) in self.head_param_ids, name in decay), []).append(param)
-        groups = []
-        for (is_head, decays), params in sorted(
-            buckets.items()
-        ):  # body groups first: their lr is the logged one
-            groups.append(
-                {
-                    "params": params,
-                    "weight_decay": self.args.weight_decay if decays else 0.0,
-                    "lr": self.head_learning_rate if is_head else self.args.learning_rate,
-                }
-            )
-        if not groups:
-            raise SalfError("the plan leaves no trainable parameter", "train at least the head or one block")
-        self.optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.args.learning_rate,
-            betas=(self.args.adam_beta1, self.args.adam_beta2),
-            eps=self.args.adam_epsilon,
-        )
-        return self.optimizer
-
-
-def _predictions(eval_pred):
-    """The model's first output (logits, or top token ids): some models return a tuple of outputs."""
-    return eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-
-
-def _classification_metrics(eval_pred) -> dict[str, float]:
-    logits = _predictions(eval_pred)
-    labels = np.asarray(eval_pred.label_ids).reshape(-1)
-    preds = np.asarray(logits).reshape(len(labels), -1).argmax(-1)
-    f1s = []
-    for cls in np.union1d(labels, preds):
-        tp = np.sum((preds == cls) & (labels == cls))
-        fp = np.sum((preds == cls) & (labels != cls))
-        fn = np.sum((preds != cls) & (labels == cls))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s))}
-
-
-def _top_token(logits, labels):
-    """Keep only each position's top token id, so evaluation gathers ids, not vocabulary-sized logits."""
-    return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
-
-
-def _completion_metrics(eval_pred) -> dict[str, float]:
-    """Teacher-forced accuracy of the completion tokens, and the share of data whose every completion token
-    is the top prediction given the true prefix: exactly the data whose greedy generation reproduces the
-    completion, measured in the evaluation pass itself."""
-    top = np.asarray(_predictions(eval_pred))
-    labels = np.asarray(eval_pred.label_ids)
-    predicted, target = top[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-    scored = target != IGNORE_INDEX
-    correct = (predicted == target) | ~scored
-    has_target = scored.any(axis=1)
-    return {"token_accuracy": float((predicted == target)[scored].mean()) if scored.any() else 0.0,
-            "exact_match": float(correct.all(axis=1)[has_target].mean()) if has_target.any() else 0.0}
-
-
-EVAL_METRICS = {"classification": _classification_metrics, "completion": _completion_metrics}
-"""The metrics the evaluation pass computes per task (loss only for plain text)."""
 
 
 def _check_data(data: Sequence[dict], task: str, what: str) -> None:
