@@ -668,14 +668,14 @@ def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
 
     from salf.bench.taskbench import TaskBench
 
-    bench = SimpleNamespace(p=SimpleNamespace(num_layers=30), t=SimpleNamespace(oracle_stride=3),
+    bench = SimpleNamespace(prepared=SimpleNamespace(num_layers=30), task=SimpleNamespace(oracle_stride=3),
                             loaded=SimpleNamespace(data=SimpleNamespace(task="completion")),
                             lenses=lambda: ["logit-lens"])
     picked = [{"boundary": 28}, {"boundary": 0}, {"boundary": None}, {"boundary": 28}, {"boundary": 7},
               {"boundary": 13, "variant": "salf/logit-lens/sufficiency-uniform/unsolved"}]
     ks = TaskBench.oracle_boundaries(bench, picked)
     assert ks[:3] == [13, 28, 7] and ks[3:] == [k for k in range(3, 31, 3) if k != 28]  # default, picked, grid
-    bench.t.oracle_stride, bench.p.num_layers = 4, 10
+    bench.task.oracle_stride, bench.prepared.num_layers = 4, 10
     assert TaskBench.oracle_boundaries(bench, []) == [4, 8, 10]  # the last boundary always
 
 

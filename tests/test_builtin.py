@@ -284,9 +284,9 @@ def test_load_model_gives_a_12_block_classifier_with_a_fresh_head(e5):
 
 def test_cost_config_and_bench_source_resolve_builtins(e5):
     from salf.bench.tasks import MODEL_SOURCES
-    from salf.method.projection import load_config
+    from salf.method.projection import read_model_config
 
-    assert load_config("builtin:e5-small").num_hidden_layers == 12
+    assert read_model_config("builtin:e5-small").num_hidden_layers == 12
     assert MODEL_SOURCES.get("builtin")("e5-small", None) == str(e5.folder)
 
 

@@ -23,9 +23,9 @@ from salf.method.projection import (
     Projection,
     StepTraining,
     Throughput,
-    load_config,
     project,
-    render_table,
+    read_model_config,
+    render_projection,
 )
 from salf.models.tiny import tiny_config
 
@@ -67,7 +67,7 @@ def test_llama3_8b_projects_in_seconds(llama8b):
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_parameter_counts_match_published_totals(name):
     p = _projected(name)
-    config = load_config(CONFIGS / f"{name}.json")
+    config = read_model_config(CONFIGS / f"{name}.json")
     assert p.total_params == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
     assert p.num_layers == config.num_hidden_layers and p.model_type == config.model_type
     # The tied Gemma-2 head shares the 256000 x 3584 embedding: counted once, not trained at k > 0.
@@ -132,7 +132,7 @@ def test_lora_projection_and_rendering(llama8b):
                    throughput=Throughput("A100"))
     assert lora.accelerator == "a100" and lora.peak_flops == ACCELERATORS["a100"]
     assert lora.rows[0].grad_bytes < 0.1 * llama8b.rows[0].grad_bytes  # adapters + head only
-    text = render_table(lora)
+    text = render_projection(lora)
     assert "LoRA r=16" in text and "a100" in text and "limit+cache" in text
     assert len([line for line in text.splitlines() if line.strip().startswith(("0 ", "14 ", "28 "))]) == 3
     data = json.loads(to_json(lora.to_dict()))
@@ -172,9 +172,9 @@ def test_mistakes_raise_salf_errors(tmp_path, monkeypatch):
         project(CONFIGS / "llama3_8b.json", CostShape(1, 16), dtype="int8")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SalfError, match="cannot read"):
-        load_config(tmp_path / "bad.json")
+        read_model_config(tmp_path / "bad.json")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SalfError, match="hub"):
-        load_config("salf-tests/no-such-model")
+        read_model_config("salf-tests/no-such-model")

@@ -19,7 +19,7 @@ from salf.bench.scoring import (
     tradeoff_fields,
 )
 from salf.bench.scoring import stats as _stats
-from salf.bench.store import complete_records, load_runs
+from salf.bench.store import complete_records, load_records
 from salf.bench.suite import LOSS, QUALITY
 from salf.bench.sweeps_report import analyze_sweeps
 from salf.method.plan import DEFAULT_POLICY
@@ -261,7 +261,7 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
 
 def finished_analyses(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     """``analyze`` of the finished seeds of each benchmark output directory."""
-    return [analyze(complete_records(load_runs(d))) for d in dirs]
+    return [analyze(complete_records(load_records(d))) for d in dirs]
 
 
 def combined_regret(dirs: Iterable[str | Path]) -> dict[str, dict[str, Any]]:

@@ -109,7 +109,7 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
         prepared = [PreparedTask.prepare(t, out) for t in suite.tasks]
         progress = Progress(out / "progress.log", 0.0, show_progress)
         benches = [TaskBench(p, suite, store, progress) for p in prepared]
-        progress.grow(sum(b.units_weight() * len(b.t.seeds) for b in benches))
+        progress.grow(sum(b.units_weight() * len(b.task.seeds) for b in benches))
         # The Trainer runs a full garbage collection after every run (accelerate's free_memory); with torch,
         # transformers and the data loaded that scans some 500 000 objects (about a second). Freezing
         # them leaves it only what the run made.
@@ -118,7 +118,7 @@ def run_bench(suite: BenchSuite, out_dir: str | Path, resume: bool = True, show_
             for b in benches:  # an extra sweep the model cannot run is refused before anything trains
                 b.check_sweeps()
             for b in benches:
-                for seed in b.t.seeds:
+                for seed in b.task.seeds:
                     (b.replan_seed if replan else b.run_seed)(seed)
                 for name in ("loaded", "eval_data", "costs", "costs_untied"):
                     b.__dict__.pop(name, None)

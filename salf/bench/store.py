@@ -75,7 +75,7 @@ class RunStore:
         return union
 
 
-def load_runs(out_dir: str | Path) -> list[dict[str, Any]]:
+def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``out_dir/runs.json`` (a ``salf bench`` output directory)."""
     path = Path(out_dir) / "runs.json"
     if not path.is_file():
@@ -109,4 +109,4 @@ def complete_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("seed") is None or (r["task"], r["seed"]) in done]
 
 
-__all__ = ["RunStore", "complete_records", "load_runs", "sweep_boundaries"]
+__all__ = ["RunStore", "complete_records", "load_records", "sweep_boundaries"]

@@ -57,11 +57,11 @@ def active_sweeps(task: BenchTask) -> list[ExtraSweep]:
 # -- per-boundary searched learning rate ---------------------------------------------------------------
 def search_recipe(bench: Any) -> str:
     """The searched runs' recipe: the task's, plus the search settings (changing them reruns only these)."""
-    return f"{bench.recipe}+lr-search={fingerprint(asdict(bench.t.lr_search))}"
+    return f"{bench.recipe}+lr-search={fingerprint(asdict(bench.task.lr_search))}"
 
 
 def _searched_unit(bench: Any, seed: int, k: int) -> dict:
-    t, n = bench.t, bench.p.num_layers
+    t, n = bench.task, bench.prepared.num_layers
     variant, spec = f"{SEARCHED}/k={k}", FreezeSpec.from_boundary(k, n)
     weight = t.steps * (1 + t.lr_search.budget)
 
@@ -104,23 +104,23 @@ def _check_search(bench: Any) -> None:
     from salf.training.config import TrainConfig
     from salf.training.lrsearch import plan_search
 
-    config = TrainConfig(max_steps=bench.t.steps, batch_size=bench.t.batch_size)
+    config = TrainConfig(max_steps=bench.task.steps, batch_size=bench.task.batch_size)
     try:
-        plan_search(len(bench.loaded.data.data), config, bench.t.lr_search)
+        plan_search(len(bench.loaded.data.data), config, bench.task.lr_search)
     except SalfError as e:
-        raise SalfError(f"task {bench.t.name}: lr_search: {e.problem} ({bench.t.steps} steps)",
+        raise SalfError(f"task {bench.task.name}: lr_search: {e.problem} ({bench.task.steps} steps)",
                         'raise lr_search\'s "budget" or use fewer "factors"') from None
 
 
 def _run_searched(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
-    for k in range(bench.p.num_layers + 1):
+    for k in range(bench.prepared.num_layers + 1):
         _searched_unit(bench, seed, k)
 
 
 SWEEPS.register("lr-search")(ExtraSweep(
     enabled=lambda task: task.lr_search is not None,
     run=_run_searched,
-    weight=lambda bench: (bench.p.num_layers + 1) * bench.t.steps * (1 + bench.t.lr_search.budget),
+    weight=lambda bench: (bench.prepared.num_layers + 1) * bench.task.steps * (1 + bench.task.lr_search.budget),
     check=_check_search,
 ))
 
@@ -131,7 +131,7 @@ def _check_untie(bench: Any) -> None:
 
     if not has_tied_head(bench.loaded.model.model):
         raise SalfError(
-            f"task {bench.t.name}: head_modes asks for 'untie', but the output head of {bench.t.model} is not tied "
+            f"task {bench.task.name}: head_modes asks for 'untie', but the output head of {bench.task.model} is not tied "
             "to its input embeddings (there is nothing to untie)",
             'drop "untie" from the task\'s head_modes (keep ["tied"]); only models with tied embeddings '
             "(GPT-2, Gemma, Qwen2 0.5B/1.5B, Llama 3.2 1B/3B) have a head to untie")
@@ -146,7 +146,7 @@ def untied_spec(k: int, num_layers: int) -> FreezeSpec:
 def _run_untied(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
     from salf.bench.analysis import default_plan
 
-    n, t = bench.p.num_layers, bench.t
+    n, t = bench.prepared.num_layers, bench.task
     tied, untied = bench.costs, bench.costs_untied
     for k in range(1, n + 1):
         extra = {"head": "untie", "predicted_step_flops_ratio": float(untied["ratio"][k]),
@@ -184,7 +184,7 @@ def _run_untied(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
 SWEEPS.register("untied-head")(ExtraSweep(
     enabled=lambda task: "untie" in task.head_modes,
     run=_run_untied,
-    weight=lambda bench: bench.p.num_layers * bench.t.steps,
+    weight=lambda bench: bench.prepared.num_layers * bench.task.steps,
     check=_check_untie,
 ))
 

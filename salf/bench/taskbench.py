@@ -31,12 +31,12 @@ class TaskBench(PlanUnits):
     """Runs every unit of one task for one seed at a time, loading the model and data only when needed."""
 
     def __init__(self, prepared: PreparedTask, suite: BenchSuite, store: RunStore, progress: Progress):
-        self.p = prepared
-        self.t = prepared.task
+        self.prepared = prepared
+        self.task = prepared.task
         self.suite = suite
         self.store = store
         self.progress = progress
-        self.recipe = self.t.recipe_fingerprint()
+        self.recipe = self.task.recipe_fingerprint()
         self.trained = 0
         self.skipped = 0
 
@@ -47,9 +47,9 @@ class TaskBench(PlanUnits):
         from salf.config.commands import ModelSource
         from salf.config.data import DataConfig
 
-        return load(ModelSource(self.p.model_path, str(self.p.train_file), self.t.head_pooling),
-                    DataConfig(label_mode=self.t.label_mode, max_length=self.t.max_length, limit=self.t.train_limit,
-                               seed=self.t.data_seed))
+        return load(ModelSource(self.prepared.model_path, str(self.prepared.train_file), self.task.head_pooling),
+                    DataConfig(label_mode=self.task.label_mode, max_length=self.task.max_length, limit=self.task.train_limit,
+                               seed=self.task.data_seed))
 
     @cached_property
     def eval_data(self):
@@ -58,9 +58,9 @@ class TaskBench(PlanUnits):
 
         data = self.loaded.data
         names = data.label_names if data.label_names is not None else None
-        config = DataConfig(max_length=self.t.max_length, limit=self.t.eval_limit, seed=self.t.data_seed,
-                            label_mode=self.t.label_mode)
-        return load_task_data(self.p.eval_file, self.loaded.model.tokenizer, config, label_names=names)
+        config = DataConfig(max_length=self.task.max_length, limit=self.task.eval_limit, seed=self.task.data_seed,
+                            label_mode=self.task.label_mode)
+        return load_task_data(self.prepared.eval_file, self.loaded.model.tokenizer, config, label_names=names)
 
     @cached_property
     def costs(self) -> dict[str, Any]:
@@ -81,8 +81,8 @@ class TaskBench(PlanUnits):
         seq = max(2, round(float(np.mean([len(d["input_ids"]) for d in data]))))
         started = time.perf_counter()
         # The runs project only the labelled positions through a causal LM's head (TrainConfig's default).
-        projected = labelled_positions_estimate(data, self.t.batch_size, seq)
-        profile = profile_cost(model, CostShape(self.t.batch_size, seq, projected_positions=projected))
+        projected = labelled_positions_estimate(data, self.task.batch_size, seq)
+        profile = profile_cost(model, CostShape(self.task.batch_size, seq, projected_positions=projected))
         per_k = boundary_costs(profile, untie_head=untie_head)
         seconds = time.perf_counter() - started
         full = per_k[0].total
@@ -97,9 +97,9 @@ class TaskBench(PlanUnits):
 
         data = self.loaded.data
         torch.manual_seed(seed)
-        lm = load_model(self.p.model_path, data.task,
+        lm = load_model(self.prepared.model_path, data.task,
                         label_names=data.label_names if data.task == "classification" else None,
-                        head_pooling=self.t.head_pooling)
+                        head_pooling=self.task.head_pooling)
         # Eager attention: its matmuls are what FlopCounterMode counts on every backend (CPU sdpa counts 0).
         if hasattr(lm.model, "set_attn_implementation"):
             lm.model.set_attn_implementation("eager")
@@ -110,7 +110,7 @@ class TaskBench(PlanUnits):
               recipe: str | None = None) -> dict:
         """``make``'s record, or the stored one of the same ``recipe`` (default: the task's)."""
         recipe = recipe or self.recipe
-        key = RunStore.key(self.t.name, seed, variant)
+        key = RunStore.key(self.task.name, seed, variant)
         found = self.store.get(key, recipe)
         if found is not None:
             self.skipped += 1
@@ -119,7 +119,7 @@ class TaskBench(PlanUnits):
         started = time.perf_counter()
         body = make()
         seconds = time.perf_counter() - started
-        record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": recipe,
+        record = {"key": key, "task": self.task.name, "seed": seed, "variant": variant, "recipe": recipe,
                   **body, "seconds": seconds, "finished": now()}
         self.store.add(record)
         self.progress.finish(key, weight, seconds, body.get("status", "done"))
@@ -127,7 +127,7 @@ class TaskBench(PlanUnits):
 
     def units_weight(self) -> float:
         """Progress weight of the planned work of one seed (a training step weighs 1)."""
-        t, n = self.t, self.p.num_layers
+        t, n = self.task, self.prepared.num_layers
         oracle_runs = len({*range(0, n + 1, t.oracle_stride), n})  # the plans' own boundaries come on top
         runs = oracle_runs * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
         runs += t.steps if self._per_datum_lens() else 0
@@ -136,14 +136,14 @@ class TaskBench(PlanUnits):
         return runs + profiling + (t.ceiling_steps or 0)
 
     def _trace_weight(self) -> float:
-        return max(1.0, self.t.trace_sample / (3 * self.t.batch_size))
+        return max(1.0, self.task.trace_sample / (3 * self.task.batch_size))
 
     def _baselines(self) -> list[str]:
         return list(self.suite.baselines) if self.suite.baselines is not None else BASELINES.names()
 
     def _per_datum_lens(self) -> str | None:
         """The lens whose trace the per-datum variant uses (None: no per-datum variant)."""
-        return self.p.default_lens(self.suite.lenses) if self.suite.per_datum else None
+        return self.prepared.default_lens(self.suite.lenses) if self.suite.per_datum else None
 
     @staticmethod
     def per_datum_variants(lens: str) -> tuple[str, str]:
@@ -154,13 +154,13 @@ class TaskBench(PlanUnits):
     def meta(self) -> dict:
         def make() -> dict[str, Any]:
             c, data = self.costs, self.loaded.data
-            return {"kind": "meta", "data_task": data.task, "num_layers": self.p.num_layers,
-                    "model_path": self.p.model_path, "model": self.t.model, "n_train": len(data.data),
+            return {"kind": "meta", "data_task": data.task, "num_layers": self.prepared.num_layers,
+                    "model_path": self.prepared.model_path, "model": self.task.model, "n_train": len(data.data),
                     "n_eval": len(self.eval_data.data), "label_names": data.label_names,
-                    "train_file": str(self.p.train_file), "eval_file": str(self.p.eval_file),
+                    "train_file": str(self.prepared.train_file), "eval_file": str(self.prepared.eval_file),
                     "predicted_step_flops_ratio": c["ratio"].tolist(), "predicted_memory_ratio": c["memory_ratio"],
                     "cost_profile_seconds": c["seconds"],
-                    "cost_seq_len": c["seq_len"], "task_config": asdict(self.t), **self._data_fingerprints()}
+                    "cost_seq_len": c["seq_len"], "task_config": asdict(self.task), **self._data_fingerprints()}
 
         record = self._unit(None, "meta", 0.0, make)
         self._check_same_data(record)
@@ -179,13 +179,13 @@ class TaskBench(PlanUnits):
         if all(v is None for v in there.values()) or there == here:
             return
         raise SalfError(
-            f"task {self.t.name}: the data built now differ from those its stored runs were trained on "
+            f"task {self.task.name}: the data built now differ from those its stored runs were trained on "
             f"(fingerprints {there} there, {here} here); its corpus changed since, e.g. the package lists",
             "resume on the machine and data that started it, start a new --out, or pass --no-resume to "
             "train every run again on the new data")
 
     def run_seed(self, seed: int) -> None:
-        n = self.p.num_layers
+        n = self.prepared.num_layers
         self.meta()
         oracle = {0: self._train(seed, "oracle/k=0", "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
         plans = self._plans(seed)
@@ -197,11 +197,11 @@ class TaskBench(PlanUnits):
         baselines += self._run_baselines(seed, trained=True)
         if self._per_datum_lens():
             self._per_datum(seed, oracle)
-        if self.t.ceiling_steps:
-            self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.t.ceiling_steps)
-        if self.t.equal_compute_for(seed):
+        if self.task.ceiling_steps:
+            self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.task.ceiling_steps)
+        if self.task.equal_compute_for(seed):
             self._equal_compute(seed, oracle, [*plans, *baselines])
-        for sweep in active_sweeps(self.t):  # extra sweeps of the suite's options (salf.bench.sweeps)
+        for sweep in active_sweeps(self.task):  # extra sweeps of the suite's options (salf.bench.sweeps)
             sweep.run(self, seed, oracle)
 
     def oracle_boundaries(self, picked: list[dict]) -> list[int]:
@@ -210,7 +210,7 @@ class TaskBench(PlanUnits):
         the last boundary."""
         from salf.bench.analysis import default_plan
 
-        n, stride = self.p.num_layers, self.t.oracle_stride
+        n, stride = self.prepared.num_layers, self.task.oracle_stride
         default = default_plan(self.loaded.data.task)
         picked = sorted(picked, key=lambda r: r.get("variant") != default)  # the default plan's boundary first
         chosen = [r["boundary"] for r in picked if isinstance(r.get("boundary"), int) and 0 < r["boundary"] <= n]
@@ -219,14 +219,14 @@ class TaskBench(PlanUnits):
 
     def check_sweeps(self) -> None:
         """Refuse an extra sweep the task's model cannot run, before anything trains."""
-        for sweep in active_sweeps(self.t):
+        for sweep in active_sweeps(self.task):
             sweep.check(self)
 
     def replan_seed(self, seed: int) -> None:
         """Only what decides boundaries: every lens x estimator x policy plan and every baseline that does not
         train, for a seed whose sweep has started. Trains nothing: a new estimator or policy is scored against
         the oracle runs already finished (a plan's quality is the oracle run at its boundary)."""
-        if self.store.get(RunStore.key(self.t.name, seed, "oracle/k=0"), self.recipe) is None:
+        if self.store.get(RunStore.key(self.task.name, seed, "oracle/k=0"), self.recipe) is None:
             return
         self.meta()
         self._plans(seed)
@@ -234,7 +234,7 @@ class TaskBench(PlanUnits):
 
     def _train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None = None,
                steps: int | None = None, run: TrainVariant | None = None, extra: dict | None = None) -> dict:
-        steps = steps or self.t.steps
+        steps = steps or self.task.steps
         return self._unit(seed, variant, steps, lambda: self._do_train(seed, variant, kind, spec, boundary, steps,
                                                                        run, extra or {}))
 
@@ -242,7 +242,7 @@ class TaskBench(PlanUnits):
         """The task's ``TrainConfig`` for one run (``run``: a baseline's rate and LoRA settings)."""
         from salf.training.config import TrainConfig
 
-        t = self.t
+        t = self.task
         return TrainConfig(
             max_steps=steps, batch_size=t.batch_size, learning_rate=(run.learning_rate if run and run.learning_rate
                                                                      else t.lr),
@@ -251,7 +251,7 @@ class TaskBench(PlanUnits):
             logging_steps=max(1, steps // 10), show_progress=False)
 
     def run_dir(self, seed: int, variant: str):
-        return self.p.out_dir / "runs" / self.t.name / f"seed{seed}" / variant.replace("/", "_").replace("=", "")
+        return self.prepared.out_dir / "runs" / self.task.name / f"seed{seed}" / variant.replace("/", "_").replace("=", "")
 
     def _do_train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None, steps: int,
                   run: TrainVariant | None, extra: dict, boundaries: Sequence[int] | None = None,
@@ -262,7 +262,7 @@ class TaskBench(PlanUnits):
         from salf.training import run as training_run  # looked up per call: tests stand in for run.train
         from salf.training.config import TrainingInterrupted
 
-        t = self.t
+        t = self.task
         lm = self.fresh_model(seed)
         config = self.train_config(seed, steps, run)
         if rates is not None:
@@ -310,11 +310,11 @@ class TaskBench(PlanUnits):
         def make() -> dict[str, Any]:
             from salf.training.perdatum import datum_boundaries
 
-            plan = self.store.get(RunStore.key(self.t.name, seed, plan_variant), self.recipe)
+            plan = self.store.get(RunStore.key(self.task.name, seed, plan_variant), self.recipe)
             if plan is None:
-                raise SalfError(f"{self.t.name} seed {seed}: the per-datum boundaries of lens {lens} are missing",
+                raise SalfError(f"{self.task.name} seed {seed}: the per-datum boundaries of lens {lens} are missing",
                                 "rerun the benchmark with resume: the trace is redone")
-            n, data = self.p.num_layers, self.loaded.data.data
+            n, data = self.prepared.num_layers, self.loaded.data.data
             if plan["n_train"] != len(data):
                 raise SalfError(f"the per-datum boundaries were made for {plan['n_train']} training data, "
                                 f"the task has {len(data)}", "rerun without resume")
@@ -323,7 +323,7 @@ class TaskBench(PlanUnits):
             counts = np.bincount(boundaries, minlength=n + 1)
             histogram = {str(k): int(c) for k, c in enumerate(counts) if c}
             body = self._do_train(seed, variant, "per-datum", FreezeSpec.from_boundary(int(boundaries.min()), n),
-                                  None, self.t.steps, None, {}, boundaries=boundaries.tolist())
+                                  None, self.task.steps, None, {}, boundaries=boundaries.tolist())
             body.update(lens=lens, estimator=plan["estimator"], policy=plan["policy"], fill=PER_DATUM_FILL,
                         global_boundary=plan["boundary"], boundary_histogram=histogram,
                         mean_boundary=float(boundaries.mean()), n_traced=len(plan["traced_indices"]),
@@ -336,7 +336,7 @@ class TaskBench(PlanUnits):
                 body["mean_boundary_trained"] = sum(int(k) * v for k, v in tokens.items()) / total if total else None
             return body
 
-        return self._unit(seed, variant, self.t.steps, make)
+        return self._unit(seed, variant, self.task.steps, make)
 
     def _run_baselines(self, seed: int, trained: bool) -> list[dict]:
         """The baselines that train runs of their own (``trained``), or those that only choose a boundary."""
@@ -347,7 +347,7 @@ class TaskBench(PlanUnits):
             if baseline.trains != trained:
                 continue
             if baseline.trains:
-                key = RunStore.key(self.t.name, seed, variant)
+                key = RunStore.key(self.task.name, seed, variant)
                 if self.store.get(key, self.recipe) is None:
                     try:
                         choice = baseline.decide(self._baseline_context(seed))
@@ -358,7 +358,7 @@ class TaskBench(PlanUnits):
                     out.append(self._train(seed, variant, "baseline", choice.variant.spec, run=choice.variant,
                                            extra=choice.details))
                 else:
-                    out.append(self._train(seed, variant, "baseline", FreezeSpec.full(self.p.num_layers)))
+                    out.append(self._train(seed, variant, "baseline", FreezeSpec.full(self.prepared.num_layers)))
                 continue
 
             def decide(baseline=baseline) -> dict[str, Any]:
@@ -379,13 +379,13 @@ class TaskBench(PlanUnits):
         from salf.bench.analysis import default_plan
 
         def default_boundary() -> int | None:
-            plan = self.store.get(RunStore.key(self.t.name, seed, default_plan(self.loaded.data.task)),
+            plan = self.store.get(RunStore.key(self.task.name, seed, default_plan(self.loaded.data.task)),
                                   self.recipe)
             return plan["boundary"] if plan else None
 
-        return BaselineContext(load=lambda: self.fresh_model(seed), data=self.loaded.data, num_layers=self.p.num_layers,
-                               cost=self.costs["ratio"], seed=seed, batch_size=self.t.batch_size,
-                               learning_rate=self.t.lr, settings=self.t.baselines, default_boundary=default_boundary)
+        return BaselineContext(load=lambda: self.fresh_model(seed), data=self.loaded.data, num_layers=self.prepared.num_layers,
+                               cost=self.costs["ratio"], seed=seed, batch_size=self.task.batch_size,
+                               learning_rate=self.task.lr, settings=self.task.baselines, default_boundary=default_boundary)
 
     def _equal_compute(self, seed: int, oracle: dict[int, dict], chosen: list[dict]) -> None:
         full = oracle[0].get("metrics", {}).get("flops_per_padded_token")
@@ -394,9 +394,9 @@ class TaskBench(PlanUnits):
             per = oracle[k].get("metrics", {}).get("flops_per_padded_token")
             if not full or not per:
                 continue
-            steps = max(1, round(self.t.steps * full / per))
+            steps = max(1, round(self.task.steps * full / per))
             self.progress.grow(steps)
-            self._train(seed, f"equal-compute/k={k}", "equal-compute", FreezeSpec.from_boundary(k, self.p.num_layers),
+            self._train(seed, f"equal-compute/k={k}", "equal-compute", FreezeSpec.from_boundary(k, self.prepared.num_layers),
                         boundary=k, steps=steps, extra={"steps_for_full_flops": steps})
 
 

@@ -24,14 +24,14 @@ class PlanUnits:
         records = []
         for lens in self.lenses():
             variants = [f"salf/{lens}/{e}/{p}" for e in estimators for p in self.suite.policies]
-            keys = [RunStore.key(self.t.name, seed, v) for v in variants]
+            keys = [RunStore.key(self.task.name, seed, v) for v in variants]
             planned = all(self.store.get(k, self.recipe) for k in keys)
             # The per-datum boundaries come from this lens's trace: trace again only when they are lost
             # (a runs.json from before the per-datum variant, whose plans are all finished).
             per_datum = lens == per_datum_lens and not any(
-                self.store.get(RunStore.key(self.t.name, seed, v), self.recipe) for v in self.per_datum_variants(lens))
+                self.store.get(RunStore.key(self.task.name, seed, v), self.recipe) for v in self.per_datum_variants(lens))
             if planned and not per_datum:
-                self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(), None, "skip")
+                self.progress.finish(RunStore.key(self.task.name, seed, f"trace/{lens}"), self._trace_weight(), None, "skip")
                 records += [self.store.get(k, self.recipe) for k in keys]
                 self.skipped += len(keys)
                 continue
@@ -46,7 +46,7 @@ class PlanUnits:
         reads only completions with a closed set of answers)."""
         from salf.method.lenses import LENSES
 
-        return [lens for lens in self.p.lenses(self.suite.lenses) if LENSES.get(lens).applies(self.loaded.data.data)]
+        return [lens for lens in self.prepared.lenses(self.suite.lenses) if LENSES.get(lens).applies(self.loaded.data.data)]
 
     def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
@@ -58,7 +58,7 @@ class PlanUnits:
 
         costs = self.costs
         lm = self.fresh_model(seed)
-        config = TraceConfig(lens=lens, sample_size=self.t.trace_sample, batch_size=self.t.batch_size, seed=seed,
+        config = TraceConfig(lens=lens, sample_size=self.task.trace_sample, batch_size=self.task.batch_size, seed=seed,
                              show_progress=False)
         began = started = time.perf_counter()
         trace = trace_model(lm.model, self.loaded.data.data, config, lm.pad_token_id)
@@ -75,12 +75,12 @@ class PlanUnits:
             gains_of[estimator] = gains, fit_seconds + time.perf_counter() - started
             for policy in self.suite.policies:
                 variant = f"salf/{lens}/{estimator}/{policy}"
-                key = RunStore.key(self.t.name, seed, variant)
+                key = RunStore.key(self.task.name, seed, variant)
                 started = time.perf_counter()
                 plan = make_plan(trace, gains, costs["step_costs"], PolicyChoice(policy, seed), info_model, info_data)
                 plan_seconds = gains_of[estimator][1] + time.perf_counter() - started
                 profiling = trace_seconds + costs["seconds"] + plan_seconds
-                record = {"key": key, "task": self.t.name, "seed": seed, "variant": variant, "recipe": self.recipe,
+                record = {"key": key, "task": self.task.name, "seed": seed, "variant": variant, "recipe": self.recipe,
                           "kind": "plan", "boundary": plan.boundary, "status": "done", "lens": lens,
                           "estimator": estimator, "policy": policy, "profiling_seconds": profiling,
                           "trace_seconds": trace_seconds, "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
@@ -102,7 +102,7 @@ class PlanUnits:
             plan_seconds = gain_seconds + time.perf_counter() - started
             profiling = trace_seconds + costs["seconds"] + plan_seconds
             variant = self.per_datum_variants(lens)[0]
-            out.append({"key": RunStore.key(self.t.name, seed, variant), "task": self.t.name, "seed": seed,
+            out.append({"key": RunStore.key(self.task.name, seed, variant), "task": self.task.name, "seed": seed,
                         "variant": variant, "recipe": self.recipe, "kind": "per-datum-plan", "status": "done",
                         "lens": lens, "estimator": PER_DATUM_ESTIMATOR, "policy": PER_DATUM_POLICY,
                         "boundary": plan.boundary, "n_train": len(self.loaded.data.data),
@@ -115,7 +115,7 @@ class PlanUnits:
                         "seconds": profiling, "finished": now()})
         self.store.add(*out)
         plans = [r for r in out if r["kind"] == "plan"]
-        self.progress.finish(RunStore.key(self.t.name, seed, f"trace/{lens}"), self._trace_weight(),
+        self.progress.finish(RunStore.key(self.task.name, seed, f"trace/{lens}"), self._trace_weight(),
                              time.perf_counter() - began, f"traced and planned ({len(plans)} plans"
                              + (", per-datum boundaries)" if per_datum else ")"))
         del lm

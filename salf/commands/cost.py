@@ -17,9 +17,9 @@ from salf.method.projection import (
     CostResult,
     StepTraining,
     Throughput,
-    load_config,
     parse_boundaries,
     project,
+    read_model_config,
 )
 
 
@@ -61,7 +61,7 @@ def run(options: CostOptions) -> CostResult:
 
     if o.threads:
         torch.set_num_threads(o.threads)
-    loaded = load_config(config)
+    loaded = read_model_config(config)
     torch.manual_seed(0)  # random weights: timing and memory do not depend on the values
     model = build_model(loaded, task, loaded.num_labels, getattr(torch, dtype), attention, device=device)
     if task == "classification" and model.config.pad_token_id is None:

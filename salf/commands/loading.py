@@ -13,7 +13,7 @@ from salf.models.loading import LoadedModel, load_config, load_model, load_token
 
 
 @dataclass
-class Loaded:
+class ModelAndData:
     """A model with its tokenized data, loaded together so the label mapping matches the head."""
 
     model: LoadedModel
@@ -27,7 +27,7 @@ class Loaded:
         return load_task_data(path, self.model.tokenizer, replace(self.config, limit=None), label_names=names)
 
 
-def load(source: ModelSource, config: DataConfig, label_names: list[str] | None = None) -> Loaded:
+def load(source: ModelSource, config: DataConfig, label_names: list[str] | None = None) -> ModelAndData:
     """Tokenize ``source.data`` with the model's tokenizer, then load the model with a head for its task."""
     # Truncate to the model's positions, as load_model caps its own tokenizer: a saved tokenizer may
     # carry no limit (GPT-2 style), and longer sequences would overrun learned position embeddings.
@@ -35,4 +35,4 @@ def load(source: ModelSource, config: DataConfig, label_names: list[str] | None 
     task_data = load_task_data(source.data, tokenizer, config, label_names=label_names)
     names = task_data.label_names if task_data.task == "classification" else None
     loaded = load_model(source.model, task_data.task, label_names=names, head_pooling=source.classifier_pooling)
-    return Loaded(loaded, task_data, config)
+    return ModelAndData(loaded, task_data, config)

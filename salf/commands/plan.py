@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from salf.api import check_plan_config, plan_from_trace, trace_for
-from salf.commands.loading import Loaded, load
+from salf.commands.loading import ModelAndData, load
 from salf.config.commands import PlanOptions
 from salf.errors import SalfError
 from salf.method.plan import Plan, model_fingerprint
@@ -76,7 +76,7 @@ def run(options: PlanOptions) -> PlanResult:
     return PlanResult(plan, out_path, fig_path, t1 - t0, t2 - t1)
 
 
-def load_trace_file(trace_file: str, loaded: Loaded) -> Trace:
+def load_trace_file(trace_file: str, loaded: ModelAndData) -> Trace:
     """A trace written by ``salf trace``, checked against the data and the model it is reused for."""
     path = Path(trace_file)
     fix = f"write it with `salf trace --model M --data D --out {trace_file}`, or leave --trace-file out"

@@ -59,7 +59,8 @@ from torch import nn
 
 from salf.errors import SalfError
 
-TASKS = ("causal-lm", "classification")
+HEAD_KINDS = ("causal-lm", "classification")
+"""The model heads the cost model knows (``CostProfile.task``); data tasks are ``salf.config.Task``."""
 
 
 OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0}
@@ -158,8 +159,8 @@ class CostProfile:
     input gradient, weight gradient) scale with it while the blocks still see every token."""
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise SalfError(f"unknown task {self.task!r}", f"use one of {', '.join(TASKS)}")
+        if self.task not in HEAD_KINDS:
+            raise SalfError(f"unknown task {self.task!r}", f"use one of {', '.join(HEAD_KINDS)}")
         if self.batch_size < 1 or self.seq_len < 1:
             raise SalfError(f"batch_size and seq_len must be >= 1, got {self.batch_size} and {self.seq_len}")
         if self.projected_positions is not None and not 1 <= self.projected_positions <= self.seq_len:
@@ -406,20 +407,20 @@ def boundary_costs(profile: CostProfile, train_head: bool = True, optimizer: str
     ]
 
 
-def task_of(model: nn.Module) -> str:
+def head_kind_of(model: nn.Module) -> str:
     return "classification" if "SequenceClassification" in type(model).__name__ else "causal-lm"
 
 
 __all__ = [
+    "HEAD_KINDS",
     "LORA_MODES",
     "MODES",
     "OPTIMIZER_STATES",
     "OPTIMIZER_STATE_BYTES",
-    "TASKS",
     "CostProfile",
     "StepCost",
     "boundary_costs",
     "head_key",
+    "head_kind_of",
     "step_cost",
-    "task_of",
 ]

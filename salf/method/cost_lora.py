@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from salf.errors import SalfError
-from salf.method.cost import task_of
+from salf.method.cost import head_kind_of
 from salf.method.cost_counting import run_probe
 from salf.models.arch import ModelParts, find_parts
 
@@ -40,7 +40,7 @@ def lora_config_for(model: nn.Module, rank: int, blocks: Iterable[int], alpha: f
     layers = sorted(set(blocks))
     if not layers:
         raise SalfError("LoRA needs at least one block to adapt", "train at least one block, or the head alone without LoRA")
-    task = task or task_of(model)
+    task = task or head_kind_of(model)
     save = None
     if task == "classification":
         names = [*parts.head_names, *([parts.norm_name] if parts.norm_name else [])]

@@ -22,7 +22,7 @@ from torch import nn
 from salf.compat import dtype_kwargs
 from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
-from salf.method.cost import TASKS, CostProfile, head_key, task_of
+from salf.method.cost import HEAD_KINDS, CostProfile, head_key, head_kind_of
 from salf.method.cost_counting import run_probe
 from salf.method.cost_lora import profile_lora
 from salf.models.arch import ARCHITECTURES, ModelParts, find_parts
@@ -252,12 +252,12 @@ def profile_cost(
         if config is None:
             raise SalfError(f"{type(model).__name__} has no transformers config to profile",
                             "pass a transformers model or its PretrainedConfig")
-        task = task or task_of(model)
+        task = task or head_kind_of(model)
         if task == "classification":
             num_labels = getattr(config, "num_labels", num_labels)
     task = task or "causal-lm"
-    if task not in TASKS:
-        raise SalfError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
+    if task not in HEAD_KINDS:
+        raise SalfError(f"unknown task {task!r}", f"use one of {', '.join(HEAD_KINDS)}")
     if lora_rank is not None and lora_rank < 1:
         raise SalfError(f"LoRA rank must be >= 1, got {lora_rank}")
     if projected_positions is not None and task != "causal-lm":

@@ -141,7 +141,7 @@ class Projection:
         return {**data, "rows": [r.to_dict() for r in self.rows]}
 
 
-def load_config(config_or_path: Any):
+def read_model_config(config_or_path: Any):
     """A transformers config from a config object, a local ``config.json`` / model folder, a hub name or a
     ``builtin:NAME`` (``salf.models.builtin``)."""
     from transformers import AutoConfig, PretrainedConfig
@@ -277,7 +277,7 @@ def project(
     start = time.perf_counter()
     accelerator, peak = throughput.key, throughput.peak_flops
     lora_rank = training.lora_rank
-    config = load_config(config_or_path)
+    config = read_model_config(config_or_path)
     torch_dtype = None
     if dtype is not None:
         torch_dtype = getattr(torch, dtype, None)
@@ -328,7 +328,7 @@ def project(
     )
 
 
-def render_table(projection: Projection) -> str:
+def render_projection(projection: Projection) -> str:
     """The projection as an aligned terminal table."""
     p = projection
     where = p.accelerator or "custom accelerator"
@@ -350,8 +350,8 @@ def render_table(projection: Projection) -> str:
     return table.render_table(headers, rows, title=title) + "\n" + note
 
 
-__all__ = ["ACCELERATORS", "BoundaryProjection", "Projection", "StepTraining", "Throughput", "load_config", "project",
-           "render_table"]
+__all__ = ["ACCELERATORS", "BoundaryProjection", "Projection", "StepTraining", "Throughput", "project",
+           "read_model_config", "render_projection"]
 
 
 @dataclass
@@ -365,7 +365,7 @@ class CostResult:
     """Where the steps were measured, in words."""
 
     def render(self) -> str:
-        text = render_table(self.projection)
+        text = render_projection(self.projection)
         if self.measured:
             text += "\n\n" + render_measured(self.projection, self.measured, self.device or "")
         return text
