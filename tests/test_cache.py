@@ -24,6 +24,7 @@ from salf.training.cache import attach_prefix_cache
 from salf.training.cache_keys import CacheKeys, data_fingerprint
 from salf.training.cache_store import CacheBuild, PrefixCache, build_prefix_cache
 from salf.training.config import TrainConfig
+from salf.training.inputs import TrainingData
 from salf.training.run import train
 
 L = 4
@@ -81,16 +82,7 @@ def test_training_from_the_cache_gives_the_same_losses(tmp_path, model_type):
         model = make(model_type)
         counter = CallCounter(first_child(find_parts(model).blocks[1]))
         cfg = config(prefix_cache=str(tmp_path / "cache") if cached else None)
-        metrics = train(
-            model,
-            0,
-            data,
-            None,
-            FreezeSpec.from_boundary(boundary, L),
-            cfg,
-            tmp_path / f"run-{cached}",
-            task=task,
-        )
+        metrics = train(model, 0, TrainingData(data, None, task), FreezeSpec.from_boundary(boundary, L), cfg, tmp_path / f"run-{cached}")
         runs[cached] = (losses(tmp_path / f"run-{cached}"), counter.calls, metrics)
     plain, cached = runs[False][0], runs[True][0]
     assert len(plain) == len(cached) == 4
@@ -181,15 +173,7 @@ def test_existing_cache_is_reused_and_a_stale_one_refused(tmp_path):
 
     # training refuses a stale cache too, instead of silently reusing it
     with pytest.raises(SalfError, match="stale"):
-        train(
-            make("gpt2"),
-            0,
-            data,
-            None,
-            FreezeSpec.from_boundary(2, L),
-            config(prefix_cache=str(out)),
-            tmp_path / "run",
-        )
+        train(make("gpt2"), 0, data, FreezeSpec.from_boundary(2, L), config(prefix_cache=str(out)), tmp_path / "run")
 
 
 def test_a_directory_that_is_not_a_cache_is_never_replaced(tmp_path):
@@ -280,7 +264,7 @@ def test_epoch_two_steps_are_faster_from_the_cache(tmp_path):
             timing_warmup_steps=0,
             prefix_cache=str(tmp_path / "cache") if cached else None,
         )
-        train(model, 0, data, None, FreezeSpec.from_boundary(6, 8), cfg, tmp_path / f"run-{cached}")
+        train(model, 0, data, FreezeSpec.from_boundary(6, 8), cfg, tmp_path / f"run-{cached}")
         history = json.loads((tmp_path / f"run-{cached}" / "history.json").read_text())
         assert len(history) == 2 * steps_per_epoch
         epoch2 = history[steps_per_epoch:]

@@ -57,11 +57,12 @@ def test_a_classifier_run_that_learned_nothing_says_so_in_its_metrics(tmp_path):
     """End to end through fit(): a rate of ~0 leaves the loss at the chance level of balanced labels."""
     from salf.models.tiny import tiny_model
     from salf.training.config import TrainConfig
+    from salf.training.inputs import TrainingData
     from salf.training.run import train
 
     data = [{"input_ids": [5 + (i % 7), 9, 11 + (i % 3)], "labels": i % 2} for i in range(64)]
     model = tiny_model("bert", "classification", num_labels=2)
     config = TrainConfig(max_steps=40, batch_size=8, learning_rate=1e-12, head_learning_rate=1e-12,
                          save_steps=None, logging_steps=100, seed=0)
-    metrics = train(model, 0, data, None, None, config, tmp_path / "run", task="classification")
+    metrics = train(model, 0, TrainingData(data, None, "classification"), None, config, tmp_path / "run")
     assert any("chance level" in note for note in metrics["diagnosis"]), metrics["diagnosis"]

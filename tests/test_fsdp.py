@@ -98,6 +98,7 @@ def fsdp_worker(out: Path, version: int, promote: bool = True) -> None:
     from transformers import TrainerCallback
 
     from salf.training.config import TrainConfig
+    from salf.training.inputs import RunExtras
     from salf.training.run import train
 
     os.environ.update(FSDP_ENV[version])
@@ -144,7 +145,7 @@ def fsdp_worker(out: Path, version: int, promote: bool = True) -> None:
     config = TrainConfig(max_steps=STEPS, batch_size=BATCH, learning_rate=1e-2, save_steps=None, logging_steps=1,
                          seed=0, flop_sample_steps=1, timing_warmup_steps=0, overwrite=True)
     spec = FreezeSpec.from_boundary(BOUNDARY, LAYERS)
-    metrics = train(model, 0, fsdp_data(), None, spec, config, out / "run", callbacks=[probe])
+    metrics = train(model, 0, fsdp_data(), spec, config, out / "run", RunExtras(callbacks=[probe]))
     write_json(out / f"rank{rank}.json", {
         **probe.result,
         "grad_seen": {str(i): seen for i, seen in grad_seen.items()},

@@ -17,6 +17,7 @@ from salf.method.cost_profile import CostShape, labelled_positions_estimate, pro
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
 from salf.training.hf_trainer import _SalfTrainer, _takes_logits_to_keep
+from salf.training.inputs import TrainingData
 from salf.training.run import train
 
 # The version matrix (scripts/version_matrix.sh) runs these on the lowest allowed and the newest dependencies.
@@ -132,8 +133,7 @@ def _measured_step(tmp_path, model_type: str, project: bool, data: list[dict]) -
     """FLOPs of one real training step on all of ``data`` in one batch, as the run's callback measured them."""
     config = TrainConfig(max_steps=1, batch_size=len(data), save_steps=None, save_model=False, seed=0,
                          project_labelled_only=project)
-    metrics = train(tiny_model(model_type), 0, data, None, None, config, tmp_path / f"{model_type}-{project}",
-                    task="completion")
+    metrics = train(tiny_model(model_type), 0, TrainingData(data, None, "completion"), None, config, tmp_path / f"{model_type}-{project}")
     return metrics["flops_per_padded_token"] * metrics["padded_tokens"]
 
 

@@ -24,6 +24,7 @@ from salf.models.arch import find_parts
 from salf.models.heads import has_tied_head, head_mode_for, untie_head
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
+from salf.training.inputs import TrainingData
 from salf.training.run import train
 
 TIED = [("gpt2", {}), ("gemma", {}), ("gemma2", {}), ("opt", {}),
@@ -90,7 +91,7 @@ def test_untied_head_trains_while_embeddings_stay_bit_identical(tmp_path, model_
             for _ in range(16)]
     spec = FreezeSpec(trainable_blocks=(2, 3), embeddings=False, untie_head=True)
     config = TrainConfig(max_steps=3, batch_size=4, learning_rate=1e-2, save_steps=None, logging_steps=50)
-    train(model, 0, data, None, spec, config, tmp_path / "run", task="lm")
+    train(model, 0, TrainingData(data, None, "lm"), spec, config, tmp_path / "run")
     assert torch.equal(model.get_input_embeddings().weight, embeddings)
     head = model.get_output_embeddings().weight
     assert not torch.equal(head, embeddings)

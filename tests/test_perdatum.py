@@ -20,6 +20,7 @@ from salf.method.trace import Trace
 from salf.models.arch import find_parts
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
+from salf.training.inputs import RunExtras
 from salf.training.perdatum import (
     BoundaryBatchSampler,
     PerDatumCollator,
@@ -189,9 +190,7 @@ def test_each_step_trains_from_its_batch_boundary_and_costs_less_when_higher(tmp
     config = TrainConfig(
         max_steps=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, save_steps=None, seed=0, flop_sample_steps=0
     )
-    metrics = train(
-        model, 0, data, None, None, config, tmp_path / "run", callbacks=[probe], boundaries=boundaries
-    )
+    metrics = train(model, 0, data, None, config, tmp_path / "run", RunExtras(callbacks=[probe], boundaries=boundaries))
     assert len(probe.steps) == 6
     order = [s["boundary"] for s in probe.steps]
     assert sorted(order) == [1, 1, 2, 2, 3, 3]  # two epochs, 3 batches each

@@ -22,6 +22,7 @@ from salf.models.arch import find_parts
 from salf.models.tiny import tiny_model
 from salf.training.callback import SalfCallback
 from salf.training.config import TrainConfig, TrainingInterrupted
+from salf.training.inputs import RunExtras, TrainingData
 from salf.training.run import train
 
 L = 4
@@ -63,17 +64,7 @@ def test_boundary_run_keeps_frozen_weights_and_optimizer_state(tmp_path):
     before = snapshot(model)
     capture = Capture()
     plan = {"boundary": 2, "policy": "test"}
-    metrics = train(
-        model,
-        0,
-        lm_data(),
-        lm_data(4, seed=1),
-        FreezeSpec.from_boundary(2, L),
-        config(),
-        tmp_path / "run",
-        plan_dict=plan,
-        callbacks=[capture],
-    )
+    metrics = train(model, 0, TrainingData(lm_data(), lm_data(4, seed=1)), FreezeSpec.from_boundary(2, L), config(), tmp_path / "run", RunExtras(plan_dict=plan, callbacks=[capture]))
     trainable = {n for n in before if parts.group_of(n) in ("block:2", "block:3", "norm", "head")}
     for name, param in model.named_parameters():
         if name in trainable:
@@ -135,15 +126,7 @@ def test_half_boundary_steps_are_faster_than_full(tmp_path, one_thread):
     flops: dict[int, float] = {}
     for run, k in enumerate((0, 4, 0, 4)):
         model = tiny_model("gpt2", n_embd=256, n_layer=8, n_head=4)
-        metrics = train(
-            model,
-            0,
-            data,
-            None,
-            FreezeSpec.from_boundary(k, 8),
-            config(max_steps=6, batch_size=4, learning_rate=1e-4, timing_warmup_steps=2),
-            tmp_path / f"run{run}",
-        )
+        metrics = train(model, 0, data, FreezeSpec.from_boundary(k, 8), config(max_steps=6, batch_size=4, learning_rate=1e-4, timing_warmup_steps=2), tmp_path / f"run{run}")
         assert metrics["step_seconds_count"] == 4
         medians[k].append(metrics["step_seconds_median"])
         flops[k] = metrics["flops_per_padded_token"]
@@ -178,20 +161,18 @@ def test_interrupt_then_resume_matches_straight_run(tmp_path):
     cfg = config(max_steps=6, save_steps=100, lr_scheduler="linear", warmup_ratio=0.2)
     spec = FreezeSpec.from_boundary(1, L)
     straight = tiny_model("gpt2")
-    train(straight, 0, lm_data(), None, spec, cfg, tmp_path / "straight")
+    train(straight, 0, lm_data(), spec, cfg, tmp_path / "straight")
 
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="step 3") as info:
-        train(tiny_model("gpt2"), 0, lm_data(), None, spec, cfg, tmp_path / "split", callbacks=[SignalAt(3)])
+        train(tiny_model("gpt2"), 0, lm_data(), spec, cfg, tmp_path / "split", RunExtras(callbacks=[SignalAt(3)]))
     assert signal.getsignal(signal.SIGINT) is handler  # our handler is gone again
     assert info.value.checkpoint.endswith("checkpoint-3") and Path(info.value.checkpoint).is_dir()
 
     with pytest.raises(SalfError, match="not empty"):
-        train(tiny_model("gpt2"), 0, lm_data(), None, spec, cfg, tmp_path / "split")
+        train(tiny_model("gpt2"), 0, lm_data(), spec, cfg, tmp_path / "split")
     resumed = tiny_model("gpt2")  # a fresh copy of the base model, as a new process would load it
-    metrics = train(
-        resumed, 0, lm_data(), None, spec, config(**{**vars(cfg), "resume": True}), tmp_path / "split"
-    )
+    metrics = train(resumed, 0, lm_data(), spec, config(**{**vars(cfg), "resume": True}), tmp_path / "split")
     assert metrics["steps"] == 6 and metrics["resumed_from"].endswith("checkpoint-3")
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
@@ -221,16 +202,7 @@ def completion_data() -> list[dict]:
 def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path, make_data):
     out = tmp_path / "run"
     with pytest.raises(SalfError, match=r"at step 3.*checkpoint-2"):
-        train(
-            tiny_model("gpt2"),
-            0,
-            make_data(),
-            None,
-            FreezeSpec.from_boundary(2, L),
-            config(max_steps=6, save_steps=1),
-            out,
-            callbacks=[PoisonAt(3)],
-        )
+        train(tiny_model("gpt2"), 0, make_data(), FreezeSpec.from_boundary(2, L), config(max_steps=6, save_steps=1), out, RunExtras(callbacks=[PoisonAt(3)]))
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-1", "checkpoint-2"]  # the diverged step was not saved
     kept = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
@@ -249,17 +221,7 @@ def test_lora_adapters_only_on_planned_blocks(tmp_path):
     base_before = model.transformer.h[3].attn.c_attn.weight.detach().clone()
     capture = Capture()
     data = class_data()
-    metrics = train(
-        model,
-        0,
-        data,
-        data[:6],
-        FreezeSpec.from_boundary(2, L),
-        config(max_steps=3, lora=True, lora_rank=4, gradient_checkpointing=True, learning_rate=1e-3),
-        tmp_path / "run",
-        task="classification",
-        callbacks=[capture],
-    )
+    metrics = train(model, 0, TrainingData(data, data[:6], "classification"), FreezeSpec.from_boundary(2, L), config(max_steps=3, lora=True, lora_rank=4, gradient_checkpointing=True, learning_rate=1e-3), tmp_path / "run", RunExtras(callbacks=[capture]))
     lora_blocks = {
         int(name.split(".h.")[1].split(".")[0])
         for name, _ in capture.model.named_parameters()
@@ -316,17 +278,7 @@ def test_merged_lora_model_is_saved_with_its_tokenizer(tmp_path):
 def test_fresh_head_gets_its_own_learning_rate(tmp_path):
     capture = Capture()
     model = tiny_model("bert", "classification", num_labels=3)
-    metrics = train(
-        model,
-        0,
-        class_data(),
-        class_data(6, seed=1),
-        FreezeSpec.from_boundary(3, L),
-        config(max_steps=2, learning_rate=1e-4, head_learning_rate=5e-3),
-        tmp_path / "run",
-        task="classification",
-        callbacks=[capture],
-    )
+    metrics = train(model, 0, TrainingData(class_data(), class_data(6, seed=1), "classification"), FreezeSpec.from_boundary(3, L), config(max_steps=2, learning_rate=1e-4, head_learning_rate=5e-3), tmp_path / "run", RunExtras(callbacks=[capture]))
     names = {id(p): n for n, p in model.named_parameters()}
     lrs = {names[id(p)]: g["initial_lr"] for g in capture.optimizer.param_groups for p in g["params"]}
     assert lrs["classifier.weight"] == lrs["bert.pooler.dense.weight"] == 5e-3
@@ -373,9 +325,9 @@ def test_refuses_non_empty_out_dir_and_bad_settings(tmp_path):
     (out / "notes.txt").write_text("keep me")
     model = tiny_model("gpt2")
     with pytest.raises(SalfError, match="not empty"):
-        train(model, 0, lm_data(), None, None, config(), out)
+        train(model, 0, lm_data(), None, config(), out)
     with pytest.raises(SalfError, match="nothing to resume"):
-        train(model, 0, lm_data(), None, None, config(resume=True), out)
+        train(model, 0, lm_data(), None, config(resume=True), out)
     with pytest.raises(SalfError, match="pick one"):
         config(resume=True, overwrite=True)
     with pytest.raises(SalfError, match="warmup_ratio"):
@@ -383,12 +335,10 @@ def test_refuses_non_empty_out_dir_and_bad_settings(tmp_path):
     with pytest.raises(SalfError, match="lr_scheduler"):
         config(lr_scheduler="zigzag")
     with pytest.raises(SalfError, match="needs a list of token labels"):
-        train(model, 0, class_data(), None, None, config(), tmp_path / "other")
+        train(model, 0, class_data(), None, config(), tmp_path / "other")
     with pytest.raises(SalfError, match="LoRA needs at least one trainable block"):
-        train(
-            model, 0, lm_data(), None, FreezeSpec.from_boundary(L, L), config(lora=True), tmp_path / "other"
-        )
-    metrics = train(model, 0, lm_data(), None, None, config(max_steps=1, overwrite=True), out)
+        train(model, 0, lm_data(), FreezeSpec.from_boundary(L, L), config(lora=True), tmp_path / "other")
+    metrics = train(model, 0, lm_data(), None, config(max_steps=1, overwrite=True), out)
     assert metrics["steps"] == 1 and metrics["boundary"] == 0
     assert metrics["trainable_params"] == metrics["total_params"]  # no spec: full fine-tuning
     assert (out / "notes.txt").read_text() == "keep me"  # overwrite replaces salf's outputs only

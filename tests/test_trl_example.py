@@ -57,12 +57,12 @@ def run_trl(example, boundary: int, steps: int, out: Path):
 def salf_step_flops(boundary: int, out: Path) -> int:
     """One step of salf's own training loop (``salf.training.run.train``) with gradient checkpointing."""
     from salf.training.config import TrainConfig
+    from salf.training.inputs import TrainingData
     from salf.training.run import train
 
     data = [{"input_ids": ids, "labels": ids} for ids in rows()]
     config = TrainConfig(max_steps=1, batch_size=BATCH, learning_rate=1e-2, save_steps=None, gradient_checkpointing=True)
-    metrics = train(tiny_model("llama", num_hidden_layers=LAYERS), 0, data, None,
-                    FreezeSpec.from_boundary(boundary, LAYERS), config, out, task="lm")
+    metrics = train(tiny_model("llama", num_hidden_layers=LAYERS), 0, TrainingData(data, None, "lm"), FreezeSpec.from_boundary(boundary, LAYERS), config, out)
     per_token = metrics["flops_per_padded_token"]
     assert metrics.get("padded_tokens", BATCH * SEQ) >= BATCH * SEQ
     return round(per_token * BATCH * SEQ)

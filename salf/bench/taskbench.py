@@ -261,6 +261,7 @@ class TaskBench(PlanUnits):
 
         from salf.training import run as training_run  # looked up per call: tests stand in for run.train
         from salf.training.config import TrainingInterrupted
+        from salf.training.inputs import RunExtras, TrainingData
 
         t = self.task
         lm = self.fresh_model(seed)
@@ -277,9 +278,9 @@ class TaskBench(PlanUnits):
         with PeakRSS() as rss, open(run_dir / "train.log", "w") as log, \
                 contextlib.redirect_stdout(log):
             try:
-                metrics = training_run.train(lm.model, lm.tokenizer, self.loaded.data.data, self.eval_data.data, spec,
-                                       config, run_dir, task=self.loaded.data.task, callbacks=callbacks,
-                                       boundaries=boundaries)
+                data = TrainingData(self.loaded.data.data, self.eval_data.data, self.loaded.data.task)
+                metrics = training_run.train(lm.model, lm.tokenizer, data, spec, config, run_dir,
+                                             RunExtras(callbacks=callbacks, boundaries=boundaries))
             except TrainingInterrupted:
                 raise
             except SalfError as e:  # a diverged run is a result (recorded, not retried), not a crash

@@ -28,6 +28,7 @@ from salf.fileio import write_json
 from salf.method.plan import Plan
 from salf.report import write_report
 from salf.table import render_table
+from salf.training.inputs import RunExtras, TrainingData
 from salf.training.run import train as run_training
 
 # One recipe for both runs: the fresh head gets its own larger learning rate (METHOD, "How we know").
@@ -108,9 +109,7 @@ def run(options: DemoOptions) -> DemoResult:
     for name, spec in (("full", None), ("planned", plan.freeze_spec())):
         run = load(source, data_config)  # each run starts from the pretrained weights
         eval_data = run.load_eval(files.eval_path)
-        runs[name] = run_training(run.model.model, run.model.tokenizer, run.data.data, eval_data.data, spec,
-                                  replace(config), out_dir / name, plan_dict=plan.to_dict() if spec else None,
-                                  task=run.data.task)
+        runs[name] = run_training(run.model.model, run.model.tokenizer, TrainingData(run.data.data, eval_data.data, run.data.task), spec, replace(config), out_dir / name, RunExtras(plan_dict=plan.to_dict() if spec else None))
     result = DemoResult(plan, runs, profiling, out_dir, options.model)
     write_json(out_dir / "demo.json", result.to_json())
     write_report(out_dir, out_dir / "report.html")

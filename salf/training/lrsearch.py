@@ -40,6 +40,7 @@ from torch import nn
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
 from salf.training.config import TrainConfig
+from salf.training.inputs import TrainingData
 from salf.training.run import train
 
 LR_GRID_FACTORS = (1 / 3, 1.0, 3.0)
@@ -302,8 +303,7 @@ def search_learning_rate(
             torch.manual_seed(config.seed)
             candidate = load_model()
             t0 = time.perf_counter()
-            metrics = train(candidate, tokenizer_or_pad_id, rest, val, spec, cfg, work / f"rung{rung}-x{factor:g}",
-                            task=task)
+            metrics = train(candidate, tokenizer_or_pad_id, TrainingData(rest, val, task), spec, cfg, work / f"rung{rung}-x{factor:g}")
             spent_eval += plan.eval_batches
             loss = metrics.get("eval_loss")
             scored.append(Candidate(

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback
 
 from salf.method.freeze import FreezeSpec
 from salf.training.cache import PrefixCacheStrategy
 from salf.training.config import TrainConfig
+from salf.training.inputs import RunExtras, TrainingData
 from salf.training.perdatum import PerDatumStrategy
 from salf.training.strategy import TrainingStrategy
 from salf.training.trainer import fit
@@ -40,42 +40,25 @@ def choose_strategy(config: TrainConfig, boundaries: Sequence[int] | None) -> Tr
 def train(
     model: nn.Module,
     tokenizer_or_pad_id: Any,
-    train_data: Sequence[dict],
-    eval_data: Sequence[dict] | None,
+    data: TrainingData | Sequence[dict],
     spec: FreezeSpec | None,
     config: TrainConfig,
     out_dir: str | os.PathLike,
-    plan_dict: dict | None = None,
-    task: str = "lm",
-    *,
-    callbacks: Sequence[TrainerCallback] = (),
-    boundaries: Sequence[int] | None = None,
+    extras: RunExtras = RunExtras(),
 ) -> dict[str, Any]:
-    """Fine-tune ``model`` with ``spec`` (None: full fine-tuning); returns the metrics written to metrics.json.
+    """Fine-tune ``model`` on ``data`` with ``spec`` (None: full fine-tuning); returns the metrics written to
+    metrics.json. ``data``: a ``TrainingData`` (training and evaluation rows, the task), or plain rows for
+    language modelling without evaluation.
 
     The model is trained in place (with LoRA, adapters are injected into it). Raises ``SalfError`` on
     a non-finite loss (naming the step and the last good checkpoint) and ``TrainingInterrupted`` after
     SIGINT/SIGTERM (a checkpoint is saved first); ``salf.training.trainer.fit`` lists what is written.
 
-    ``boundaries``: one boundary per training datum (``salf.training.perdatum``); batches then group data
-    of one boundary and each step trains from its batch's boundary up (``spec`` must be None or the
+    ``extras.boundaries``: one boundary per training datum (``salf.training.perdatum``); batches then group
+    data of one boundary and each step trains from its batch's boundary up (``spec`` must be None or the
     boundary of the smallest). ``config.prefix_cache`` trains from a frozen-prefix cache
     (``salf.training.cache``). Under torchrun/accelerate only the main process writes files
     (docs/DISTRIBUTED.md).
     """
-    return fit(
-        model,
-        tokenizer_or_pad_id,
-        train_data,
-        eval_data,
-        spec,
-        config,
-        out_dir,
-        plan_dict,
-        task,
-        callbacks=callbacks,
-        strategy=choose_strategy(config, boundaries),
-    )
-
-
-__all__ = ["choose_strategy", "train"]
+    return fit(model, tokenizer_or_pad_id, data, spec, config, out_dir, extras,
+               strategy=choose_strategy(config, extras.boundaries))

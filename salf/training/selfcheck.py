@@ -32,6 +32,7 @@ from salf.models.arch import find_parts
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
 from salf.training.distributed import rank_and_world
+from salf.training.inputs import RunExtras
 from salf.training.run import train
 
 # -- the self-check: a tiny plan trained on 1 or N processes ------------------------------------------
@@ -118,7 +119,7 @@ def selfcheck(out_dir: str | os.PathLike, check: SelfCheck = SelfCheck()) -> dic
         prefix_cache=str(Path(out_dir) / "cache") if check.prefix_cache else None,
     )
     spec = None if check.per_datum else FreezeSpec.from_boundary(check.boundary, num_layers)
-    metrics = train(model, 0, data, None, spec, config, Path(out_dir) / "run", boundaries=boundaries)
+    metrics = train(model, 0, data, spec, config, Path(out_dir) / "run", RunExtras(boundaries=boundaries))
     weights = hashlib.sha256()
     for name, param in model.named_parameters():
         weights.update(name.encode())

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from salf.config.train import AUTO
@@ -46,11 +46,12 @@ from salf.method.freeze import FreezeSpec, apply_plan
 from salf.models.arch import find_parts
 from salf.training.budget import FlopBudgetStop
 from salf.training.callback import SalfCallback
-from salf.training.config import TASKS, TrainConfig, TrainingInterrupted
+from salf.training.config import TrainConfig, TrainingInterrupted
 from salf.training.diagnosis import diagnose, label_entropy
 from salf.training.distributed import is_main_process, rank_and_world
 from salf.training.eval_metrics import EVAL_METRICS, _top_token
 from salf.training.hf_trainer import _SalfTrainer
+from salf.training.inputs import RunExtras, TrainingData
 from salf.training.lora import add_lora
 from salf.training.outputs import merge_history, prepare_out_dir
 from salf.training.recipes import resolve_recipe
@@ -221,18 +222,15 @@ def _chance_loss(train_data: Sequence[dict], task: str) -> float | None:
 def fit(
     model: nn.Module,
     tokenizer_or_pad_id: Any,
-    train_data: Sequence[dict],
-    eval_data: Sequence[dict] | None,
+    data: TrainingData | Sequence[dict],
     spec: FreezeSpec | None,
     config: TrainConfig,
     out_dir: str | os.PathLike,
-    plan_dict: dict | None = None,
-    task: str = "lm",
-    *,
-    callbacks: Sequence[TrainerCallback] = (),
+    extras: RunExtras = RunExtras(),
     strategy: TrainingStrategy | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``model`` with ``spec`` (None: full fine-tuning); returns the metrics written to metrics.json.
+    """Fine-tune ``model`` on ``data`` with ``spec`` (None: full fine-tuning); returns the metrics written to
+    metrics.json. Plain rows as ``data`` are language-modelling data without evaluation (``TrainingData.of``).
 
     The model is trained in place (with LoRA, adapters are injected into it). Raises ``SalfError`` on
     a non-finite loss (naming the step and the last good checkpoint) and ``TrainingInterrupted`` after
@@ -240,8 +238,9 @@ def fit(
     model) may change the plan first and then supplies the training data's dataset, collator and batch
     sampler. Under torchrun/accelerate only the main process writes files (docs/DISTRIBUTED.md).
     """
-    if task not in TASKS:
-        raise SalfError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
+    data = TrainingData.of(data)
+    train_data, eval_data, task = data.train, data.eval, data.task
+    plan_dict, callbacks = extras.plan_dict, extras.callbacks
     if not isinstance(config, TrainConfig):
         raise SalfError(f"config must be a TrainConfig, got {type(config).__name__}")
     if config.learning_rate == AUTO:
