@@ -199,7 +199,7 @@ def _hand_plan(folder: Path, blocks: list[int], head: str | None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from salf.method.plan import Plan, model_fingerprint
+    from salf.method.plan import Plan, Prediction, model_fingerprint
     from salf.models.loading import load_config
 
     with torch.device("meta"):
@@ -211,7 +211,11 @@ def _hand_plan(folder: Path, blocks: list[int], head: str | None):
         boundary=boundary, num_layers=num_layers,
         trainable={"blocks": blocks, "embeddings": full, "norm": True, "head": True},
         trace=[0.0] * (num_layers + 1), trace_std=[0.0] * (num_layers + 1), gains=[1.0] * num_layers, fit={},
-        lens="logit", estimator="hand-built", policy=f"blocks {blocks}", benefit=[], cost=[], predicted={},
+        lens="logit", estimator="hand-built", policy=f"blocks {blocks}", benefit=[], cost=[],
+        # a placeholder prediction: no cost model behind a hand-built plan (export never reads it)
+        predicted=Prediction(step_flops_ratio=1.0, step_flops_saving=0.0, backward_flops_ratio=1.0,
+                             activation_memory_ratio=1.0, training_memory_ratio=1.0, trainable_params_ratio=1.0,
+                             step_flops=0.0, full_step_flops=0.0),
         model={**model_fingerprint(model), "name_or_path": str(folder)}, data={}, head=head,
     )
 

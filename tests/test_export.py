@@ -25,13 +25,16 @@ from salf.export import export_plan
 from salf.export.context import plan_fingerprint
 from salf.export.tools import EXPORTERS
 from salf.method.freeze import apply_plan
-from salf.method.plan import Plan, model_fingerprint
+from salf.method.plan import Plan, Prediction, model_fingerprint
 from salf.models.arch import find_parts
 from salf.models.tiny import tiny_model
 
 TARGETS = ["llamafactory", "axolotl", "peft", "torchtune", "deepspeed"]
 ARCHS = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "classification"), ("qwen2", "classification"),
          ("qwen2", "causal-lm")]
+# hand-built plans have no cost model behind them: a placeholder prediction (export never reads it)
+NO_PREDICTION = Prediction(step_flops_ratio=1.0, step_flops_saving=0.0, backward_flops_ratio=1.0, activation_memory_ratio=1.0,
+                           training_memory_ratio=1.0, trainable_params_ratio=1.0, step_flops=0.0, full_step_flops=0.0)
 # trainable blocks of the 4-block tiny models: a boundary plan, a non-contiguous one, head only, full fine-tuning
 PLANS = {"boundary-2": [2, 3], "non-contiguous": [1, 3], "head-only": [], "full": [0, 1, 2, 3]}
 
@@ -48,7 +51,7 @@ def make_plan(model: nn.Module, blocks: list[int], name_or_path: str = "tiny", d
         boundary=boundary, num_layers=num_layers,
         trainable={"blocks": blocks, "embeddings": full, "norm": True, "head": True},
         trace=[0.0] * (num_layers + 1), trace_std=[0.0] * (num_layers + 1), gains=[1.0] * num_layers, fit={},
-        lens="logit", estimator="sufficiency-uniform", policy="knee", benefit=[], cost=[], predicted={},
+        lens="logit", estimator="sufficiency-uniform", policy="knee", benefit=[], cost=[], predicted=NO_PREDICTION,
         model={**model_fingerprint(model), "name_or_path": name_or_path}, data=data or {},
     )
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from salf.errors import SalfError
-from salf.method.plan import POLICIES, Plan, benefit_curve, check_policy, choose_boundary, parse_policy
+from salf.method.plan import (
+    POLICIES,
+    Plan,
+    Prediction,
+    benefit_curve,
+    check_policy,
+    choose_boundary,
+    parse_policy,
+)
 
 L = 8
 LINEAR_COST = np.linspace(1.0, 0.35, L + 1)  # full fine-tuning .. head only
@@ -89,12 +98,19 @@ def test_every_policy_returns_a_valid_boundary(gains, policy):
     assert 0 <= k <= n
 
 
+# the keys make_plan has written under "predicted" since plans first carried it, in its order
+PREDICTED = {"step_flops_ratio": 0.6, "step_flops_saving": 0.4, "backward_flops_ratio": 0.45, "activation_memory_ratio": 0.5,
+             "training_memory_ratio": 0.55, "trainable_params_ratio": 0.5, "step_flops": 6e9, "full_step_flops": 1e10}
+# a plan file as salf 0.1.0 wrote it (the demo in BENCHMARKS.md), committed with the benchmark results
+OLD_PLAN_FILE = Path(__file__).resolve().parents[1] / "bench" / "results" / "demo" / "plan.json"
+
+
 def _plan(**over):
     d = dict(boundary=2, num_layers=4, trainable={"blocks": [2, 3], "embeddings": False, "norm": True, "head": True},
              trace=[3, 2, 1.5, 1.2, 1.1], trace_std=[0.1] * 5, gains=[1, 0.5, 0.3, 0.1],
              fit={"e_inf": 1.0, "a": 2.0, "alpha": 1.0, "r2": 0.9}, lens="logit-lens", estimator="transition",
              policy="knee", benefit=[1, 0.6, 0.3, 0.1, 0], cost=[1, 0.8, 0.6, 0.45, 0.35],
-             predicted={"step_flops_ratio": 0.6}, model={"model_type": "llama", "num_layers": 4, "fingerprint": "abc"},
+             predicted=dict(PREDICTED), model={"model_type": "llama", "num_layers": 4, "fingerprint": "abc"},
              data={"fingerprint": "d"})
     d.update(over)
     return d
@@ -107,6 +123,32 @@ def test_plan_round_trips_through_file(tmp_path):
     assert again.to_dict() == plan.to_dict()
     spec = again.freeze_spec()
     assert spec.trainable_blocks == (2, 3) and not spec.embeddings
+    assert again == plan and isinstance(again.predicted, Prediction)
+    assert again.predicted.step_flops_ratio == 0.6 and again.predicted.full_step_flops == 1e10
+    # the file stores the prediction as the plain object it always was, keys in make_plan's order
+    assert list(json.loads(path.read_text())["predicted"].items()) == list(PREDICTED.items())
+
+
+def test_plan_file_of_an_earlier_version_loads_and_saves_unchanged(tmp_path):
+    stored = json.loads(OLD_PLAN_FILE.read_text())
+    assert stored["salf_version"] == "0.1.0" and isinstance(stored["predicted"], dict)
+    plan = Plan.load(OLD_PLAN_FILE)
+    assert isinstance(plan.predicted, Prediction)
+    assert plan.predicted.step_flops_ratio == stored["predicted"]["step_flops_ratio"]
+    assert plan.predicted.step_flops_saving == pytest.approx(1 - plan.predicted.step_flops_ratio)
+    assert json.dumps(plan.to_dict()) == json.dumps(stored)  # same keys, same order, same values
+    assert plan.save(tmp_path / "plan.json").read_text() == OLD_PLAN_FILE.read_text()
+
+
+def test_prediction_ignores_unknown_keys_and_refuses_missing_ones():
+    plan = Plan.from_dict(_plan(predicted={**PREDICTED, "from_a_newer_salf": 1.0}))
+    assert plan.predicted == Prediction(**PREDICTED) and "from_a_newer_salf" not in plan.to_dict()["predicted"]
+    with pytest.raises(SalfError, match="lacks step_flops_saving"):
+        Plan.from_dict(_plan(predicted={k: v for k, v in PREDICTED.items() if k != "step_flops_saving"}))
+    with pytest.raises(SalfError, match="not a number"):
+        Plan.from_dict(_plan(predicted={**PREDICTED, "step_flops": "many"}))
+    with pytest.raises(TypeError, match="must be a Prediction"):
+        Plan(**{**_plan(), "predicted": dict(PREDICTED)})
 
 
 def test_plan_for_another_model_is_refused():

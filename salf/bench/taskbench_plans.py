@@ -85,7 +85,7 @@ class PlanUnits:
                           "estimator": estimator, "policy": policy, "profiling_seconds": profiling,
                           "trace_seconds": trace_seconds, "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
                           "details": {"trace": plan.trace, "gains": plan.gains, "fit": plan.fit,
-                                      "predicted": plan.predicted, "note": gains.note,
+                                      "predicted": plan.predicted.to_dict(), "note": gains.note,
                                       "chance": trace.chance, "frozen_share": gains.frozen_share},
                           "seconds": profiling, "finished": now()}
                 out.append(record)
@@ -110,7 +110,7 @@ class PlanUnits:
                         "traced_indices": plan.per_datum_indices, "traced_boundaries": plan.per_datum_boundaries,
                         "profiling_seconds": profiling, "trace_seconds": trace_seconds,
                         "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
-                        "details": {"trace": plan.trace, "gains": plan.gains, "predicted": plan.predicted,
+                        "details": {"trace": plan.trace, "gains": plan.gains, "predicted": plan.predicted.to_dict(),
                                     "note": gains.note},
                         "seconds": profiling, "finished": now()})
         self.store.add(*out)

@@ -48,7 +48,7 @@ class DemoResult:
 
     def rows(self) -> list[list[Any]]:
         full, planned = self.runs["full"], self.runs["planned"]
-        pred = self.plan.predicted["step_flops_ratio"]
+        pred = self.plan.predicted.step_flops_ratio
         flops = planned["train_flops"] / full["train_flops"]
         time_ratio = planned["step_seconds_median"] / full["step_seconds_median"]
         return [
@@ -68,7 +68,7 @@ class DemoResult:
         table = render_table(["", "full fine-tuning", f"salf plan ({self.plan.policy})"], self.rows(),
                              f"salf demo: {self._model_label()} on Python docstring -> stdlib module")
         saving = 1 - planned["step_seconds_median"] / full["step_seconds_median"]
-        return (f"{table}\n\nmeasured step-time saving {saving:.1%} (predicted {self.plan.predicted['step_flops_saving']:.1%}); "
+        return (f"{table}\n\nmeasured step-time saving {saving:.1%} (predicted {self.plan.predicted.step_flops_saving:.1%}); "
                 f"profiling took {self.profiling_seconds:.1f}s = {self.profiling_seconds / planned['train_seconds']:.1%} "
                 f"of the planned fine-tuning\nplan: {self.out / 'plan.json'}  figure: {self.out / 'plan.png'}  "
                 f"results: {self.out / 'demo.json'}  report: {self.out / 'report.html'}")

@@ -40,8 +40,8 @@ class PlanResult:
         summary = (
             f"\nboundary k={p.boundary} of {p.num_layers}: freeze embeddings + blocks 0..{p.boundary - 1}, "
             f"train blocks {p.boundary}..{p.num_layers - 1} + head\n"
-            f"predicted step FLOPs {pred['step_flops_ratio']:.3f} x full (saving {pred['step_flops_saving']:.1%}), "
-            f"activation memory {pred['activation_memory_ratio']:.3f} x, trainable parameters {pred['trainable_params_ratio']:.3f} x\n"
+            f"predicted step FLOPs {pred.step_flops_ratio:.3f} x full (saving {pred.step_flops_saving:.1%}), "
+            f"activation memory {pred.activation_memory_ratio:.3f} x, trainable parameters {pred.trainable_params_ratio:.3f} x\n"
             f"profiling: trace {self.trace_seconds:.1f}s, plan {self.plan_seconds:.1f}s"
         )
         if p.boundary == 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -232,6 +232,66 @@ def choose_boundary(gains: np.ndarray, cost: np.ndarray, policy: str, seed: int 
     return POLICIES.get(name)(ctx, value)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """The predicted cost of one training step at the plan's boundary (``Plan.predicted``), from the cost
+    model (``salf.method.cost.StepCost`` of the chosen boundary against that of boundary 0). Every ratio is
+    relative to full fine-tuning of the same model on the same batch shape (1.0 = as dear as full)."""
+
+    step_flops_ratio: float
+    """Step FLOPs (forward + backward) of the plan / those of full fine-tuning: ``Plan.cost[boundary]``."""
+    step_flops_saving: float
+    """1 - ``step_flops_ratio``: the share of full fine-tuning's step FLOPs the plan saves."""
+    backward_flops_ratio: float
+    """Backward FLOPs of the plan / those of full fine-tuning (0.0 where full fine-tuning has none)."""
+    activation_memory_ratio: float
+    """Bytes of activations saved for backward / those of full fine-tuning."""
+    training_memory_ratio: float
+    """Parameters + gradients + optimizer state + saved activations, in bytes / those of full fine-tuning."""
+    trainable_params_ratio: float
+    """Parameters that get gradients and optimizer updates / those of full fine-tuning (all of them)."""
+    step_flops: float
+    """Step FLOPs of the plan, absolute (one optimizer step on the profiled batch shape)."""
+    full_step_flops: float
+    """Step FLOPs of full fine-tuning, absolute (same batch shape): ``step_flops / step_flops_ratio``."""
+
+    @classmethod
+    def of(cls, chosen, full) -> Prediction:
+        """The prediction for the boundary costing ``chosen`` against full fine-tuning's ``full``
+        (both ``salf.method.cost.StepCost``)."""
+        ratio = float(chosen.total / full.total)
+        return cls(
+            step_flops_ratio=ratio,
+            step_flops_saving=float(1.0 - ratio),
+            backward_flops_ratio=float(chosen.backward / full.backward) if full.backward else 0.0,
+            activation_memory_ratio=float(chosen.activation_bytes / max(full.activation_bytes, 1)),
+            training_memory_ratio=float(chosen.memory_bytes / full.memory_bytes),
+            trainable_params_ratio=float(chosen.trainable_params / full.trainable_params),
+            step_flops=float(chosen.total),
+            full_step_flops=float(full.total),
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Prediction:
+        """The prediction a plan file stores under ``predicted``. Every plan ``make_plan`` wrote, since plans
+        first carried one, has all eight keys, so all are required. Keys this version does not know (from a
+        newer salf) are ignored: dropped on load, and absent from the plan if this version saves it again."""
+        if not isinstance(d, dict):
+            raise SalfError("the plan file's 'predicted' is not a JSON object", "regenerate it with `salf plan`")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise SalfError(f"the plan file's 'predicted' lacks {', '.join(missing)}", "regenerate it with `salf plan`")
+        try:
+            return cls(**{n: float(d[n]) for n in names})
+        except (TypeError, ValueError) as e:
+            raise SalfError(f"the plan file's 'predicted' holds a value that is not a number ({e})",
+                            "regenerate it with `salf plan`") from None
+
+
 @dataclass
 class Plan:
     """Everything needed to apply, audit and reproduce a freezing decision."""
@@ -248,7 +308,8 @@ class Plan:
     policy: str
     benefit: list[float]
     cost: list[float]
-    predicted: dict[str, float]
+    predicted: Prediction
+    """The predicted cost of a training step at ``boundary``, relative to full fine-tuning."""
     model: dict[str, Any]
     data: dict[str, Any]
     per_datum_boundaries: list[int] | None = None
@@ -264,6 +325,9 @@ class Plan:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.predicted, Prediction):
+            raise TypeError(f"Plan.predicted must be a Prediction, not {type(self.predicted).__name__} "
+                            "(Plan.from_dict reads the dict a plan file stores)")
         if not 0 <= self.boundary <= self.num_layers:
             raise SalfError(f"plan boundary {self.boundary} is outside 0..{self.num_layers}", "regenerate the plan with `salf plan`")
         if len(self.trace) != self.num_layers + 1 or len(self.gains) != self.num_layers:
@@ -296,8 +360,11 @@ class Plan:
         if d.get("format", PLAN_FORMAT) > PLAN_FORMAT:
             raise SalfError(f"plan format {d['format']} is newer than this salf understands", "upgrade salf")
         known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in d.items() if k in known}
+        if "predicted" in values:
+            values["predicted"] = Prediction.from_dict(values["predicted"])
         try:
-            return cls(**{k: v for k, v in d.items() if k in known})
+            return cls(**values)
         except TypeError as e:
             raise SalfError(f"the plan file is incomplete ({e})", "regenerate it with `salf plan`") from None
 
@@ -378,18 +445,6 @@ def make_plan(trace, gains, costs: list, choice: PolicyChoice, model_info: dict[
     cost = np.array([c.total / full_cost.total for c in costs])
     k = choose_boundary(gains.values, cost, policy, seed=seed, frozen_share=gains.frozen_share)
     num_layers = len(gains.values)
-    chosen = costs[k]
-    act_full = max(full_cost.activation_bytes, 1)
-    predicted = {
-        "step_flops_ratio": float(cost[k]),
-        "step_flops_saving": float(1.0 - cost[k]),
-        "backward_flops_ratio": float(chosen.backward / full_cost.backward) if full_cost.backward else 0.0,
-        "activation_memory_ratio": float(chosen.activation_bytes / act_full),
-        "training_memory_ratio": float(chosen.memory_bytes / full_cost.memory_bytes),
-        "trainable_params_ratio": float(chosen.trainable_params / full_cost.trainable_params),
-        "step_flops": float(chosen.total),
-        "full_step_flops": float(full_cost.total),
-    }
     trainable = {"blocks": list(range(k, num_layers)), "embeddings": k == 0, "norm": True, "head": True}
     if head == "untie" and k > 0:  # at k = 0 the tied head trains with the embeddings anyway
         trainable["untie_head"] = True
@@ -406,7 +461,7 @@ def make_plan(trace, gains, costs: list, choice: PolicyChoice, model_info: dict[
         policy=policy,
         benefit=[float(v) for v in benefit_curve(gains.values, gains.frozen_share)],
         cost=[float(v) for v in cost],
-        predicted=predicted,
+        predicted=Prediction.of(costs[k], full_cost),
         model=model_info,
         data=data_info,
         per_datum_boundaries=per_datum_boundaries(trace, cost, policy, seed) if per_datum else None,

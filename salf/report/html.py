@@ -115,12 +115,12 @@ def _plan_section(plan: Plan, used_by: list[str]) -> str:
     ], "kv")
     pred = plan.predicted
     right = _table(["predicted (× full fine-tuning)", ""], [
-        ["step FLOPs", pred.get("step_flops_ratio")],
-        ["backward FLOPs", pred.get("backward_flops_ratio")],
-        ["activation memory", pred.get("activation_memory_ratio")],
-        ["training memory", pred.get("training_memory_ratio")],
-        ["trainable parameters", pred.get("trainable_params_ratio")],
-        ["step FLOPs (plan / full)", f"{_fmt(pred.get('step_flops'))} / {_fmt(pred.get('full_step_flops'))}"],
+        ["step FLOPs", pred.step_flops_ratio],
+        ["backward FLOPs", pred.backward_flops_ratio],
+        ["activation memory", pred.activation_memory_ratio],
+        ["training memory", pred.training_memory_ratio],
+        ["trainable parameters", pred.trainable_params_ratio],
+        ["step FLOPs (plan / full)", f"{_fmt(pred.step_flops)} / {_fmt(pred.full_step_flops)}"],
     ], "kv")
     runs = ", ".join(used_by)
     return (f"<section><h2>Plan: train blocks {plan.boundary}..{L - 1} of {L}</h2>"
@@ -141,7 +141,7 @@ def _curves_section(runs: Sequence[Run]) -> str:
 
 def _savings_section(savings: list[Saving], full: Run | None, runs: Sequence[Run]) -> str:
     if full is None:
-        predicted = [[r.name, r.boundary, r.plan.predicted.get("step_flops_ratio")] for r in runs if r.plan is not None]
+        predicted = [[r.name, r.boundary, r.plan.predicted.step_flops_ratio] for r in runs if r.plan is not None]
         table = _table(["run", "boundary", "predicted step FLOPs (× full)"], predicted) if predicted else ""
         return ("<section><h2>Predicted vs measured savings</h2><p class='warn'>No full fine-tuning run "
                 "(boundary 0, no LoRA) is among these runs, so the saving cannot be measured. Train one on the "
@@ -201,7 +201,7 @@ def _cards(runs: Sequence[Run], full: Run | None, savings: list[Saving]) -> str:
     if planned is not None:
         plan = planned.plan
         cards.append(("plan boundary", f"k = {plan.boundary} / {plan.num_layers}"))
-        cards.append(("predicted step FLOPs", f"{plan.predicted.get('step_flops_ratio', float('nan')):.2f}× full"))
+        cards.append(("predicted step FLOPs", f"{plan.predicted.step_flops_ratio:.2f}× full"))
         saving = next((s for s in savings if s.run == planned.name), None)
         if saving is not None and saving.measured_flops_per_token is not None:
             cards.append(("measured FLOPs / token", f"{saving.measured_flops_per_token:.2f}× full"))

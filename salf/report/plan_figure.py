@@ -61,7 +61,7 @@ def plan_figure_png(plan: Plan) -> bytes:
     if "/" in name and Path(name).is_absolute():  # a local folder: its last two parts say enough
         name = "/".join(Path(name).parts[-2:])
     fig.suptitle(f"salf plan for {name}: train blocks {plan.boundary}..{plan.num_layers - 1}, "
-                 f"predicted step cost {plan.predicted.get('step_flops_ratio', float('nan')):.2f}x full")
+                 f"predicted step cost {plan.predicted.step_flops_ratio:.2f}x full")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -165,15 +165,15 @@ def compute_savings(runs: Sequence[Run], full: Run | None) -> list[Saving]:
             continue
         m = run.metrics
         f = full.metrics if full is not None else {}
-        pred = run.plan.predicted if run.plan is not None else {}
+        pred = run.plan.predicted if run.plan is not None else None
         rows.append(Saving(
             run=run.name,
             boundary=run.boundary,
-            predicted_step_flops=pred.get("step_flops_ratio"),
+            predicted_step_flops=pred.step_flops_ratio if pred is not None else None,
             measured_flops_per_token=_ratio(m.get("flops_per_padded_token"), f.get("flops_per_padded_token")),
             measured_train_flops=_ratio(m.get("train_flops"), f.get("train_flops")),
             measured_step_time=_ratio(m.get("step_seconds_median"), f.get("step_seconds_median")),
-            predicted_trainable_params=pred.get("trainable_params_ratio"),
+            predicted_trainable_params=pred.trainable_params_ratio if pred is not None else None,
             measured_trainable_params=_ratio(m.get("trainable_params"), f.get("trainable_params")),
             eval_loss_delta=_delta(m.get("eval_loss"), f.get("eval_loss")),
             eval_accuracy_delta=_delta(m.get("eval_accuracy"), f.get("eval_accuracy")),
