@@ -31,7 +31,7 @@ from salf.bench.tasks import PreparedTask
 from salf.commands import train as train_command
 from salf.commands.loading import load
 from salf.config import DataConfig, TrainConfig
-from salf.config.commands import ModelSource, Output, TrainOptions
+from salf.config.commands import Inputs, ModelSource, Output, TrainOptions
 from salf.fileio import write_atomic, write_json
 
 GRID = (3e-5, 1e-4, 3e-4, 1e-3)
@@ -49,8 +49,8 @@ def run_one(task, prepared: PreparedTask, seed: int, name: str, flags: dict, out
         return json.loads(done.read_text())
     options = TrainOptions(
         out=str(folder), eval_data=str(prepared.eval_file), output=Output(progress=False),
-        source=ModelSource(prepared.model_path, str(prepared.train_file), task.head_pooling),
-        data=DataConfig(label_mode=task.label_mode, max_length=task.max_length, seed=seed),
+        inputs=Inputs(ModelSource(prepared.model_path, str(prepared.train_file), task.head_pooling),
+                      DataConfig(label_mode=task.label_mode, max_length=task.max_length, seed=seed)),
         train=TrainConfig(max_steps=max_steps, lora=lora, overwrite=True, save_steps=10_000, **flags))
     result = train_command.run(options)
     metrics = result.metrics

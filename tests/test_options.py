@@ -98,7 +98,7 @@ def test_the_drifted_defaults_are_one_value():
 
 @pytest.mark.parametrize("old, new, value, field", [
     ("--head-lr", "--output-head-lr", "0.001", ("train", "head_learning_rate")),
-    ("--head-pooling", "--classifier-pooling", "mean", ("source", "classifier_pooling")),
+    ("--head-pooling", "--classifier-pooling", "mean", ("inputs", "source", "classifier_pooling")),
 ])
 def test_old_spellings_parse_with_a_deprecation_line(capsys, old, new, value, field):
     base = ["train", "--model", "m", "--data", "d", "--out", "o"]
@@ -107,7 +107,9 @@ def test_old_spellings_parse_with_a_deprecation_line(capsys, old, new, value, fi
     assert "deprecated" in capsys.readouterr().err
     assert vars(old_args) == vars(new_args)
     options = build(COMMANDS["train"], old_args)
-    assert str(getattr(getattr(options, field[0]), field[1])) == value
+    for name in field:
+        options = getattr(options, name)
+    assert str(options) == value
 
 
 @pytest.mark.parametrize("old, new, value", [("--head", "--output-head", "tied"), ("--pooling", "--probe-pooling", "last")])

@@ -62,10 +62,10 @@ class PlanResult:
 def run(options: PlanOptions) -> PlanResult:
     from salf.report.plan_figure import plot_plan
 
-    config = replace(options.plan, seed=options.data.seed,
+    config = replace(options.plan, seed=options.inputs.data.seed,
                      trace=replace(options.plan.trace, show_progress=options.output.progress))
     check_plan_config(config)
-    loaded = load(options.source, options.data)
+    loaded = load(options.inputs.source, options.inputs.data)
     t0 = time.perf_counter()
     trace = load_trace_file(options.trace_file, loaded) if options.trace_file else trace_for(loaded.model, loaded.data, config)
     t1 = time.perf_counter()

@@ -31,8 +31,8 @@ class TraceResult:
 
 
 def run(options: TraceOptions) -> TraceResult:
-    loaded = load(options.source, options.data)
-    config = PlanConfig(trace=replace(options.trace, show_progress=options.output.progress), seed=options.data.seed)
+    loaded = load(options.inputs.source, options.inputs.data)
+    config = PlanConfig(trace=replace(options.trace, show_progress=options.output.progress), seed=options.inputs.data.seed)
     result = trace_for(loaded.model, loaded.data, config)
     write_json(options.out, {**result.to_dict(), "model": model_info(loaded.model), "data": data_info(loaded.data)})
     return TraceResult(result, Path(options.out))

@@ -50,17 +50,17 @@ def run(options: TrainOptions) -> TrainResult:
     the rate for this plan first, ``--match-compute`` / ``--max-flops`` train as many steps as the budget
     buys (``salf.training.tuning``). With a plan, the head pools as the plan's model did (``training_pooling``).
     """
-    config = replace(options.train, seed=options.data.seed, show_progress=options.output.progress)
+    config = replace(options.train, seed=options.inputs.data.seed, show_progress=options.output.progress)
     budget = compute_budget(options.budget.match_compute, options.budget.max_flops)
     plan = Plan.load(options.plan) if options.plan else None
-    source = replace(options.source, classifier_pooling=training_pooling(options.source.classifier_pooling, plan))
-    loaded = load(source, options.data)
+    source = replace(options.inputs.source, classifier_pooling=training_pooling(options.inputs.source.classifier_pooling, plan))
+    loaded = load(source, options.inputs.data)
     if plan is not None:
         plan.check_model(model_info(loaded.model))
     if options.eval_data:
         train_data, held_out = loaded.data, loaded.load_eval(options.eval_data)
     else:
-        train_data, held_out = split_holdout(loaded.data, options.eval_fraction, options.data.seed)
+        train_data, held_out = split_holdout(loaded.data, options.eval_fraction, options.inputs.data.seed)
     boundaries = None
     if options.per_datum:
         if plan is None or plan.per_datum_boundaries is None:

@@ -46,13 +46,20 @@ class ModelSource:
 
 
 @dataclass
+class Inputs:
+    """The model and the data file a command loads, and how the file is read."""
+
+    source: ModelSource = group(ModelSource, "model and data")
+    data: DataConfig = group(DataConfig, "data")
+
+
+@dataclass
 class TraceOptions:
     """``salf trace``: one no-grad pass, the deviation of every latent space from the targets."""
 
     out: str = option(help="where to write trace.json")
     output: Output = group(Output, "output")
-    source: ModelSource = group(ModelSource, "model and data")
-    data: DataConfig = group(DataConfig, "data")
+    inputs: Inputs = group(Inputs, "inputs")
     trace: TraceConfig = group(TraceConfig, "trace")
 
 
@@ -64,8 +71,7 @@ class PlanOptions:
     trace_file: str | None = option(None, help="reuse a trace written by `salf trace` instead of tracing again")
     figure: str | None = option(None, help="also write the plan figure (PNG) here (default: beside --out)")
     output: Output = group(Output, "output")
-    source: ModelSource = group(ModelSource, "model and data")
-    data: DataConfig = group(DataConfig, "data")
+    inputs: Inputs = group(Inputs, "inputs")
     plan: PlanConfig = group(PlanConfig, "plan")
 
 
@@ -90,8 +96,7 @@ class TrainOptions:
     per_datum: bool = option(False, help="train each batch at its data's own boundary (needs a plan made with "
                                          "--per-datum)")
     output: Output = group(Output, "output")
-    source: ModelSource = group(ModelSource, "model and data")
-    data: DataConfig = group(DataConfig, "data")
+    inputs: Inputs = group(Inputs, "inputs")
     train: TrainConfig = group(TrainConfig, "training")
     budget: ComputeBudget = group(ComputeBudget, "compute budget")
 

@@ -130,16 +130,15 @@ class TrainConfig:
         for name in ("max_steps", "epochs", "batch_size", "eval_batch_size", "head_learning_rate", "eval_steps",
                      "save_steps", "save_total_limit", "logging_steps", "lora_rank", "lora_alpha", "max_flops"):
             positive(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "flop_sample_steps", "timing_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise SalfError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.lr_search_budget) and 0 < self.lr_search_budget <= 1):
             raise SalfError(f"the learning-rate search budget must be in (0, 1], got {self.lr_search_budget}",
                             "pass --lr-search-budget as a share of the run's steps, e.g. 0.15")
         if self.max_flops is not None and self.flop_sample_steps < 1:
             raise SalfError("max_flops needs the FLOPs measured (flop_sample_steps >= 1)",
                             "leave flop_sample_steps at its default of 1")
-        if self.weight_decay < 0:
-            raise SalfError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm < 0:
-            raise SalfError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise SalfError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", "e.g. 0.06")
         if not 0 <= self.lora_dropout < 1:
@@ -147,10 +146,6 @@ class TrainConfig:
         if self.lora_save_merged and not self.lora:
             raise SalfError("a merged LoRA model was asked for, but the run trains no adapters",
                             "add --lora, or leave out --lora-merged")
-        if self.flop_sample_steps < 0:
-            raise SalfError(f"flop_sample_steps must be >= 0, got {self.flop_sample_steps}")
-        if self.timing_warmup_steps < 0:
-            raise SalfError(f"timing_warmup_steps must be >= 0, got {self.timing_warmup_steps}")
         # imported here, not at the top: `salf --help` loads no transformers
         from transformers.trainer_utils import SchedulerType
 
