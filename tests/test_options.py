@@ -120,6 +120,19 @@ def test_old_plan_spellings_parse(capsys, old, new, value):
     assert f"{old} is deprecated" in capsys.readouterr().err
 
 
+def test_the_old_label_mode_value_parses_with_a_deprecation_line_and_keeps_bench_recipes(capsys):
+    from salf.bench.suite import BenchTask
+
+    base = ["plan", "--model", "m", "--data", "d", "--out", "o"]
+    parser = build_parser()
+    old = build(COMMANDS["plan"], parser.parse_args([*base, "--label-mode", "head"]))
+    assert "--label-mode head is deprecated" in capsys.readouterr().err
+    assert old.inputs.data.label_mode == "classifier" == DataConfig(label_mode="head").label_mode
+    # A benchmark task's recipe fingerprint (which its committed records are keyed by) does not change.
+    spelt = [BenchTask(name="t", model="builtin:minilm", corpus="docstring-module", label_mode=m) for m in ("head", "classifier")]
+    assert spelt[0].recipe_fingerprint() == spelt[1].recipe_fingerprint()
+
+
 def test_choices_match_the_registries():
     from salf.config.commands import CLASSIFIER_POOLINGS, EXPORT_TOOLS
     from salf.config.plan import OUTPUT_HEAD_MODES

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from salf.bench.baselines import BASELINES, BaselineSettings
+from salf.config.data import OLD_LABEL_MODES
 from salf.errors import SalfError
 from salf.fileio import fingerprint
 from salf.models.heads import HEAD_MODES
@@ -66,8 +67,9 @@ class BenchTask:
     """Rows of the corpus to build (train + eval), balanced over classes; None: all."""
     train_file: str | None = None
     eval_file: str | None = None
-    label_mode: str = "head"
-    """Classification by a head, or by label 'words' (completion data, for causal LMs)."""
+    label_mode: str = "classifier"
+    """Classification by a classification head ('classifier'; 'head' is its older spelling), or by label 'words'
+    (completion data, for causal LMs)."""
     head_pooling: str | None = None
     """What a BERT-style classifier's head reads: 'first' token, token 'mean' (``salf.models.pooling``: for sentence
     encoders trained with mean pooling), or None: the checkpoint's own. Left out of the recipe fingerprint
@@ -113,6 +115,7 @@ class BenchTask:
     salf's default plan costed and trained untied. 'untie' on a model without a tied head is an error."""
 
     def __post_init__(self) -> None:
+        self.label_mode = OLD_LABEL_MODES.get(self.label_mode, self.label_mode)
         if not self.name or any(c in self.name for c in "/|\\ "):
             raise SalfError(f"task name {self.name!r} must be non-empty, without spaces, '/', '|'",
                             "use e.g. 'minilm-docstring-module'")
@@ -170,6 +173,8 @@ class BenchTask:
         # extras that add runs of their own (their records carry their own settings), never change these
         for volatile in ("seeds", "ceiling_steps", "equal_compute", "lr_search", "head_modes", "oracle_stride"):
             d.pop(volatile)
+        if d["label_mode"] == "classifier":  # spelt 'head' when the committed records were made: same recipe
+            d["label_mode"] = "head"
         if d["head_pooling"] is None:  # the recipe of every task from before the field existed
             d.pop("head_pooling")
         return fingerprint(d)
