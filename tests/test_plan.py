@@ -209,3 +209,19 @@ def test_unsolved_scale_moves_the_target_share(scale, trained):
 def test_unsolved_scale_out_of_range_is_refused(bad):
     with pytest.raises(SalfError, match="outside"):
         check_policy(bad)
+
+
+def test_unknown_plan_keys_are_warned_about_not_dropped_silently(tmp_path):
+    import warnings
+
+    plan = Plan.from_dict(_plan())
+    d = {**plan.to_dict(), "from_the_future": 1}
+    d["predicted"] = {**d["predicted"], "new_ratio": 0.5}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = Plan.load(path)
+    said = " ".join(str(w.message) for w in caught)
+    assert "from_the_future" in said and "new_ratio" in said
+    assert loaded.boundary == plan.boundary

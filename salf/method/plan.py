@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -232,6 +233,13 @@ def choose_boundary(gains: np.ndarray, cost: np.ndarray, policy: str, seed: int 
     return POLICIES.get(name)(ctx, value)
 
 
+def warn_unknown_keys(where: str, unknown: set[str]) -> None:
+    """Say which keys of a stored object this version ignores (peft's rule: never drop them silently)."""
+    if unknown:
+        warnings.warn(f"{where} has keys this salf does not know, ignored: {', '.join(sorted(unknown))} "
+                      "(written by a newer salf? upgrade to use them)", stacklevel=3)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The predicted cost of one training step at the plan's boundary (``Plan.predicted``), from the cost
@@ -278,10 +286,11 @@ class Prediction:
     def from_dict(cls, d: Any) -> Prediction:
         """The prediction a plan file stores under ``predicted``. Every plan ``make_plan`` wrote, since plans
         first carried one, has all eight keys, so all are required. Keys this version does not know (from a
-        newer salf) are ignored: dropped on load, and absent from the plan if this version saves it again."""
+        newer salf) are ignored with a warning: absent from the plan if this version saves it again."""
         if not isinstance(d, dict):
             raise SalfError("the plan file's 'predicted' is not a JSON object", "regenerate it with `salf plan`")
         names = [f.name for f in fields(cls)]
+        warn_unknown_keys("the plan file's 'predicted'", set(d) - set(names))
         missing = [n for n in names if n not in d]
         if missing:
             raise SalfError(f"the plan file's 'predicted' lacks {', '.join(missing)}", "regenerate it with `salf plan`")
@@ -361,6 +370,7 @@ class Plan:
             raise SalfError(f"plan format {d['format']} is newer than this salf understands", "upgrade salf")
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in d.items() if k in known}
+        warn_unknown_keys("the plan file", set(d) - known)
         if "predicted" in values:
             values["predicted"] = Prediction.from_dict(values["predicted"])
         try:
