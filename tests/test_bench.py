@@ -21,6 +21,7 @@ from salf.bench.baselines_representation import (
 )
 from salf.bench.baselines_variants import LisaCallback
 from salf.bench.measured import exact_match, per_datum_flops
+from salf.bench.records import MetaRecord, PlanRecord, Record, TrainedRun, record_from_dict
 from salf.bench.report import bench_table
 from salf.bench.runner import run_bench
 from salf.bench.scoring import pareto_frontier, quality_points, regret, share_kept, tradeoff_regret
@@ -84,8 +85,8 @@ def test_tradeoff_regret_charges_the_cheap_boundary_for_the_quality_it_gives_up(
 
 
 def _record(task, seed, variant, kind, boundary=None, metrics=None, **extra):
-    return {"key": RunStore.key(task, seed, variant), "task": task, "seed": seed, "variant": variant, "kind": kind,
-            "boundary": boundary, "status": "done", "metrics": metrics, **extra}
+    return record_from_dict({"key": RunStore.key(task, seed, variant), "task": task, "seed": seed, "variant": variant,
+                             "kind": kind, "boundary": boundary, "status": "done", "metrics": metrics, **extra})
 
 
 def test_analysis_scores_plans_with_the_oracle_run_at_their_boundary():
@@ -186,10 +187,11 @@ def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, caps
 
     for name, records in (("one", _sweep("a")), ("two", _sweep("b", model="other"))):
         for seed in (0, 1):
-            records.append(_record(records[0]["task"], seed, "baseline/full", "baseline", boundary=0))
-            records.append(_record(records[0]["task"], seed, default_plan("classification"), "plan", boundary=seed))
+            records.append(_record(records[0].task, seed, "baseline/full", "baseline", boundary=0))
+            records.append(_record(records[0].task, seed, default_plan("classification"), "plan", boundary=seed))
         (tmp_path / name).mkdir()
-        (tmp_path / name / "runs.json").write_text(json.dumps({"format": 1, "suite": "x", "runs": records}))
+        (tmp_path / name / "runs.json").write_text(json.dumps({"format": 1, "suite": "x",
+                                                                         "runs": [r.to_dict() for r in records]}))
     dirs = [str(tmp_path / "one"), str(tmp_path / "two")]
     table = combined_regret(dirs)
     assert set(table) == {"m", "other", ALL_MODELS}
@@ -208,8 +210,9 @@ def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, caps
 
 
 def test_per_datum_flops_weigh_each_boundary_by_its_own_cost():
-    oracle = {k: {"status": "done", "metrics": {"flops_per_padded_token": 10.0 - 3 * k}} for k in range(3)}
-    oracle[2] = {"status": "failed", "metrics": {}}  # no measurement at k=2: the cost model's ratio of k=0's
+    oracle = {k: record_from_dict({"key": f"t|seed=0|oracle/k={k}", "kind": "oracle", "status": "done",
+                                   "metrics": {"flops_per_padded_token": 10.0 - 3 * k}}) for k in range(3)}
+    oracle[2] = record_from_dict({"key": "t|seed=0|oracle/k=2", "kind": "oracle", "status": "failed", "metrics": {}})  # no measurement at k=2: the cost model's ratio of k=0's
     metrics = {"train_flops": 7.0 * 60, "train_flops_method": "first step", "flops_per_padded_token": 7.0,
                "padded_tokens": 60, "per_datum": {"padded_tokens_per_boundary": {"1": 20, "2": 40}, "first_boundary": 1}}
     out = per_datum_flops(metrics, oracle, [1.0, 0.7, 0.25])
@@ -450,7 +453,7 @@ def test_head_pooling_task_option_keeps_the_old_recipes(tmp_path):
 def test_run_store_reuses_only_the_same_recipe(tmp_path):
     suite = BenchSuite.load("smoke")
     store = RunStore(tmp_path / "runs.json", suite, resume=True)
-    store.add({"key": "a|seed=0|oracle/k=0", "recipe": "r1"})
+    store.add(Record(key="a|seed=0|oracle/k=0", recipe="r1"))
     again = RunStore(tmp_path / "runs.json", suite, resume=True)
     assert again.get("a|seed=0|oracle/k=0", "r1") is not None
     assert again.get("a|seed=0|oracle/k=0", "r2") is None
@@ -461,20 +464,20 @@ def test_run_stores_sharing_a_file_keep_each_others_runs(tmp_path):
     suite = BenchSuite.load("smoke")
     path = tmp_path / "runs.json"
     first, second = RunStore(path, suite, resume=True), RunStore(path, suite, resume=True)
-    first.add({"key": "a|seed=0|oracle/k=0", "recipe": "r"})
-    second.add({"key": "b|seed=0|oracle/k=0", "recipe": "r"})
-    first.add({"key": "a|seed=0|oracle/k=1", "recipe": "r"})
+    first.add(Record(key="a|seed=0|oracle/k=0", recipe="r"))
+    second.add(Record(key="b|seed=0|oracle/k=0", recipe="r"))
+    first.add(Record(key="a|seed=0|oracle/k=1", recipe="r"))
     stored = {r["key"] for r in json.loads(path.read_text())["runs"]}
     assert stored == {"a|seed=0|oracle/k=0", "b|seed=0|oracle/k=0", "a|seed=0|oracle/k=1"}
     # a record removed from the file (e.g. a stale plan) is not brought back by a process that had read it
     data = json.loads(path.read_text())
     data["runs"] = [r for r in data["runs"] if r["key"] != "b|seed=0|oracle/k=0"]
     path.write_text(json.dumps(data))
-    first.add({"key": "a|seed=0|oracle/k=2", "recipe": "r"})
+    first.add(Record(key="a|seed=0|oracle/k=2", recipe="r"))
     assert "b|seed=0|oracle/k=0" not in {r["key"] for r in json.loads(path.read_text())["runs"]}
     # --no-resume starts over: what was on disk is dropped, not merged back at its first save
     fresh = RunStore(path, suite, resume=False)
-    fresh.add({"key": "c|seed=0|oracle/k=0", "recipe": "r"})
+    fresh.add(Record(key="c|seed=0|oracle/k=0", recipe="r"))
     assert [r["key"] for r in json.loads(path.read_text())["runs"]] == ["c|seed=0|oracle/k=0"]
 
 
@@ -673,8 +676,8 @@ def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
     bench = SimpleNamespace(prepared=SimpleNamespace(num_layers=30), task=SimpleNamespace(oracle_stride=3),
                             loaded=SimpleNamespace(data=SimpleNamespace(task="completion")),
                             lenses=lambda: ["logit-lens"])
-    picked = [{"boundary": 28}, {"boundary": 0}, {"boundary": None}, {"boundary": 28}, {"boundary": 7},
-              {"boundary": 13, "variant": "salf/logit-lens/sufficiency-uniform/unsolved"}]
+    picked = [PlanRecord(key=str(i), boundary=k, variant=v) for i, (k, v) in enumerate(
+        [(28, ""), (0, ""), (None, ""), (28, ""), (7, ""), (13, "salf/logit-lens/sufficiency-uniform/unsolved")])]
     ks = TaskBench.oracle_boundaries(bench, picked)
     assert ks[:3] == [13, 28, 7] and ks[3:] == [k for k in range(3, 31, 3) if k != 28]  # default, picked, grid
     bench.task.oracle_stride, bench.prepared.num_layers = 4, 10
@@ -684,11 +687,11 @@ def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
 def test_a_strided_sweep_is_complete_once_its_grid_is_trained():
     from salf.bench.store import complete_records, sweep_boundaries
 
-    meta = {"kind": "meta", "task": "t", "seed": None, "num_layers": 7, "task_config": {"oracle_stride": 3}}
+    meta = MetaRecord(key="t|meta", kind="meta", task="t", seed=None, num_layers=7, task_config={"oracle_stride": 3})
     assert sweep_boundaries(meta) == {0, 3, 6, 7}
-    oracle = [{"task": "t", "seed": 0, "variant": f"oracle/k={k}", "status": "done"} for k in (0, 3, 5, 6)]
-    plan = {"task": "t", "seed": 0, "variant": "salf/x", "kind": "plan"}
+    oracle = [TrainedRun(key=f"t|{k}", task="t", seed=0, variant=f"oracle/k={k}", status="done") for k in (0, 3, 5, 6)]
+    plan = PlanRecord(key="t|p", task="t", seed=0, variant="salf/x", kind="plan")
     assert complete_records([meta, *oracle, plan]) == [meta]  # k = 7 missing: the seed is not finished
-    last = {"task": "t", "seed": 0, "variant": "oracle/k=7", "status": "diverged"}
+    last = TrainedRun(key="t|7", task="t", seed=0, variant="oracle/k=7", status="diverged")
     assert len(complete_records([meta, *oracle, plan, last])) == 7
-    assert sweep_boundaries({"num_layers": 4}) == {0, 1, 2, 3, 4}  # suites from before the stride: every boundary
+    assert sweep_boundaries(MetaRecord(key="m", num_layers=4)) == {0, 1, 2, 3, 4}  # suites from before the stride: every boundary

@@ -9,6 +9,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from salf.bench.records import (
+    BaselineDecision,
+    MetaRecord,
+    PerDatumRun,
+    PlanRecord,
+    Record,
+    TrainedRun,
+    Variant,
+    salf_variant,
+)
 from salf.bench.scoring import (
     REGRET_KEYS,
     TRADEOFF_LAMBDAS,
@@ -28,25 +38,25 @@ PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_rati
 """What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
 
 
-def analyze(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def analyze(records: Iterable[Record]) -> dict[str, Any]:
     """Per task: the oracle per boundary, and plans / baselines with quality, cost and regret, over seeds."""
-    by_task: dict[str, list[dict]] = {}
+    by_task: dict[str | None, list[Record]] = {}
     for r in records:
-        by_task.setdefault(r["task"], []).append(r)
+        by_task.setdefault(r.task, []).append(r)
     return {task: _analyze_task(rs) for task, rs in by_task.items()}
 
 
-def _analyze_task(records: list[dict]) -> dict[str, Any]:
-    meta = next((r for r in records if r["variant"] == "meta"), None)
+def _analyze_task(records: list[Record]) -> dict[str, Any]:
+    meta = next((r for r in records if r.variant == "meta" and isinstance(r, MetaRecord)), None)
     if meta is None:
         return {}
-    n, data_task = meta["num_layers"], meta["data_task"]
+    n, data_task = meta.num_layers, meta.data_task
     q_name, q_high = QUALITY[data_task]
-    seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
+    seeds = sorted({r.seed for r in records if r.seed is not None})
     oracle: dict[int, dict[int, dict]] = {s: {} for s in seeds}
     for r in records:
-        if r.get("kind") == "oracle" and r.get("status") == "done":
-            oracle[r["seed"]][r["boundary"]] = r["metrics"]
+        if isinstance(r, TrainedRun) and r.kind == "oracle" and r.done and r.seed is not None and r.boundary is not None:
+            oracle[r.seed][r.boundary] = r.metrics
 
     def point(seed: int, metrics: dict) -> dict[str, Any]:
         full = oracle[seed].get(0, {})
@@ -68,24 +78,26 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
 
     rows: dict[str, list[dict]] = {}
     for r in records:
-        kind = r.get("kind")
-        if kind not in ("plan", "per-datum", "baseline", "ceiling", "equal-compute") or r.get("status") != "done":
+        kind = r.kind
+        if (kind not in ("plan", "per-datum", "baseline", "ceiling", "equal-compute") or not r.done
+                or not isinstance(r, (PlanRecord, TrainedRun, BaselineDecision)) or r.seed is None):
             continue
-        if r.get("metrics"):  # its own run
-            metrics = r["metrics"]
-        elif r.get("boundary") is not None and r["boundary"] in oracle.get(r["seed"], {}):
-            metrics = oracle[r["seed"]][r["boundary"]]  # the oracle run at its boundary: identical by construction
+        own = r.metrics if isinstance(r, TrainedRun) else {}
+        if own:  # its own run
+            metrics = own
+        elif r.boundary is not None and r.boundary in oracle.get(r.seed, {}):
+            metrics = oracle[r.seed][r.boundary]  # the oracle run at its boundary: identical by construction
         else:
             continue
-        p = point(r["seed"], metrics)
-        boundary = r.get("mean_boundary") if kind == "per-datum" else r.get("boundary")
-        p.update(seed=r["seed"], boundary=boundary, kind=kind,
-                 profiling_seconds=r.get("profiling_seconds"), reuses_oracle=not r.get("metrics"),
-                 profiling_fraction=ratio(r.get("profiling_seconds"), p["full_train_seconds"]))
-        rows.setdefault(r["variant"], []).append(p)
+        p = point(r.seed, metrics)
+        boundary = r.mean_boundary if isinstance(r, PerDatumRun) and kind == "per-datum" else r.boundary
+        profiling = getattr(r, "profiling_seconds", None)  # a plan's, a baseline's decision's, a per-datum run's
+        p.update(seed=r.seed, boundary=boundary, kind=kind, profiling_seconds=profiling, reuses_oracle=not own,
+                 profiling_fraction=ratio(profiling, p["full_train_seconds"]))
+        rows.setdefault(r.variant, []).append(p)
 
-    unavailable = [{"variant": r["variant"], "seed": r["seed"], "status": r.get("status"), "error": r.get("error")}
-                   for r in records if r.get("status") not in (None, "done")]
+    unavailable = [{"variant": r.variant, "seed": r.seed, "status": status, "error": getattr(r, "error", None)}
+                   for r in records if (status := getattr(r, "status", None)) not in (None, "done")]
     fields = ("quality", "quality_ratio", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss",
               *REGRET_KEYS, "share_kept", "profiling_seconds", "profiling_fraction", "boundary")
     variants = {}
@@ -96,13 +108,13 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
                              # per seed, so that tables over several tasks (``regret_by_model``) pool seeds
                              "per_seed": [{f: p[f] for f in ("seed", *PER_SEED_FIELDS)} for p in ps]}
 
-    predicted = meta["predicted_step_flops_ratio"]
+    predicted = meta.predicted_step_flops_ratio
     per_k = []
     for k in range(n + 1):
         ms = [oracle[s][k] for s in seeds if k in oracle[s]]
         pts = [point(s, oracle[s][k]) for s in seeds if k in oracle[s]]
         per_k.append({
-            "k": k, "predicted_flops_ratio": predicted[k], "predicted_memory_ratio": meta["predicted_memory_ratio"][k],
+            "k": k, "predicted_flops_ratio": predicted[k], "predicted_memory_ratio": meta.predicted_memory_ratio[k],
             "n": len(ms), **{f: _stats(p[f] for p in pts) for f in ("quality", "quality_ratio", "loss", "flops_ratio",
                                                                    "step_time_ratio", *REGRET_KEYS, "share_kept")},
             "train_seconds": _stats(m.get("train_seconds") for m in ms),
@@ -114,11 +126,11 @@ def _analyze_task(records: list[dict]) -> dict[str, Any]:
     for row in per_k:
         row["on_frontier"] = row["k"] in on_frontier
     return {"data_task": data_task, "num_layers": n, "quality_metric": q_name, "higher_is_better": q_high,
-            "seeds": seeds, "oracle": per_k, "variants": variants, "model": meta.get("model"),
+            "seeds": seeds, "oracle": per_k, "variants": variants, "model": meta.model,
             "unavailable": unavailable, "plan_regret": _plan_regret(rows),
             "per_datum": _per_datum_comparison(records, oracle, point),
-            "n_train": meta.get("n_train"), "n_eval": meta.get("n_eval"),
-            "recipe": meta.get("task_config", {}), "target": _target_check(per_k, variants),
+            "n_train": meta.n_train, "n_eval": meta.n_eval,
+            "recipe": meta.task_config, "target": _target_check(per_k, variants),
             # extra sweeps (searched rates, untied head): their own tables, never in the regret tables
             "sweeps": analyze_sweeps(records, oracle, point, meta)}
 
@@ -145,22 +157,23 @@ def _target_check(per_k: list[dict], variants: dict[str, dict]) -> dict[str, Any
             "variants_meeting": sorted(name for name, v in variants.items() if meets(v))}
 
 
-def _per_datum_comparison(records: list[dict], oracle: dict[int, dict[int, dict]],
+def _per_datum_comparison(records: list[Record], oracle: dict[int, dict[int, dict]],
                           point: Callable[[int, dict], dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each per-datum variant against its single-boundary plan (the oracle run at the global boundary)."""
     fields = ("quality", "loss", "flops_ratio", "step_time_ratio", "regret", "regret_loss", *REGRET_KEYS, "share_kept")
     out: dict[str, dict[str, Any]] = {}
-    for r in sorted((r for r in records if r.get("kind") == "per-datum" and r.get("status") == "done"),
-                    key=lambda r: (r["variant"], r["seed"])):
-        seed, k = r["seed"], r.get("global_boundary")
+    runs = [r for r in records if isinstance(r, PerDatumRun) and r.kind == "per-datum" and r.done and r.seed is not None]
+    for r in sorted(runs, key=lambda r: (r.variant, r.seed)):
+        seed, k = r.seed, r.global_boundary
+        assert seed is not None
         single = point(seed, oracle[seed][k]) if k in oracle.get(seed, {}) else {}
-        entry = out.setdefault(r["variant"], {
-            "lens": r.get("lens"), "estimator": r.get("estimator"), "policy": r.get("policy"),
-            "single_variant": f"salf/{r.get('lens')}/{r.get('estimator')}/{r.get('policy')}", "per_seed": []})
+        entry = out.setdefault(r.variant, {
+            "lens": r.lens, "estimator": r.estimator, "policy": r.policy,
+            "single_variant": salf_variant(str(r.lens), str(r.estimator), str(r.policy)), "per_seed": []})
         entry["per_seed"].append({
-            "seed": seed, "global_boundary": k, "mean_boundary": r.get("mean_boundary"),
-            "mean_boundary_trained": r.get("mean_boundary_trained"), "boundary_histogram": r.get("boundary_histogram"),
-            "per_datum": {f: point(seed, r["metrics"])[f] for f in fields},
+            "seed": seed, "global_boundary": k, "mean_boundary": r.mean_boundary,
+            "mean_boundary_trained": r.mean_boundary_trained, "boundary_histogram": r.boundary_histogram,
+            "per_datum": {f: point(seed, r.metrics)[f] for f in fields},
             "single": {f: single.get(f) for f in fields}})
     for entry in out.values():
         seeds = entry["per_seed"]
@@ -179,7 +192,7 @@ def _plan_regret(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, A
     for variant, ps in rows.items():
         if ps[0]["kind"] != "plan":
             continue
-        _, lens, estimator, policy = variant.split("/", 3)
+        lens, estimator, policy = Variant.parse(variant).rest.split("/", 2)
         table.setdefault(f"{lens}/{estimator}", {})[policy] = {
             f: _stats(p[f] for p in ps) for f in ("regret", "regret_loss", *REGRET_KEYS)}
     return table
@@ -206,7 +219,7 @@ def default_plan(data_task: str) -> str:
     from salf.method.lenses import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
     kind = CLASS_LABELS if data_task == "classification" else TOKEN_LABELS
-    return f"salf/{DEFAULT_LENS[kind]}/{DEFAULT_ESTIMATOR}/{DEFAULT_POLICY[kind]}"
+    return salf_variant(DEFAULT_LENS[kind], DEFAULT_ESTIMATOR, DEFAULT_POLICY[kind])
 
 
 def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from salf.bench.records import Record, TrainedRun, oracle_variant
 from salf.errors import SalfError
 
 PER_DATUM_FLOPS_METHOD = (
@@ -114,7 +115,7 @@ def boundary_histogram(boundaries: Iterable[int]) -> dict[str, int]:
     return {str(k): counts[k] for k in sorted(counts)}
 
 
-def per_datum_flops(metrics: dict[str, Any], oracle: dict[int, dict], predicted_ratio: Sequence[float]) -> dict:
+def per_datum_flops(metrics: dict[str, Any], oracle: Mapping[int, Record], predicted_ratio: Sequence[float]) -> dict:
     """The measured training FLOPs of a per-datum run (``PER_DATUM_FLOPS_METHOD``), to update its metrics.
 
     ``salf.training.trainer`` counts FLOPs over the first step only, which trained from one boundary; here each
@@ -124,8 +125,10 @@ def per_datum_flops(metrics: dict[str, Any], oracle: dict[int, dict], predicted_
     """
 
     def measured(k: int) -> float | None:
-        record = oracle.get(k) or {}
-        return (record.get("metrics") or {}).get("flops_per_padded_token") if record.get("status") == "done" else None
+        record = oracle.get(k)
+        if not isinstance(record, TrainedRun) or not record.done:
+            return None
+        return (record.metrics or {}).get("flops_per_padded_token")
 
     per_datum = metrics.get("per_datum") or {}
     tokens = {int(k): int(v) for k, v in (per_datum.get("padded_tokens_per_boundary") or {}).items()}
@@ -142,9 +145,9 @@ def per_datum_flops(metrics: dict[str, Any], oracle: dict[int, dict], predicted_
     by_boundary, total = {}, 0.0
     full = measured(0)
     for k, count in sorted(tokens.items()):
-        per_token, source = measured(k), f"oracle/k={k}"
+        per_token, source = measured(k), oracle_variant(k)
         if per_token is None and full:
-            per_token, source = float(predicted_ratio[k]) * full, "predicted ratio x oracle/k=0"
+            per_token, source = float(predicted_ratio[k]) * full, f"predicted ratio x {oracle_variant(0)}"
         if per_token is None:
             return {**out, "train_flops": None, "flops_per_padded_token": None, "flops_by_boundary": None}
         by_boundary[str(k)] = {"flops_per_padded_token": per_token, "padded_tokens": count,

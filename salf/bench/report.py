@@ -16,6 +16,7 @@ import torch
 
 from salf.bench.analysis import REGRET_TABLE_ORDER, analyze, default_plan, finished_analyses, regret_by_model
 from salf.bench.progress import duration, now
+from salf.bench.records import Record
 from salf.bench.scoring import REGRET_KEYS, TRADEOFF_LAMBDAS
 from salf.bench.suite import BenchSuite
 from salf.bench.sweeps_report import render_sweeps
@@ -337,7 +338,7 @@ class BenchResult:
                 "paths": {k: str(v) for k, v in self.paths.items()}}
 
 
-def write_reports(suite: BenchSuite, records: Iterable[dict], out_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+def write_reports(suite: BenchSuite, records: Iterable[Record], out_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """results.md, frontier.png and summary.json (``{"regret_by_model": ..., "tasks": analysis}``)."""
     analysis = analyze(records)
     summary = {"regret_by_model": regret_by_model([analysis]), "tasks": analysis}

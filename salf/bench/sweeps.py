@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from salf.bench.records import PlanRecord, Record, Variant, boundary_variant
 from salf.bench.store import RunStore
 from salf.bench.suite import BenchTask
 from salf.bench.sweeps_report import SEARCHED, UNTIED, UNTIED_PLAN
@@ -38,7 +39,7 @@ class ExtraSweep:
 
     enabled: Callable[[BenchTask], bool]
     """Whether the task's options ask for it."""
-    run: Callable[[Any, int, dict[int, dict]], None]
+    run: Callable[[Any, int, dict[int, Record]], None]
     """(TaskBench, seed, the main sweep's records by k): run (or skip, when stored) every unit of one seed."""
     weight: Callable[[Any], float]
     """Progress weight of one seed's units (a training step weighs 1)."""
@@ -60,9 +61,9 @@ def search_recipe(bench: Any) -> str:
     return f"{bench.recipe}+lr-search={fingerprint(asdict(bench.task.lr_search))}"
 
 
-def _searched_unit(bench: Any, seed: int, k: int) -> dict:
+def _searched_unit(bench: Any, seed: int, k: int) -> Record:
     t, n = bench.task, bench.prepared.num_layers
-    variant, spec = f"{SEARCHED}/k={k}", FreezeSpec.from_boundary(k, n)
+    variant, spec = boundary_variant(SEARCHED, k), FreezeSpec.from_boundary(k, n)
     weight = t.steps * (1 + t.lr_search.budget)
 
     def make() -> dict[str, Any]:
@@ -112,7 +113,7 @@ def _check_search(bench: Any) -> None:
                         'raise lr_search\'s "budget" or use fewer "factors"') from None
 
 
-def _run_searched(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
+def _run_searched(bench: Any, seed: int, oracle: dict[int, Record]) -> None:
     for k in range(bench.prepared.num_layers + 1):
         _searched_unit(bench, seed, k)
 
@@ -143,7 +144,7 @@ def untied_spec(k: int, num_layers: int) -> FreezeSpec:
     return replace(spec, untie_head=True) if k > 0 else spec
 
 
-def _run_untied(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
+def _run_untied(bench: Any, seed: int, oracle: dict[int, Record]) -> None:
     from salf.bench.analysis import default_plan
 
     n, t = bench.prepared.num_layers, bench.task
@@ -152,11 +153,11 @@ def _run_untied(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
         extra = {"head": "untie", "predicted_step_flops_ratio": float(untied["ratio"][k]),
                  "predicted_memory_ratio": float(untied["memory_ratio"][k]),
                  "tied_predicted_step_flops_ratio": float(tied["ratio"][k])}
-        bench._train(seed, f"{UNTIED}/k={k}", UNTIED, untied_spec(k, n), boundary=k, extra=extra)
+        bench._train(seed, boundary_variant(UNTIED, k), UNTIED, untied_spec(k, n), boundary=k, extra=extra)
 
     default = default_plan(bench.loaded.data.task)
     plan = bench.store.get(RunStore.key(t.name, seed, default), bench.recipe)
-    if plan is None:  # the suite's lenses, estimators or policies leave the default plan out
+    if not isinstance(plan, PlanRecord):  # the suite's lenses, estimators or policies leave the default plan out
         return
 
     def make() -> dict[str, Any]:
@@ -165,20 +166,20 @@ def _run_untied(bench: Any, seed: int, oracle: dict[int, dict]) -> None:
         from salf.method.plan import choose_boundary
 
         started = time.perf_counter()
-        details = plan["details"]
-        k = choose_boundary(np.asarray(details["gains"], dtype=float), untied["ratio"], plan["policy"], seed=seed,
+        details = plan.details
+        k = choose_boundary(np.asarray(details["gains"], dtype=float), untied["ratio"], plan.policy, seed=seed,
                             frozen_share=details.get("frozen_share") or 0.0)
         seconds = time.perf_counter() - started + untied["seconds"]
-        return {"kind": UNTIED_PLAN, "boundary": int(k), "status": "done", "lens": plan["lens"],
-                "estimator": plan["estimator"], "policy": plan["policy"], "head": "untie",
-                "spec": untied_spec(int(k), n).to_dict(), "tied_variant": default, "tied_boundary": plan["boundary"],
+        return {"kind": UNTIED_PLAN, "boundary": int(k), "status": "done", "lens": plan.lens,
+                "estimator": plan.estimator, "policy": plan.policy, "head": "untie",
+                "spec": untied_spec(int(k), n).to_dict(), "tied_variant": default, "tied_boundary": plan.boundary,
                 # the tied plan's trace and gains, costed untied: only the cost model and the choice are new
-                "profiling_seconds": plan["profiling_seconds"] - plan["cost_seconds"] + seconds,
+                "profiling_seconds": (plan.profiling_seconds or 0.0) - (plan.cost_seconds or 0.0) + seconds,
                 "details": {"predicted_step_flops_ratio": float(untied["ratio"][k]),
                             "predicted_memory_ratio": float(untied["memory_ratio"][k]),
                             "tied_predicted_step_flops_ratio": float(tied["ratio"][k])}}
 
-    bench._unit(seed, f"{UNTIED_PLAN}/{default.split('/', 1)[1]}", 0.0, make)
+    bench._unit(seed, str(Variant(UNTIED_PLAN, Variant.parse(default).rest)), 0.0, make)
 
 
 SWEEPS.register("untied-head")(ExtraSweep(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from salf.bench.records import MetaRecord, Record, SearchedRun, TrainedRun, UntiedPlan
 from salf.bench.scoring import ratio, stats
 from salf.registry import Registry
 
@@ -27,7 +28,7 @@ POINT_FIELDS = ("quality", "loss", "flops_ratio", "regret")
 class SweepTable:
     """How one extra sweep is summarised and shown."""
 
-    analyze: Callable[[list[dict], dict[int, dict[int, dict]], Point, dict], dict[str, Any] | None]
+    analyze: Callable[[list[Record], dict[int, dict[int, dict]], Point, MetaRecord], dict[str, Any] | None]
     """(the task's records, the main oracle's metrics by seed and k, the scorer, the meta record) -> its
     summary, or None when the task has none of its records."""
     render: Callable[[dict[str, Any], str], list[str]]
@@ -37,8 +38,8 @@ class SweepTable:
 SWEEP_TABLES: Registry[SweepTable] = Registry("extra sweep table")
 
 
-def analyze_sweeps(records: list[dict], oracle: dict[int, dict[int, dict]], point: Point,
-                   meta: dict) -> dict[str, Any]:
+def analyze_sweeps(records: list[Record], oracle: dict[int, dict[int, dict]], point: Point,
+                   meta: MetaRecord) -> dict[str, Any]:
     """Every extra sweep's summary for one task (only those with records)."""
     out = {}
     for name in SWEEP_TABLES.names():
@@ -71,34 +72,34 @@ def _points(pts: list[dict[str, Any]]) -> dict[str, Any]:
     return {f: stats(p[f] for p in pts) for f in POINT_FIELDS}
 
 
-def _done(records: list[dict], kind: str) -> dict[tuple[int, int], dict]:
-    return {(r["seed"], r["boundary"]): r for r in records
-            if r.get("kind") == kind and r.get("status") == "done" and r.get("metrics")}
+def _done(records: list[Record], kind: str) -> dict[tuple[int | None, int | None], TrainedRun]:
+    return {(r.seed, r.boundary): r for r in records
+            if isinstance(r, TrainedRun) and r.kind == kind and r.done and r.metrics}
 
 
 # -- shared vs searched rate --------------------------------------------------------------------------------
-def _analyze_searched(records: list[dict], oracle: dict[int, dict[int, dict]], point: Point,
-                      meta: dict) -> dict[str, Any] | None:
-    runs = _done(records, SEARCHED)
-    failed = sum(1 for r in records if r.get("kind") == SEARCHED and r.get("status") != "done")
+def _analyze_searched(records: list[Record], oracle: dict[int, dict[int, dict]], point: Point,
+                      meta: MetaRecord) -> dict[str, Any] | None:
+    runs = {key: r for key, r in _done(records, SEARCHED).items() if isinstance(r, SearchedRun)}
+    failed = sum(1 for r in records if r.kind == SEARCHED and not r.done)
     if not runs and not failed:
         return None
     rows = []
-    for k in range(meta["num_layers"] + 1):
+    for k in range(meta.num_layers + 1):
         seeds = sorted(s for s in oracle if k in oracle[s] and (s, k) in runs)
         shared = [point(s, oracle[s][k]) for s in seeds]
-        searched = [point(s, runs[(s, k)]["metrics"]) for s in seeds]
+        searched = [point(s, runs[(s, k)].metrics) for s in seeds]
         rs = [runs[(s, k)] for s in seeds]
         rows.append({
             "k": k, "seeds": seeds, "shared": _points(shared), "searched": _points(searched),
             "gain": stats(None if a["quality"] is None or b["quality"] is None else b["quality"] - a["quality"]
                           for a, b in zip(shared, searched)),
-            "learning_rate": [r.get("learning_rate") for r in rs], "lr_factor": [r.get("lr_factor") for r in rs],
-            "learning_rate_stats": stats(r.get("learning_rate") for r in rs),
-            "search_step_share": stats(r.get("search_step_share") for r in rs),
+            "learning_rate": [r.learning_rate for r in rs], "lr_factor": [r.lr_factor for r in rs],
+            "learning_rate_stats": stats(r.learning_rate for r in rs),
+            "search_step_share": stats(r.search_step_share for r in rs),
             # the search's FLOPs as a share of the run it tunes (that run's measured FLOPs)
-            "search_flops_share": stats(ratio(r.get("search_flops"), r["metrics"].get("train_flops")) for r in rs),
-            "search_seconds": stats(r.get("search_seconds") for r in rs)})
+            "search_flops_share": stats(ratio(r.search_flops, r.metrics.get("train_flops")) for r in rs),
+            "search_seconds": stats(r.search_seconds for r in rs)})
     return {"per_k": rows, "failed": failed}
 
 
@@ -133,33 +134,33 @@ SWEEP_TABLES.register("lr-search")(SweepTable(analyze=_analyze_searched, render=
 
 
 # -- tied vs untied head ---------------------------------------------------------------------------------------
-def _analyze_untied(records: list[dict], oracle: dict[int, dict[int, dict]], point: Point,
-                    meta: dict) -> dict[str, Any] | None:
+def _analyze_untied(records: list[Record], oracle: dict[int, dict[int, dict]], point: Point,
+                    meta: MetaRecord) -> dict[str, Any] | None:
     runs = _done(records, UNTIED)
-    plans = [r for r in records if r.get("kind") == UNTIED_PLAN and r.get("status") == "done"]
+    plans = [r for r in records if isinstance(r, UntiedPlan) and r.kind == UNTIED_PLAN and r.done]
     if not runs and not plans:
         return None
-    predicted = meta["predicted_step_flops_ratio"]
+    predicted = meta.predicted_step_flops_ratio
     rows = []
-    for k in range(meta["num_layers"] + 1):
+    for k in range(meta.num_layers + 1):
         # k = 0 trains the tied head with the embeddings: the main run is the untied sweep's k = 0 too
-        untied = {s: oracle[s][0] if k == 0 else runs[(s, k)]["metrics"] for s in oracle
+        untied = {s: oracle[s][0] if k == 0 else runs[(s, k)].metrics for s in oracle
                   if k in oracle[s] and (k == 0 or (s, k) in runs)}
         seeds = sorted(untied)
-        predicted_untied = [runs[(s, k)]["details"].get("predicted_step_flops_ratio") for s in seeds if k > 0]
+        predicted_untied = [runs[(s, k)].details.get("predicted_step_flops_ratio") for s in seeds if k > 0]
         rows.append({"k": k, "seeds": seeds, "tied": _points([point(s, oracle[s][k]) for s in seeds]),
                      "untied": _points([point(s, untied[s]) for s in seeds]),
                      "predicted_tied": predicted[k],
                      "predicted_untied": predicted_untied[0] if predicted_untied else predicted[k]})
-    untied_by_seed = {s: {k: (oracle[s][0] if k == 0 else runs.get((s, k), {}).get("metrics")) for k in oracle[s]}
-                      for s in oracle}
+    untied_by_seed = {s: {k: (oracle[s][0] if k == 0 else run.metrics if (run := runs.get((s, k))) else None)
+                          for k in oracle[s]} for s in oracle}
     variants: dict[str, dict[str, Any]] = {}
-    for r in sorted(plans, key=lambda r: (r["variant"], r["seed"])):
-        s, k, k_tied = r["seed"], r["boundary"], r.get("tied_boundary")
+    for r in sorted(plans, key=lambda r: (r.variant, r.seed)):
+        s, k, k_tied = r.seed, r.boundary, r.tied_boundary
         metrics = untied_by_seed.get(s, {}).get(k)
         if metrics is None or k_tied not in oracle.get(s, {}):
             continue
-        entry = variants.setdefault(r["variant"], {"tied_variant": r.get("tied_variant"), "boundaries": [],
+        entry = variants.setdefault(r.variant, {"tied_variant": r.tied_variant, "boundaries": [],
                                                    "tied_boundaries": [], "untied_pts": [], "tied_pts": []})
         entry["boundaries"].append(k)
         entry["tied_boundaries"].append(k_tied)

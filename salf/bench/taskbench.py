@@ -18,6 +18,18 @@ import torch
 from salf.bench.baselines import BASELINES, BaselineContext, TrainVariant
 from salf.bench.measured import PeakRSS, boundary_histogram, exact_match, per_datum_flops
 from salf.bench.progress import Progress, now
+from salf.bench.records import (
+    MetaRecord,
+    PerDatumPlan,
+    Record,
+    Variant,
+    baseline_variant,
+    boundary_variant,
+    oracle_variant,
+    plan_name,
+    record_from_dict,
+    run_metrics,
+)
 from salf.bench.store import RunStore
 from salf.bench.suite import PER_DATUM_ESTIMATOR, PER_DATUM_FILL, PER_DATUM_POLICY, BenchSuite
 from salf.bench.sweeps import active_sweeps
@@ -107,7 +119,7 @@ class TaskBench(PlanUnits):
 
     # -- units --------------------------------------------------------------------------------
     def _unit(self, seed: int | None, variant: str, weight: float, make: Callable[[], dict[str, Any]],
-              recipe: str | None = None) -> dict:
+              recipe: str | None = None) -> Record:
         """``make``'s record, or the stored one of the same ``recipe`` (default: the task's)."""
         recipe = recipe or self.recipe
         key = RunStore.key(self.task.name, seed, variant)
@@ -119,8 +131,8 @@ class TaskBench(PlanUnits):
         started = time.perf_counter()
         body = make()
         seconds = time.perf_counter() - started
-        record = {"key": key, "task": self.task.name, "seed": seed, "variant": variant, "recipe": recipe,
-                  **body, "seconds": seconds, "finished": now()}
+        record = record_from_dict({"key": key, "task": self.task.name, "seed": seed, "variant": variant,
+                                   "recipe": recipe, **body, "seconds": seconds, "finished": now()})
         self.store.add(record)
         self.progress.finish(key, weight, seconds, body.get("status", "done"))
         return record
@@ -148,10 +160,10 @@ class TaskBench(PlanUnits):
     @staticmethod
     def per_datum_variants(lens: str) -> tuple[str, str]:
         """(its boundaries, its run): the record names of the per-datum variant from ``lens``."""
-        name = f"{lens}/{PER_DATUM_ESTIMATOR}/{PER_DATUM_POLICY}"
-        return f"salf-per-datum-plan/{name}", f"salf-per-datum/{name}"
+        name = plan_name(lens, PER_DATUM_ESTIMATOR, PER_DATUM_POLICY)
+        return str(Variant("salf-per-datum-plan", name)), str(Variant("salf-per-datum", name))
 
-    def meta(self) -> dict:
+    def meta(self) -> Record:
         def make() -> dict[str, Any]:
             c, data = self.costs, self.loaded.data
             return {"kind": "meta", "data_task": data.task, "num_layers": self.prepared.num_layers,
@@ -169,13 +181,13 @@ class TaskBench(PlanUnits):
     def _data_fingerprints(self) -> dict[str, str]:
         return {"train_fingerprint": self.loaded.data.fingerprint, "eval_fingerprint": self.eval_data.fingerprint}
 
-    def _check_same_data(self, stored: dict) -> None:
+    def _check_same_data(self, stored: Record) -> None:
         """Refuse to resume on data other than the stored runs': a corpus read from the machine (Debian's
         package lists after an ``apt-get update``) can change between sessions, and a sweep mixing two
         samples compares its boundaries on different data. Runs stored before salf recorded fingerprints
         carry none and are not checked."""
         here = self._data_fingerprints()
-        there = {k: stored.get(k) for k in here}
+        there = {k: getattr(stored, k) if isinstance(stored, MetaRecord) else None for k in here}
         if all(v is None for v in there.values()) or there == here:
             return
         raise SalfError(
@@ -187,24 +199,24 @@ class TaskBench(PlanUnits):
     def run_seed(self, seed: int) -> None:
         n = self.prepared.num_layers
         self.meta()
-        oracle = {0: self._train(seed, "oracle/k=0", "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
+        oracle = {0: self._train(seed, oracle_variant(0), "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
         plans = self._plans(seed)
         baselines = self._run_baselines(seed, trained=False)
         for k in self.oracle_boundaries([*plans, *baselines]):
-            oracle[k] = self._train(seed, f"oracle/k={k}", "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
+            oracle[k] = self._train(seed, oracle_variant(k), "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
         # Baselines with runs of their own come after the sweep: a seed whose sweep is done scores every
         # plan and boundary baseline even if the session ends during LoRA or LISA.
         baselines += self._run_baselines(seed, trained=True)
         if self._per_datum_lens():
             self._per_datum(seed, oracle)
         if self.task.ceiling_steps:
-            self._train(seed, "ceiling/full", "ceiling", FreezeSpec.full(n), boundary=0, steps=self.task.ceiling_steps)
+            self._train(seed, str(Variant("ceiling", "full")), "ceiling", FreezeSpec.full(n), boundary=0, steps=self.task.ceiling_steps)
         if self.task.equal_compute_for(seed):
             self._equal_compute(seed, oracle, [*plans, *baselines])
         for sweep in active_sweeps(self.task):  # extra sweeps of the suite's options (salf.bench.sweeps)
             sweep.run(self, seed, oracle)
 
-    def oracle_boundaries(self, picked: list[dict]) -> list[int]:
+    def oracle_boundaries(self, picked: list[Record]) -> list[int]:
         """The boundaries k > 0 the oracle trains: those the plans and baselines picked first, the default plan's
         before all (so the plans are scored early in a session that may end), then the ``oracle_stride`` grid and
         the last boundary."""
@@ -212,8 +224,8 @@ class TaskBench(PlanUnits):
 
         n, stride = self.prepared.num_layers, self.task.oracle_stride
         default = default_plan(self.loaded.data.task)
-        picked = sorted(picked, key=lambda r: r.get("variant") != default)  # the default plan's boundary first
-        chosen = [r["boundary"] for r in picked if isinstance(r.get("boundary"), int) and 0 < r["boundary"] <= n]
+        picked = sorted(picked, key=lambda r: r.variant != default)  # the default plan's boundary first
+        chosen = [k for r in picked if isinstance(k := getattr(r, "boundary", None), int) and 0 < k <= n]
         grid = [*range(stride, n + 1, stride), n]
         return list(dict.fromkeys([*chosen, *grid]))
 
@@ -226,14 +238,14 @@ class TaskBench(PlanUnits):
         """Only what decides boundaries: every lens x estimator x policy plan and every baseline that does not
         train, for a seed whose sweep has started. Trains nothing: a new estimator or policy is scored against
         the oracle runs already finished (a plan's quality is the oracle run at its boundary)."""
-        if self.store.get(RunStore.key(self.task.name, seed, "oracle/k=0"), self.recipe) is None:
+        if self.store.get(RunStore.key(self.task.name, seed, oracle_variant(0)), self.recipe) is None:
             return
         self.meta()
         self._plans(seed)
         self._run_baselines(seed, trained=False)
 
     def _train(self, seed: int, variant: str, kind: str, spec: FreezeSpec, boundary: int | None = None,
-               steps: int | None = None, run: TrainVariant | None = None, extra: dict | None = None) -> dict:
+               steps: int | None = None, run: TrainVariant | None = None, extra: dict | None = None) -> Record:
         steps = steps or self.task.steps
         return self._unit(seed, variant, steps, lambda: self._do_train(seed, variant, kind, spec, boundary, steps,
                                                                        run, extra or {}))
@@ -302,7 +314,7 @@ class TaskBench(PlanUnits):
         return {"kind": kind, "boundary": boundary, "status": status, "error": error, "steps": steps,
                 "spec": spec.to_dict(), "metrics": metrics, "details": details}
 
-    def _per_datum(self, seed: int, oracle: dict[int, dict]) -> dict:
+    def _per_datum(self, seed: int, oracle: dict[int, Record]) -> Record:
         """The per-datum variant's own run: every batch trained from its data's boundary."""
         lens = self._per_datum_lens()
         assert lens is not None
@@ -312,24 +324,24 @@ class TaskBench(PlanUnits):
             from salf.training.perdatum import datum_boundaries
 
             plan = self.store.get(RunStore.key(self.task.name, seed, plan_variant), self.recipe)
-            if plan is None:
+            if not isinstance(plan, PerDatumPlan):
                 raise SalfError(f"{self.task.name} seed {seed}: the per-datum boundaries of lens {lens} are missing",
                                 "rerun the benchmark with resume: the trace is redone")
             n, data = self.prepared.num_layers, self.loaded.data.data
-            if plan["n_train"] != len(data):
-                raise SalfError(f"the per-datum boundaries were made for {plan['n_train']} training data, "
+            if plan.n_train != len(data):
+                raise SalfError(f"the per-datum boundaries were made for {plan.n_train} training data, "
                                 f"the task has {len(data)}", "rerun without resume")
-            boundaries = datum_boundaries(plan["traced_boundaries"], plan["traced_indices"], len(data),
-                                          plan["boundary"], n, fill=PER_DATUM_FILL)
+            boundaries = datum_boundaries(plan.traced_boundaries, plan.traced_indices, len(data),
+                                          plan.boundary, n, fill=PER_DATUM_FILL)
             counts = np.bincount(boundaries, minlength=n + 1)
             histogram = {str(k): int(c) for k, c in enumerate(counts) if c}
             body = self._do_train(seed, variant, "per-datum", FreezeSpec.from_boundary(int(boundaries.min()), n),
                                   None, self.task.steps, None, {}, boundaries=boundaries.tolist())
-            body.update(lens=lens, estimator=plan["estimator"], policy=plan["policy"], fill=PER_DATUM_FILL,
-                        global_boundary=plan["boundary"], boundary_histogram=histogram,
-                        mean_boundary=float(boundaries.mean()), n_traced=len(plan["traced_indices"]),
-                        traced_boundary_histogram=boundary_histogram(plan["traced_boundaries"]),
-                        profiling_seconds=plan["profiling_seconds"])
+            body.update(lens=lens, estimator=plan.estimator, policy=plan.policy, fill=PER_DATUM_FILL,
+                        global_boundary=plan.boundary, boundary_histogram=histogram,
+                        mean_boundary=float(boundaries.mean()), n_traced=len(plan.traced_indices),
+                        traced_boundary_histogram=boundary_histogram(plan.traced_boundaries),
+                        profiling_seconds=plan.profiling_seconds)
             if body["status"] == "done":
                 body["metrics"].update(per_datum_flops(body["metrics"], oracle, self.costs["ratio"]))
                 tokens = body["metrics"]["per_datum"]["padded_tokens_per_boundary"]
@@ -339,12 +351,12 @@ class TaskBench(PlanUnits):
 
         return self._unit(seed, variant, self.task.steps, make)
 
-    def _run_baselines(self, seed: int, trained: bool) -> list[dict]:
+    def _run_baselines(self, seed: int, trained: bool) -> list[Record]:
         """The baselines that train runs of their own (``trained``), or those that only choose a boundary."""
         out = []
         for name in self._baselines():
             baseline = BASELINES.get(name)
-            variant = f"baseline/{name}"
+            variant = baseline_variant(name)
             if baseline.trains != trained:
                 continue
             if baseline.trains:
@@ -382,22 +394,22 @@ class TaskBench(PlanUnits):
         def default_boundary() -> int | None:
             plan = self.store.get(RunStore.key(self.task.name, seed, default_plan(self.loaded.data.task)),
                                   self.recipe)
-            return plan["boundary"] if plan else None
+            return getattr(plan, "boundary", None)
 
         return BaselineContext(load=lambda: self.fresh_model(seed), data=self.loaded.data, num_layers=self.prepared.num_layers,
                                cost=self.costs["ratio"], seed=seed, batch_size=self.task.batch_size,
                                learning_rate=self.task.lr, settings=self.task.baselines, default_boundary=default_boundary)
 
-    def _equal_compute(self, seed: int, oracle: dict[int, dict], chosen: list[dict]) -> None:
-        full = oracle[0].get("metrics", {}).get("flops_per_padded_token")
-        boundaries = sorted({r["boundary"] for r in chosen if r.get("boundary") not in (None, 0)})
+    def _equal_compute(self, seed: int, oracle: dict[int, Record], chosen: list[Record]) -> None:
+        full = run_metrics(oracle[0]).get("flops_per_padded_token")
+        boundaries = sorted({k for r in chosen if (k := getattr(r, "boundary", None)) not in (None, 0)})
         for k in boundaries:
-            per = oracle[k].get("metrics", {}).get("flops_per_padded_token")
+            per = run_metrics(oracle[k]).get("flops_per_padded_token")
             if not full or not per:
                 continue
             steps = max(1, round(self.task.steps * full / per))
             self.progress.grow(steps)
-            self._train(seed, f"equal-compute/k={k}", "equal-compute", FreezeSpec.from_boundary(k, self.prepared.num_layers),
+            self._train(seed, boundary_variant("equal-compute", k), "equal-compute", FreezeSpec.from_boundary(k, self.prepared.num_layers),
                         boundary=k, steps=steps, extra={"steps_for_full_flops": steps})
 
 

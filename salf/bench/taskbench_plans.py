@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from salf.bench.progress import now
+from salf.bench.records import Record, record_from_dict, salf_variant
 from salf.bench.store import RunStore
 from salf.bench.suite import PER_DATUM_ESTIMATOR, PER_DATUM_POLICY
 
@@ -16,14 +17,14 @@ from salf.bench.suite import PER_DATUM_ESTIMATOR, PER_DATUM_POLICY
 class PlanUnits:
     """The methods of ``TaskBench`` that trace and plan; they read its task, suite, store, progress and model."""
 
-    def _plans(self, seed: int) -> list[dict]:
+    def _plans(self, seed: int) -> list[Record]:
         from salf.method.gain import ESTIMATORS
 
         estimators = self.suite.estimators or ESTIMATORS.names()
         per_datum_lens = self._per_datum_lens()
-        records = []
+        records: list[Record] = []
         for lens in self.lenses():
-            variants = [f"salf/{lens}/{e}/{p}" for e in estimators for p in self.suite.policies]
+            variants = [salf_variant(lens, e, p) for e in estimators for p in self.suite.policies]
             keys = [RunStore.key(self.task.name, seed, v) for v in variants]
             planned = all(self.store.get(k, self.recipe) for k in keys)
             # The per-datum boundaries come from this lens's trace: trace again only when they are lost
@@ -32,11 +33,11 @@ class PlanUnits:
                 self.store.get(RunStore.key(self.task.name, seed, v), self.recipe) for v in self.per_datum_variants(lens))
             if planned and not per_datum:
                 self.progress.finish(RunStore.key(self.task.name, seed, f"trace/{lens}"), self._trace_weight(), None, "skip")
-                records += [self.store.get(k, self.recipe) for k in keys]
+                records += [r for k in keys if (r := self.store.get(k, self.recipe)) is not None]
                 self.skipped += len(keys)
                 continue
             if planned:
-                records += [self.store.get(k, self.recipe) for k in keys]
+                records += [r for k in keys if (r := self.store.get(k, self.recipe)) is not None]
                 self.skipped += len(keys)
             records += self._trace_and_plan(seed, lens, [] if planned else estimators, per_datum)
         return records
@@ -48,7 +49,7 @@ class PlanUnits:
 
         return [lens for lens in self.prepared.lenses(self.suite.lenses) if LENSES.get(lens).applies(self.loaded.data.data)]
 
-    def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[dict]:
+    def _trace_and_plan(self, seed: int, lens: str, estimators: list[str], per_datum: bool = False) -> list[Record]:
         """Trace ``lens`` once; plan with every estimator x policy, and the per-datum boundaries if asked."""
         from salf.api import data_info, model_info
         from salf.method.gain import estimate_gains, fit_depth_law
@@ -74,7 +75,7 @@ class PlanUnits:
             gains = estimate_gains(trace.mean, estimator, fit, trace.chance)  # the same for every policy
             gains_of[estimator] = gains, fit_seconds + time.perf_counter() - started
             for policy in self.suite.policies:
-                variant = f"salf/{lens}/{estimator}/{policy}"
+                variant = salf_variant(lens, estimator, policy)
                 key = RunStore.key(self.task.name, seed, variant)
                 started = time.perf_counter()
                 plan = make_plan(trace, gains, costs["step_costs"], PolicyChoice(policy, seed), info_model, info_data)
@@ -88,7 +89,7 @@ class PlanUnits:
                                       "predicted": plan.predicted.to_dict(), "note": gains.note,
                                       "chance": trace.chance, "frozen_share": gains.frozen_share},
                           "seconds": profiling, "finished": now()}
-                out.append(record)
+                out.append(record_from_dict(record))
         if per_datum:
             started = time.perf_counter()
             if PER_DATUM_ESTIMATOR in gains_of:
@@ -102,7 +103,7 @@ class PlanUnits:
             plan_seconds = gain_seconds + time.perf_counter() - started
             profiling = trace_seconds + costs["seconds"] + plan_seconds
             variant = self.per_datum_variants(lens)[0]
-            out.append({"key": RunStore.key(self.task.name, seed, variant), "task": self.task.name, "seed": seed,
+            out.append(record_from_dict({"key": RunStore.key(self.task.name, seed, variant), "task": self.task.name, "seed": seed,
                         "variant": variant, "recipe": self.recipe, "kind": "per-datum-plan", "status": "done",
                         "lens": lens, "estimator": PER_DATUM_ESTIMATOR, "policy": PER_DATUM_POLICY,
                         "boundary": plan.boundary, "n_train": len(self.loaded.data.data),
@@ -112,9 +113,9 @@ class PlanUnits:
                         "cost_seconds": costs["seconds"], "plan_seconds": plan_seconds,
                         "details": {"trace": plan.trace, "gains": plan.gains, "predicted": plan.predicted.to_dict(),
                                     "note": gains.note},
-                        "seconds": profiling, "finished": now()})
+                        "seconds": profiling, "finished": now()}))
         self.store.add(*out)
-        plans = [r for r in out if r["kind"] == "plan"]
+        plans = [r for r in out if r.kind == "plan"]
         self.progress.finish(RunStore.key(self.task.name, seed, f"trace/{lens}"), self._trace_weight(),
                              time.perf_counter() - began, f"traced and planned ({len(plans)} plans"
                              + (", per-datum boundaries)" if per_datum else ")"))
