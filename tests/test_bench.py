@@ -695,3 +695,14 @@ def test_a_strided_sweep_is_complete_once_its_grid_is_trained():
     last = TrainedRun(key="t|7", task="t", seed=0, variant="oracle/k=7", status="diverged")
     assert len(complete_records([meta, *oracle, plan, last])) == 7
     assert sweep_boundaries(MetaRecord(key="m", num_layers=4)) == {0, 1, 2, 3, 4}  # suites from before the stride: every boundary
+
+
+def test_bench_table_of_a_strided_sweep_averages_the_flops_it_has(tmp_path):
+    """A sweep with an oracle stride (bench/results/smollm2) has no run at some boundaries: the FLOPs row of
+    the oracle table averages the tasks that have one, and says '-' where none does (it used to crash)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    bench_table([str(root / "e5-quick"), str(root / "smollm2")], out=str(tmp_path / "table.md"))
+    text = (tmp_path / "table.md").read_text()
+    assert "### Model `builtin:smollm2-135m`" in text and "| FLOPs x full |" in text

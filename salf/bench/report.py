@@ -162,7 +162,9 @@ def oracle_table_markdown(analyses: Iterable[dict[str, Any]]) -> list[str]:
     for model, tasks in by_model.items():
         n = max(t["num_layers"] for _, t in tasks) + 1
         flops = [[r["flops_ratio"]["mean"] for r in t["oracle"]] for _, t in tasks if len(t["oracle"]) == n]
-        mean_flops = [sum(f[k] for f in flops) / len(flops) for k in range(n)] if flops else [None] * n
+        # A sweep with a stride has no run (None) at some boundaries: average the tasks that have one.
+        known_flops = [[f[k] for f in flops if f[k] is not None] for k in range(n)]
+        mean_flops = [sum(known) / len(known) if known else None for known in known_flops]
         rows = [["FLOPs x full", "", *("-" if f is None else f"{f:.2f}" for f in mean_flops), ""]]
         for name, task in tasks:
             pct = task["higher_is_better"] and "accuracy" in str(task["quality_metric"])
