@@ -83,8 +83,7 @@ def prepare(model: Any, data: Data, tokenizer: Any = None, config: DataConfig | 
     if isinstance(model, LoadedModel):
         return model, tokenize(data, model.tokenizer, config)
     task_data = tokenize(data, tokenizer, config)
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tokenizer is None:
+    if tokenizer is None:  # data already tokenized (TaskData), but the model still needs its pad token
         raise SalfError("salf needs the model's tokenizer (for its pad token)", "pass tokenizer=...")
     loaded = wrap_model(model, tokenizer, task_data.task)
     labels = getattr(model.config, "num_labels", None)

@@ -19,7 +19,7 @@ from salf.commands.loading import load
 from salf.config import DataConfig
 from salf.config.commands import ModelSource
 from salf.data.batch import collate
-from salf.training.eval_metrics import _completion_metrics, _top_token
+from salf.training.eval_metrics import completion_metrics, top_token
 
 
 def main() -> None:
@@ -39,11 +39,11 @@ def main() -> None:
     with torch.no_grad():
         for i in range(0, len(data), a.batch):
             batch = collate(data[i: i + a.batch], pad)
-            top = _top_token(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None)
+            top = top_token(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None)
             extra = width - top.shape[1]
             tops.append(torch.nn.functional.pad(top, (0, extra), value=-100))
             labels.append(torch.nn.functional.pad(batch["labels"], (0, extra), value=-100))
-    forced = _completion_metrics(SimpleNamespace(predictions=torch.cat(tops).numpy(), label_ids=torch.cat(labels).numpy()))
+    forced = completion_metrics(SimpleNamespace(predictions=torch.cat(tops).numpy(), label_ids=torch.cat(labels).numpy()))
     generated = exact_match(model, tokenizer, data, a.batch)["exact_match"]
     print(f"{len(data)} data: teacher-forced exact match {forced['exact_match']:.4f} "
           f"(token accuracy {forced['token_accuracy']:.4f}), generated exact match {generated:.4f}")

@@ -16,7 +16,7 @@ from salf.method.cost_counting import labelled_positions, loss_on_positions, pro
 from salf.method.cost_profile import CostShape, labelled_positions_estimate, profile_cost
 from salf.models.tiny import tiny_model
 from salf.training.config import TrainConfig
-from salf.training.hf_trainer import _SalfTrainer, _takes_logits_to_keep
+from salf.training.hf_trainer import SalfTrainer, _takes_logits_to_keep
 from salf.training.inputs import TrainingData
 from salf.training.run import train
 
@@ -82,9 +82,9 @@ def test_projected_loss_and_gradients_equal_the_full_projection(model_type):
     assert summed.item() == pytest.approx(own.item(), rel=1e-6) and own.item() == pytest.approx(full.item() / 3, rel=1e-6)
 
 
-def _trainer(tmp_path, model, project: bool = True) -> _SalfTrainer:
+def _trainer(tmp_path, model, project: bool = True) -> SalfTrainer:
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, label_names=["labels"])
-    return _SalfTrainer(model=model, args=args, head_learning_rate=1e-3, project_labelled_only=project)
+    return SalfTrainer(model=model, args=args, head_learning_rate=1e-3, project_labelled_only=project)
 
 
 def _projected_width(trainer, model, batch) -> tuple[int, float]:

@@ -246,11 +246,11 @@ def test_lora_adapters_only_on_planned_blocks(tmp_path):
 def test_completion_metrics_score_each_completion_token_from_the_position_before_it():
     from types import SimpleNamespace
 
-    from salf.training.eval_metrics import _completion_metrics
+    from salf.training.eval_metrics import completion_metrics
 
     labels = np.array([[-100, -100, 5, 6], [-100, 7, 8, -100], [-100, -100, -100, -100]])
     top = np.array([[0, 5, 6, 0], [7, 9, 0, 0], [1, 1, 1, 1]])  # row 0 right twice; row 1 right, then wrong
-    metrics = _completion_metrics(SimpleNamespace(predictions=top, label_ids=labels))
+    metrics = completion_metrics(SimpleNamespace(predictions=top, label_ids=labels))
     assert metrics == {"token_accuracy": 0.75, "exact_match": 0.5}  # the row without a completion is not counted
 
 

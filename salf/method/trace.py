@@ -184,8 +184,6 @@ def trace_model(model: nn.Module, data: Sequence[dict], config: TraceConfig, pad
     started = time.perf_counter()
     parts = find_parts(model)
     kind = label_kind(data)
-    if config.lens is not None:
-        LENSES.get(config.lens)  # an unknown name: the registry's error lists the lenses
     lens_name = choose_lens(parts, kind, config.lens)
     indices = sample_indices(data, kind, config)
     sample = [data[i] for i in indices]

@@ -14,7 +14,7 @@ def _predictions(eval_pred):
     return eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
 
 
-def _classification_metrics(eval_pred) -> dict[str, float]:
+def classification_metrics(eval_pred) -> dict[str, float]:
     logits = _predictions(eval_pred)
     labels = np.asarray(eval_pred.label_ids).reshape(-1)
     preds = np.asarray(logits).reshape(len(labels), -1).argmax(-1)
@@ -27,12 +27,12 @@ def _classification_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s))}
 
 
-def _top_token(logits, labels):
+def top_token(logits, labels):
     """Keep only each position's top token id, so evaluation gathers ids, not vocabulary-sized logits."""
     return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
 
 
-def _completion_metrics(eval_pred) -> dict[str, float]:
+def completion_metrics(eval_pred) -> dict[str, float]:
     """Teacher-forced accuracy of the completion tokens, and the share of data whose every completion token
     is the top prediction given the true prefix: exactly the data whose greedy generation reproduces the
     completion, measured in the evaluation pass itself."""
@@ -46,5 +46,5 @@ def _completion_metrics(eval_pred) -> dict[str, float]:
             "exact_match": float(correct.all(axis=1)[has_target].mean()) if has_target.any() else 0.0}
 
 
-EVAL_METRICS = {"classification": _classification_metrics, "completion": _completion_metrics}
+EVAL_METRICS = {"classification": classification_metrics, "completion": completion_metrics}
 """The metrics the evaluation pass computes per task (loss only for plain text)."""

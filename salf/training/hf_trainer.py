@@ -1,4 +1,4 @@
-"""The Hugging Face ``Trainer`` that ``salf.training.trainer.fit`` runs (``_SalfTrainer``): AdamW over the
+"""The Hugging Face ``Trainer`` that ``salf.training.trainer.fit`` runs (``SalfTrainer``): AdamW over the
 trainable parameters only, a fresh head in its own parameter group with its own learning rate, the data
 strategy's batch sampler, and training steps that project only the labelled positions through a causal LM's
 head (``TrainConfig.project_labelled_only``).
@@ -40,7 +40,7 @@ def _projecting(model: nn.Module, keep: torch.Tensor, observers: Sequence[SalfCa
     return forward
 
 
-class _SalfTrainer(Trainer):
+class SalfTrainer(Trainer):
     """A ``Trainer`` whose AdamW gets the trainable parameters only, the head in its own group, and whose
     training steps project only the labelled positions through a causal LM's head (``project_labelled_only``)."""
 

@@ -112,13 +112,14 @@ def resolve_recipe(config: TrainConfig, task: str, width: int | None = None) -> 
 
     ``width``: the model's hidden size, which scales the recipe's body rate (``Recipe.learning_rate_for``).
     ``learning_rate='auto'`` starts from the recipe's rate (the search then tunes it). A head rate left out
-    is the recipe's (2e-3 for a fresh classification head) or, where the recipe has none, the body's.
+    is the recipe's (2e-3 for a fresh classification head); where the recipe has none it stays None, so the
+    head follows the body's rate (the loop's rule), also while the search scales the body's.
     """
     recipe = default_recipe(task, config.lora)
     scaled = recipe.learning_rate_for(width)
     body = scaled if config.learning_rate in (None, AUTO) else float(config.learning_rate)
     head = config.head_learning_rate if config.head_learning_rate is not None else recipe.head_learning_rate
-    resolved = replace(config, learning_rate=body, head_learning_rate=head if head is not None else body,
+    resolved = replace(config, learning_rate=body, head_learning_rate=head,
                        batch_size=config.batch_size or recipe.batch_size,
                        warmup_ratio=recipe.warmup_ratio if config.warmup_ratio is None else config.warmup_ratio,
                        epochs=recipe.epochs if config.epochs is None else config.epochs)

@@ -49,8 +49,8 @@ from salf.training.callback import SalfCallback
 from salf.training.config import TrainConfig, TrainingInterrupted
 from salf.training.diagnosis import diagnose, label_entropy
 from salf.training.distributed import is_main_process, rank_and_world
-from salf.training.eval_metrics import EVAL_METRICS, _top_token
-from salf.training.hf_trainer import _SalfTrainer
+from salf.training.eval_metrics import EVAL_METRICS, top_token
+from salf.training.hf_trainer import SalfTrainer
 from salf.training.inputs import RunExtras, TrainingData
 from salf.training.lora import add_lora
 from salf.training.outputs import merge_history, prepare_out_dir
@@ -295,7 +295,7 @@ def fit(
             longest = max(len(d["input_ids"]) for d in train_data)
             budget_stop = FlopBudgetStop(config.max_flops, callback, config.batch_size * longest,
                                          sum(int(h.get("tokens", 0)) for h in before))
-        trainer = _SalfTrainer(
+        trainer = SalfTrainer(
             model=model,
             args=args,
             data_collator=collator,
@@ -303,7 +303,7 @@ def fit(
             eval_dataset=ListDataset(eval_data) if eval_data is not None else None,
             processing_class=tokenizer,
             compute_metrics=EVAL_METRICS.get(task),
-            preprocess_logits_for_metrics=_top_token if task == "completion" else None,
+            preprocess_logits_for_metrics=top_token if task == "completion" else None,
             callbacks=[callback, *([budget_stop] if budget_stop else []), *callbacks],
             head_param_ids=head_ids,
             head_learning_rate=head_lr,
