@@ -38,7 +38,7 @@ from salf.method.freeze import FreezeReport
 from salf.method.freeze import apply_plan as apply_spec
 from salf.method.gain import ESTIMATORS, estimate_gains
 from salf.method.lenses import LENSES
-from salf.method.plan import Plan, PolicyChoice, check_policy, default_policy, make_plan, model_fingerprint
+from salf.method.plan import Plan, PolicyChoice, check_policy, default_cell, make_plan, model_fingerprint
 from salf.method.trace import Trace, trace_model
 from salf.models.heads import head_mode_for
 from salf.models.loading import LoadedModel, wrap_model
@@ -97,7 +97,8 @@ def check_plan_config(config: PlanConfig) -> None:
     """Fail in a second, not after a long trace: unknown lens, estimator or policy names."""
     if config.policy is not None:
         check_policy(config.policy)
-    ESTIMATORS.get(config.estimator)
+    if config.estimator is not None:
+        ESTIMATORS.get(config.estimator)
     if config.trace.lens is not None:
         LENSES.get(config.trace.lens)
 
@@ -113,9 +114,10 @@ def mean_length(task_data: TaskData) -> int:
 
 def plan_from_trace(loaded: LoadedModel, data: TaskData, trace: Trace, config: PlanConfig) -> Plan:
     """The plan: each block's gain from ``trace``, each boundary's cost from the model, the policy's choice."""
-    policy = config.policy or default_policy(data.data)
+    defaults = default_cell(data.data)
+    policy = config.policy or defaults.policy
     head_mode = head_mode_for(loaded.model, config.output_head)
-    gains = estimate_gains(trace.mean, config.estimator, chance=trace.chance)
+    gains = estimate_gains(trace.mean, config.estimator or defaults.estimator, chance=trace.chance)
     seq = config.cost_seq or mean_length(data)
     # Training projects only the labelled positions through a causal LM's head (TrainConfig's default).
     shape = CostShape(config.cost_batch, seq, labelled_positions_estimate(data.data, config.cost_batch, seq))

@@ -153,7 +153,7 @@ def test_analysis_reports_tradeoff_regret_and_share_kept_per_seed():
 def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
     default = default_plan("classification")
     assert default == "salf/probe/sufficiency-uniform/unsolved=0.75"
-    assert default_plan("completion") == "salf/logit-lens/sufficiency-uniform/unsolved"
+    assert default_plan("completion") == "salf/basis-cosine/observed/coverage=0.9"
     first = _sweep("a")
     second = _sweep("b", accuracy={0: [0.8], 1: [0.8], 2: [0.79]}, seeds=(0,))
     other = _sweep("c", model="other")
@@ -538,7 +538,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert own_runs >= 5 * len(suite.tasks)  # LoRA, LISA, freeze-deep-half, Spectrum x 2 (LoRA on the plan too)
     assert first.trained == n_oracle + own_runs + len(suite.tasks)  # oracle sweep + baselines + per datum per task
     by_key = {r["key"]: r for r in runs}
-    for task, lens in zip(suite.tasks, ("probe", "logit-lens")):  # the default lens of each task
+    for task, lens in zip(suite.tasks, ("probe", "basis-cosine")):  # the default lens of each task
         record = by_key[f"{task.name}|seed=0|salf-per-datum/{lens}/headroom/knee"]
         plan = by_key[f"{task.name}|seed=0|salf-per-datum-plan/{lens}/headroom/knee"]
         single = by_key[f"{task.name}|seed=0|salf/{lens}/headroom/knee"]
@@ -607,7 +607,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     now = {r["key"]: r for r in json.loads((out / "runs.json").read_text())["runs"]}
     assert all(now[r["key"]] == r for r in old)
     assert all(now[k]["status"] == "done" for k in set(now) - {r["key"] for r in old})
-    assert later.analysis[suite.tasks[1].name]["per_datum"]["salf-per-datum/logit-lens/headroom/knee"]
+    assert later.analysis[suite.tasks[1].name]["per_datum"]["salf-per-datum/basis-cosine/headroom/knee"]
 
     # --replan: a plan record and a boundary baseline lost (as when an estimator is new) come back from a
     # fresh trace, scored on the finished sweep; nothing trains.
@@ -677,7 +677,7 @@ def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
                             loaded=SimpleNamespace(data=SimpleNamespace(task="completion")),
                             lenses=lambda: ["logit-lens"])
     picked = [PlanRecord(key=str(i), boundary=k, variant=v) for i, (k, v) in enumerate(
-        [(28, ""), (0, ""), (None, ""), (28, ""), (7, ""), (13, "salf/logit-lens/sufficiency-uniform/unsolved")])]
+        [(28, ""), (0, ""), (None, ""), (28, ""), (7, ""), (13, default_plan("completion"))])]
     ks = TaskBench.oracle_boundaries(bench, picked)
     assert ks[:3] == [13, 28, 7] and ks[3:] == [k for k in range(3, 31, 3) if k != 28]  # default, picked, grid
     bench.task.oracle_stride, bench.prepared.num_layers = 4, 10

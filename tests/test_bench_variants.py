@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import salf.training.run
+from salf.bench.analysis import default_plan
 from salf.bench.runner import run_bench
 from salf.bench.suite import BenchSuite, BenchTask
+from salf.config.plan import DEFAULT_ESTIMATOR, DEFAULT_POLICY
 from salf.errors import SalfError
 from salf.fileio import fingerprint
 from salf.training.lrsearch import LRSearchConfig
@@ -20,7 +22,8 @@ def _suite(task: dict, name: str = "variants") -> BenchSuite:
     base = {"corpus_limit": 120, "batch_size": 8, "lr": 0.001, "max_length": 32, "eval_limit": 16, "em_limit": 8,
             "trace_sample": 32, "seeds": [0]}
     return BenchSuite.from_dict({"name": name, "tasks": [{**base, **task}], "baselines": [], "per_datum": False,
-                                 "estimators": ["sufficiency-uniform"], "policies": ["unsolved"], "threads": 1})
+                                 "estimators": sorted(set(DEFAULT_ESTIMATOR.values())),
+                                 "policies": sorted(set(DEFAULT_POLICY.values())), "threads": 1})
 
 
 def _runs(out) -> dict[str, dict]:
@@ -112,13 +115,14 @@ def test_untied_head_sweep_keeps_the_embeddings_frozen_and_records_its_predicted
     assert torch.equal(tuned.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert not torch.equal(tuned.get_output_embeddings().weight, base.get_output_embeddings().weight)
 
-    plan = runs["tiny-gpt2-untie|seed=0|salf-untied/logit-lens/sufficiency-uniform/unsolved"]
-    assert plan["tied_variant"] == "salf/logit-lens/sufficiency-uniform/unsolved" and plan["head"] == "untie"
+    default = default_plan("completion")  # the untied sweep re-plans the default cell
+    plan = runs[f"tiny-gpt2-untie|seed=0|salf-untied/{default.split('/', 1)[1]}"]
+    assert plan["tied_variant"] == default and plan["head"] == "untie"
     assert plan["details"]["predicted_step_flops_ratio"] > 0
     sweep = result.analysis["tiny-gpt2-untie"]["sweeps"]["untied-head"]
     assert [row["k"] for row in sweep["per_k"]] == list(range(5))
     assert sweep["per_k"][0]["untied"]["quality"] == sweep["per_k"][0]["tied"]["quality"]
-    assert "salf-untied/logit-lens/sufficiency-uniform/unsolved" in sweep["plans"]
+    assert f"salf-untied/{default.split('/', 1)[1]}" in sweep["plans"]
     results = (out / "results.md").read_text()
     assert "Tied vs untied output head" in results and "predicted FLOPs untied" in results
     assert not any(v.startswith("salf-untied") for v in result.analysis["tiny-gpt2-untie"]["variants"])

@@ -183,7 +183,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys, llama):
 
 def test_plan_then_train_on_text(tmp_path, capsys, lm_plan, llama, text_file):
     plan = json.loads(lm_plan.read_text())
-    assert plan["data"]["task"] == "lm" and plan["lens"] == "logit-lens" and 0 <= plan["boundary"] <= 4
+    assert plan["data"]["task"] == "lm" and plan["lens"] == "basis-cosine" and 0 <= plan["boundary"] <= 4
     assert lm_plan.with_suffix(".png").stat().st_size > 1000
     rc, out, err = run(capsys, "train", "--model", llama, "--data", text_file, "--plan", lm_plan,
                        "--out", tmp_path / "run", "--json", *FAST_TRAIN)
@@ -215,7 +215,7 @@ def test_lora_merged_model_loads_on_its_own(tmp_path, capsys, llama, text_file):
 @pytest.mark.parametrize("kind", ["completion", "classification"])
 def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
     if kind == "completion":
-        model, data, lens = llama, completion_data(tmp_path / "comp.jsonl", n=24), "logit-lens"
+        model, data, lens = llama, completion_data(tmp_path / "comp.jsonl", n=24), "basis-cosine"
     else:
         model, data, lens = bert, label_data(tmp_path / "labels.jsonl", n=24), "probe"
     rc, out, err = run(capsys, "plan", "--model", model, "--data", data, "--out", tmp_path / "plan.json", "--json",
@@ -223,7 +223,8 @@ def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
     assert rc == 0, err
     plan = json.loads(out)
     assert plan["data"]["task"] == kind and plan["lens"] == lens
-    assert plan["policy"] == {"completion": "unsolved", "classification": "unsolved=0.75"}[kind]  # DEFAULT_POLICY
+    assert plan["policy"] == {"completion": "coverage=0.9", "classification": "unsolved=0.75"}[kind]  # DEFAULT_CELLS
+    assert plan["estimator"] == {"completion": "observed", "classification": "sufficiency-uniform"}[kind]
     assert plan["paths"]["plan"] == str(tmp_path / "plan.json")
     assert json.loads((tmp_path / "plan.json").read_text())["boundary"] == plan["boundary"]
     rc, out, err = run(capsys, "train", "--model", model, "--data", data, "--plan", tmp_path / "plan.json",

@@ -135,12 +135,12 @@ def test_the_old_label_mode_value_parses_with_a_deprecation_line_and_keeps_bench
 
 def test_choices_match_the_registries():
     from salf.config.commands import CLASSIFIER_POOLINGS, EXPORT_TOOLS
-    from salf.config.plan import OUTPUT_HEAD_MODES
+    from salf.config.plan import DEFAULT_CELLS, DEFAULT_ESTIMATOR, DEFAULT_POLICY, OUTPUT_HEAD_MODES
     from salf.config.trace import PROBE_POOLINGS
     from salf.export import EXPORTERS
-    from salf.method.gain import DEFAULT_ESTIMATOR, ESTIMATORS
+    from salf.method.gain import ESTIMATORS
     from salf.method.lenses import LENSES, POOLERS
-    from salf.method.plan import DEFAULT_POLICY
+    from salf.method.plan import POLICIES, parse_policy
     from salf.models.heads import HEAD_MODES
     from salf.models.pooling import HEAD_POOLINGS
 
@@ -148,10 +148,13 @@ def test_choices_match_the_registries():
     assert tuple(OUTPUT_HEAD_MODES) == tuple(HEAD_MODES)
     assert set(CLASSIFIER_POOLINGS) == set(HEAD_POOLINGS)
     assert set(EXPORT_TOOLS) == set(EXPORTERS.names())
-    assert PlanConfig().estimator == DEFAULT_ESTIMATOR
+    assert PlanConfig().estimator is None and PlanConfig().policy is None  # the data's label kind decides
+    for cell in DEFAULT_CELLS.values():  # every default names a registered lens, estimator and policy
+        LENSES.get(cell.lens), ESTIMATORS.get(cell.estimator), POLICIES.get(parse_policy(cell.policy)[0])
     help_of = {f.name: option_info(f).help for f in dataclasses.fields(PlanConfig) if option_info(f)}
-    assert f"{DEFAULT_POLICY['classes']} for classification data" in help_of["policy"]
-    assert f"{DEFAULT_POLICY['tokens']} for completion data" in help_of["policy"]
+    for name, table in (("policy", DEFAULT_POLICY), ("estimator", DEFAULT_ESTIMATOR)):
+        assert f"{table['classes']} for classification data" in help_of[name]
+        assert f"{table['tokens']} for completion data" in help_of[name]
     assert all(name in help_of["estimator"] for name in ESTIMATORS.names())
     lens_help = option_info(next(f for f in dataclasses.fields(TraceConfig) if f.name == "lens")).help
     assert all(name in lens_help for name in LENSES.names())

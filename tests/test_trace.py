@@ -65,7 +65,7 @@ def bert():
 def test_logit_lens_at_last_layer_is_the_model_loss(model_type):
     model = sharpened(model_type)
     data = lm_data()
-    trace = trace_model(model, data, TraceConfig(batch_size=2, **QUIET), pad_token_id=0)
+    trace = trace_model(model, data, TraceConfig(lens="logit-lens", batch_size=2, **QUIET), pad_token_id=0)
     with torch.no_grad():
         loss = model(**collate(data, 0)).loss.item()
     assert trace.lens == "logit-lens" and trace.num_layers == 4
@@ -76,9 +76,9 @@ def test_logit_lens_at_last_layer_is_the_model_loss(model_type):
 def test_gemma2_softcapping_is_part_of_the_lens(monkeypatch):
     model = sharpened("gemma2")
     data = lm_data()
-    capped = trace_model(model, data, TraceConfig(**QUIET), 0)
+    capped = trace_model(model, data, TraceConfig(lens="logit-lens", **QUIET), 0)
     monkeypatch.setattr(model.config, "final_logit_softcapping", None)
-    uncapped = trace_model(model, data, TraceConfig(**QUIET), 0)
+    uncapped = trace_model(model, data, TraceConfig(lens="logit-lens", **QUIET), 0)
     assert abs(capped.mean[-1] - uncapped.mean[-1]) > 1e-2
 
 
@@ -101,8 +101,8 @@ def test_chunked_cross_entropy_matches_torch(monkeypatch):
 def test_chunked_vocab_trace_equals_unchunked(model_type):
     model = sharpened(model_type)
     data = lm_data()
-    whole = trace_model(model, data, TraceConfig(vocab_chunk=8192, **QUIET), 0)
-    chunked = trace_model(model, data, TraceConfig(vocab_chunk=7, **QUIET), 0)
+    whole = trace_model(model, data, TraceConfig(lens="logit-lens", vocab_chunk=8192, **QUIET), 0)
+    chunked = trace_model(model, data, TraceConfig(lens="logit-lens", vocab_chunk=7, **QUIET), 0)
     np.testing.assert_allclose(chunked.per_datum, whole.per_datum, atol=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_lens_auto_choice_and_mismatches():
         find_parts(tiny_model("bert", "classification", num_labels=2)),
     )
     causal_classifier = find_parts(tiny_model("llama", "classification", num_labels=2))
-    assert choose_lens(lm, "tokens", None) == "logit-lens"
+    assert choose_lens(lm, "tokens", None) == "basis-cosine"
     assert choose_lens(causal_classifier, "classes", None) == "probe"
     assert choose_lens(classifier, "classes", None) == "probe"
     with pytest.raises(SalfError, match="probe"):
@@ -229,7 +229,7 @@ def test_hooks_removed_when_the_lens_fails(monkeypatch):
 
     monkeypatch.setattr(trace_mod.LogitLens, "read", boom)
     with pytest.raises(RuntimeError, match="lens failed"):
-        trace_model(model, lm_data(), TraceConfig(**QUIET), 0)
+        trace_model(model, lm_data(), TraceConfig(lens="logit-lens", **QUIET), 0)
     assert not any(block._forward_hooks or block._forward_pre_hooks for block in find_parts(model).blocks)
 
 
@@ -256,7 +256,7 @@ def test_data_without_targets_are_not_traced():
 
 
 def test_trace_json_round_trip():
-    trace = trace_model(tiny_model("gpt2"), lm_data(), TraceConfig(**QUIET), 0)
+    trace = trace_model(tiny_model("gpt2"), lm_data(), TraceConfig(lens="logit-lens", **QUIET), 0)
     again = Trace.from_dict(json.loads(json.dumps(trace.to_dict())))
     np.testing.assert_array_equal(again.per_datum, trace.per_datum)
     np.testing.assert_array_equal(again.mean, trace.mean)
@@ -272,7 +272,7 @@ def test_chance_level_is_the_entropy_of_what_the_lens_predicts(bert):
     targets = np.array([t for d in data for t in d["labels"][1:] if t != -100])
     _, counts = np.unique(targets, return_counts=True)
     p = counts / counts.sum()
-    logit = trace_model(tiny_model("gpt2"), data, TraceConfig(**QUIET), 0)
+    logit = trace_model(tiny_model("gpt2"), data, TraceConfig(lens="logit-lens", **QUIET), 0)
     assert logit.chance == pytest.approx(float(-(p * np.log(p)).sum()))
     assert trace_model(tiny_model("gpt2"), data, TraceConfig(lens="basis-cosine", **QUIET), 0).chance is None
     assert Trace.from_dict(json.loads(json.dumps(logit.to_dict()))).chance == logit.chance
@@ -324,5 +324,5 @@ def test_answer_probe_refuses_open_completions():
     with pytest.raises(SalfError, match="answers repeat") as e:
         trace_model(model, lm_data(20), TraceConfig(lens="answer-probe", **QUIET), 0)
     assert "logit-lens" in e.value.fix
-    # not the default (yet): closed answers keep the logit lens (salf.method.lenses.DEFAULT_LENS)
-    assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "logit-lens"
+    # not the default: closed answers are read like open ones, by basis-cosine (salf.config.plan.DEFAULT_CELLS)
+    assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "basis-cosine"

@@ -128,7 +128,7 @@ class PreparedTask:
 
     def default_lens(self, chosen: list[str] | None) -> str | None:
         """The lens ``salf plan`` uses for this task's labels, if it is among the traced ones."""
-        from salf.method.lenses import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+        from salf.config.plan import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 
         lens = DEFAULT_LENS[CLASS_LABELS if self.data_task == "classification" else TOKEN_LABELS]
         return lens if lens in self.lenses(chosen) else None

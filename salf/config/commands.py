@@ -108,7 +108,7 @@ class DemoOptions:
     out: str = option("runs/demo", help="demo output directory")
     model: str = option("builtin:minilm", help="the model to fine-tune (e.g. builtin:e5-small, 12 blocks)")
     steps: int = option(150, help="training steps of each fine-tuning")
-    policy: str | None = option(None, help="planning policy (default: salf.method.plan.DEFAULT_POLICY for the data)")
+    policy: str | None = option(None, help="planning policy (default: salf.config.plan.DEFAULT_POLICY for the data)")
     seed: int = option(0, help="seed of the data split, the trace and training")
     overwrite: bool = option(False, help="replace an earlier demo in --out")
     classifier_pooling: str | None = option(None, old=("--head-pooling",), choices=CLASSIFIER_POOLINGS,

@@ -10,8 +10,34 @@ from salf.errors import SalfError
 
 OUTPUT_HEAD_MODES = ("tied", "untie")
 """What to do with an output head tied to the input embeddings (= ``salf.models.heads.HEAD_MODES``, tested)."""
-DEFAULT_ESTIMATOR = "sufficiency-uniform"
-"""The gain estimator plans use unless told (chosen by the benchmark's regret table, salf.method.gain)."""
+TOKEN_LABELS = "tokens"
+"""Label kind of completion data: token labels aligned with input_ids (a causal LM's next tokens)."""
+CLASS_LABELS = "classes"
+"""Label kind of classification data: one class index per datum."""
+
+
+@dataclass(frozen=True)
+class DefaultCell:
+    """The lens, gain estimator and policy a plan uses unless told, for one kind of labels."""
+
+    lens: str
+    """How the trace reads each latent space (``salf.method.lenses.LENSES``)."""
+    estimator: str
+    """How the trace becomes one gain per block (``salf.method.gain.ESTIMATORS``)."""
+    policy: str
+    """How the gains and costs become a boundary (``salf.method.plan.POLICIES``)."""
+
+
+DEFAULT_CELLS: dict[str, DefaultCell] = {
+    CLASS_LABELS: DefaultCell("probe", "sufficiency-uniform", "unsolved=0.75"),
+    TOKEN_LABELS: DefaultCell("basis-cosine", "observed", "coverage=0.9"),
+}
+"""The one table of defaults, chosen by the benchmarks' regret tables (BENCHMARKS.md): classifiers by 24 encoder
+task-seeds ("Where to fine-tune"), completions by the real decoder SmolLM2-135M and the causal fixture ("SmolLM2").
+``DEFAULT_LENS``, ``DEFAULT_ESTIMATOR`` and ``DEFAULT_POLICY`` are its columns."""
+DEFAULT_LENS = {kind: cell.lens for kind, cell in DEFAULT_CELLS.items()}
+DEFAULT_ESTIMATOR = {kind: cell.estimator for kind, cell in DEFAULT_CELLS.items()}
+DEFAULT_POLICY = {kind: cell.policy for kind, cell in DEFAULT_CELLS.items()}
 LORA_RANK = 8
 """The LoRA rank salf trains and costs by default (one value for ``salf plan``, ``salf train`` and ``salf cost``)."""
 
@@ -21,14 +47,17 @@ class PlanConfig:
     """How to make a plan: the trace, the gain estimator, the policy, and the shape the cost model counts."""
 
     trace: TraceConfig = group(TraceConfig, "trace")
-    policy: str | None = option(None, help="default: unsolved=0.75 for classification data, unsolved for completion "
-                                           "data (salf.method.plan.DEFAULT_POLICY); or: unsolved=S (train S x the "
+    policy: str | None = option(None, help=f"default: {DEFAULT_POLICY[CLASS_LABELS]} for classification data, "
+                                           f"{DEFAULT_POLICY[TOKEN_LABELS]} for completion data "
+                                           "(salf.config.plan.DEFAULT_CELLS); or: unsolved=S (train S x the "
                                            "share of the depth the frozen model leaves unsolved) | knee | budget=C "
                                            "(step cost <= C x full) | coverage=T (>= T of the gain) | full | "
                                            "freeze-first-half | train-last-quarter | random")
-    estimator: str = option(DEFAULT_ESTIMATOR,
-                            help="the gain estimator (salf.method.gain.ESTIMATORS): sufficiency-uniform (the default, "
-                                 "chosen by the benchmark) | sufficiency | headroom | transition | observed | best-layer")
+    estimator: str | None = option(None, help=f"the gain estimator (salf.method.gain.ESTIMATORS; default: "
+                                              f"{DEFAULT_ESTIMATOR[CLASS_LABELS]} for classification data, "
+                                              f"{DEFAULT_ESTIMATOR[TOKEN_LABELS]} for completion data): "
+                                              "sufficiency-uniform | sufficiency | headroom | transition | observed | "
+                                              "best-layer")
     cost_seq: int | None = option(None, help="sequence length the cost model counts (default: the data's mean length)")
     cost_batch: int = option(8, help="batch size the cost model counts")
     lora: bool = option(False, help="cost the plan for LoRA adapters instead of full fine-tuning of the trained blocks")

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from salf.config.plan import DEFAULT_ESTIMATOR
 from salf.errors import SalfError
 from salf.registry import Registry
 
@@ -26,7 +25,7 @@ ESTIMATORS: Registry[Estimator] = Registry("estimator")
 # word-order task, where freezing past block 3 cost 1-20 points; 'sufficiency-uniform' with the 'unsolved'
 # policy trains as much of the depth as the frozen top layer leaves unsolved, and had the lowest trade-off
 # regret of every plan and fixed rule over both real models.
-# (DEFAULT_ESTIMATOR is defined with the other plan options, in salf.config.plan.)
+# (The default estimator per label kind is in salf.config.plan.DEFAULT_CELLS, with the other plan options.)
 
 # Starting exponents for the fit: the cost surface has several basins on short or noisy traces
 # (a sharp early drop wants a large alpha, a slow decline a small one), so a few starts are tried.
@@ -241,7 +240,7 @@ def sufficiency_uniform_gains(trace: np.ndarray, fit: DepthFit, chance: float | 
     return Estimate(np.full(num_blocks, 1.0 / num_blocks), frozen_share(trace, chance))
 
 
-def estimate_gains(trace_mean: np.ndarray, estimator: str = DEFAULT_ESTIMATOR, fit: DepthFit | None = None,
+def estimate_gains(trace_mean: np.ndarray, estimator: str, fit: DepthFit | None = None,
                    chance: float | None = None) -> Gains:
     """Fit the depth law to the trace and turn it into per-block gains with the named estimator.
 

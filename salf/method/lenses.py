@@ -1,6 +1,6 @@
 """Lenses: what reads each latent state and turns it into per-datum deviations, and ``TraceConfig``,
 the settings they read. ``LENSES`` holds them by name; ``choose_lens`` picks one from the labels (token
-labels: ``logit-lens``; class labels: ``probe``) and the model.
+labels: ``basis-cosine``; class labels: ``probe``; ``salf.config.plan.DEFAULT_CELLS``) and the model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from salf.config.plan import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 from salf.config.trace import TraceConfig
 from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
@@ -27,22 +28,12 @@ from salf.registry import Registry
 LENSES: Registry[type[Lens]] = Registry("lens")
 
 
-TOKEN_LABELS = "tokens"
-
-
-CLASS_LABELS = "classes"
-
-
 _LABEL_WORDS = {
     TOKEN_LABELS: "token labels (lists aligned with input_ids)",
     CLASS_LABELS: "class labels (one int)",
 }
 
 
-DEFAULT_LENS = {CLASS_LABELS: "probe", TOKEN_LABELS: "logit-lens"}
-"""The lens used when none is asked for, by label kind. Completions with a closed set of answers keep the logit
-lens for now, although ``answer-probe`` reads them better: as a default it lost 11.8 / 9.4 points of trade-off
-regret on the causal fixture (BENCHMARKS.md, "SmolLM2"), and the SmolLM2 sweep that decides is not finished."""
 
 
 # Upper bound on the elements of one [tokens, vocab chunk] logit block: keeps the lens's own memory
