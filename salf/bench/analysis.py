@@ -34,7 +34,7 @@ from salf.bench.suite import LOSS, QUALITY
 from salf.bench.sweeps_report import analyze_sweeps
 from salf.config.plan import CLASS_LABELS, DEFAULT_CELLS, TOKEN_LABELS
 
-PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_ratio")
+PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_ratio", "memory_ratio")
 """What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
 
 
@@ -70,6 +70,9 @@ def _analyze_task(records: list[Record]) -> dict[str, Any]:
             "quality_ratio": ratio(quality, full.get(q_name)) if q_high else None,
             "flops_ratio": ratio(cost, full.get("train_flops")),
             "step_time_ratio": ratio(metrics.get("step_seconds_median"), full.get("step_seconds_median")),
+            # measured peak resident memory of the run (a process that trained a larger run before may keep some
+            # of it: a ceiling, noisier than the FLOPs); None for records from before it was measured
+            "memory_ratio": ratio(metrics.get("run_peak_rss_bytes"), full.get("run_peak_rss_bytes")),
             "regret": regret(cost, quality, costs, [oracle[seed][k].get(q_name) for k in ks], q_high),
             "regret_loss": regret(cost, loss, costs, [oracle[seed][k].get(LOSS[0]) for k in ks], LOSS[1]),
             **tradeoff_fields(metrics, oracle[seed], q_name, q_high),
@@ -226,7 +229,7 @@ def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:
             "n": len(seeds),
             # the plain regret in points too (x 100; for a loss task: 100 x the loss regret), like the lambda columns
             "regret_points": _stats(None if s["regret"] is None else 100.0 * s["regret"] for s in seeds),
-            **{f: _stats(s[f] for s in seeds) for f in (*REGRET_KEYS, "share_kept", "flops_ratio")}}
+            **{f: _stats(s.get(f) for s in seeds) for f in (*REGRET_KEYS, "share_kept", "flops_ratio", "memory_ratio")}}
 
 
 def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:

@@ -135,15 +135,18 @@ def regret_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
              f"and seeds (each (task, seed) weighs the same), sorted by {REGRET_TABLE_ORDER.replace('regret_', 'regret λ=')}. "
              "All regrets in points (the plain regret x 100). **Bold**: the default plan (the default lens for the "
              "labels, the default estimator and policy). 'tasks' / 'runs': how many tasks and (task, seed) pairs a row "
-             "holds.", ""]
+             "holds. Peak memory: the run's measured peak resident memory over full fine-tuning's (same seed; the "
+             "process's, so it counts the weights and the runtime too, and a process that trained a larger run "
+             "before may keep some of it: read it as a ceiling, '-' where not measured).", ""]
     for model, entry in table.items():
         rows = [[i, f"**{r['variant']}** (default)" if r["default"] else r["variant"], r["kind"], len(r["tasks"]),
                  r["n"], _fmt(r["regret_points"], 2, spread=False), *(_fmt(r[key], 2, spread=False) for key in REGRET_KEYS),
-                 _fmt(r["share_kept"], 1, pct=True, spread=False), _fmt(r["flops_ratio"], 3, spread=False)]
+                 _fmt(r["share_kept"], 1, pct=True, spread=False), _fmt(r["flops_ratio"], 3, spread=False),
+                 _fmt(r["memory_ratio"], 2, spread=False)]
                 for i, r in enumerate(entry["rows"], 1)]
         parts += [f"### Model `{model}` ({len(entry['tasks'])} task(s): {', '.join(entry['tasks'])})", "",
                   _md_table(["#", "variant", "kind", "tasks", "runs", "regret (points)", *LAMBDA_HEADERS,
-                             "share of best kept", "FLOPs x full"], rows), ""]
+                             "share of best kept", "FLOPs x full", "peak memory x full"], rows), ""]
     return parts
 
 
@@ -367,12 +370,13 @@ class RegretTable:
         out = []
         for model, entry in self.table.items():
             rows = [[("* " if r["default"] else "") + r["variant"], len(r["tasks"]), r["n"], r["regret_points"]["mean"],
-                     *(r[key]["mean"] for key in REGRET_KEYS), r["share_kept"]["mean"], r["flops_ratio"]["mean"]]
+                     *(r[key]["mean"] for key in REGRET_KEYS), r["share_kept"]["mean"], r["flops_ratio"]["mean"],
+                     r["memory_ratio"]["mean"]]
                     for r in entry["rows"]]
             title = (f"model {model}: {len(entry['tasks'])} task(s), means over tasks and seeds, regrets in points, "
                      "* = default plan")
             out.append(render_table(["variant", "tasks", "runs", "regret", *(f"regret λ={lam:g}" for lam in TRADEOFF_LAMBDAS),
-                                     "share kept", "FLOPs x full"], rows, title))
+                                     "share kept", "FLOPs x full", "peak memory x full"], rows, title))
         if self.path is not None:
             out.append(f"written: {self.path}")
         return "\n\n".join(out)
