@@ -105,7 +105,8 @@ def check_plan_config(config: PlanConfig) -> None:
 
 def trace_for(loaded: LoadedModel, data: TaskData, config: PlanConfig) -> Trace:
     """One no-grad pass of ``loaded`` over (a sample of) ``data``: each latent space's deviation."""
-    return trace_model(loaded.model, data.data, replace(config.trace, seed=config.seed), loaded.pad_token_id)
+    lens = config.trace.lens or default_cell(data.task).lens
+    return trace_model(loaded.model, data.data, replace(config.trace, seed=config.seed, lens=lens), loaded.pad_token_id)
 
 
 def mean_length(task_data: TaskData) -> int:
@@ -114,7 +115,7 @@ def mean_length(task_data: TaskData) -> int:
 
 def plan_from_trace(loaded: LoadedModel, data: TaskData, trace: Trace, config: PlanConfig) -> Plan:
     """The plan: each block's gain from ``trace``, each boundary's cost from the model, the policy's choice."""
-    defaults = default_cell(data.data)
+    defaults = default_cell(data.task)
     policy = config.policy or defaults.policy
     head_mode = head_mode_for(loaded.model, config.output_head)
     gains = estimate_gains(trace.mean, config.estimator or defaults.estimator, chance=trace.chance)

@@ -154,6 +154,7 @@ def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
     default = default_plan("classification")
     assert default == "salf/probe/sufficiency-uniform/unsolved=0.75"
     assert default_plan("completion") == "salf/basis-cosine/observed/coverage=0.9"
+    assert default_plan("lm") == "salf/logit-lens/sufficiency-uniform/unsolved"
     first = _sweep("a")
     second = _sweep("b", accuracy={0: [0.8], 1: [0.8], 2: [0.79]}, seeds=(0,))
     other = _sweep("c", model="other")

@@ -183,7 +183,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys, llama):
 
 def test_plan_then_train_on_text(tmp_path, capsys, lm_plan, llama, text_file):
     plan = json.loads(lm_plan.read_text())
-    assert plan["data"]["task"] == "lm" and plan["lens"] == "basis-cosine" and 0 <= plan["boundary"] <= 4
+    assert plan["data"]["task"] == "lm" and plan["lens"] == "logit-lens" and 0 <= plan["boundary"] <= 4
     assert lm_plan.with_suffix(".png").stat().st_size > 1000
     rc, out, err = run(capsys, "train", "--model", llama, "--data", text_file, "--plan", lm_plan,
                        "--out", tmp_path / "run", "--json", *FAST_TRAIN)

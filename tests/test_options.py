@@ -153,8 +153,9 @@ def test_choices_match_the_registries():
         LENSES.get(cell.lens), ESTIMATORS.get(cell.estimator), POLICIES.get(parse_policy(cell.policy)[0])
     help_of = {f.name: option_info(f).help for f in dataclasses.fields(PlanConfig) if option_info(f)}
     for name, table in (("policy", DEFAULT_POLICY), ("estimator", DEFAULT_ESTIMATOR)):
-        assert f"{table['classes']} for classification data" in help_of[name]
-        assert f"{table['tokens']} for completion data" in help_of[name]
+        assert f"{table['classification']} for classification data" in help_of[name]
+        assert f"{table['completion']} for completion data" in help_of[name]
+        assert f"{table['lm']} for plain text" in help_of[name]
     assert all(name in help_of["estimator"] for name in ESTIMATORS.names())
     lens_help = option_info(next(f for f in dataclasses.fields(TraceConfig) if f.name == "lens")).help
     assert all(name in lens_help for name in LENSES.names())

@@ -162,18 +162,19 @@ def test_lens_auto_choice_and_mismatches():
         find_parts(tiny_model("bert", "classification", num_labels=2)),
     )
     causal_classifier = find_parts(tiny_model("llama", "classification", num_labels=2))
-    assert choose_lens(lm, "tokens", None) == "basis-cosine"
-    assert choose_lens(causal_classifier, "classes", None) == "probe"
-    assert choose_lens(classifier, "classes", None) == "probe"
+    assert choose_lens(lm, "completion", None) == "basis-cosine"  # salf.config.plan.DEFAULT_LENS, by task
+    assert choose_lens(lm, "lm", None) == "logit-lens"
+    assert choose_lens(causal_classifier, "classification", None) == "probe"
+    assert choose_lens(classifier, "classification", None) == "probe"
     with pytest.raises(SalfError, match="probe"):
-        choose_lens(classifier, "classes", "logit-lens")
+        choose_lens(classifier, "classification", "logit-lens")
     with pytest.raises(SalfError, match="probe") as err:
-        choose_lens(causal_classifier, "tokens", "logit-lens")
+        choose_lens(causal_classifier, "completion", "logit-lens")
     assert "language-model head" in str(err.value)
     with pytest.raises(SalfError):
-        choose_lens(classifier, "tokens", None)
+        choose_lens(classifier, "completion", None)
     with pytest.raises(SalfError, match="class labels"):
-        choose_lens(lm, "tokens", "probe")
+        choose_lens(lm, "lm", "probe")
 
 
 def test_label_kind_rejects_mixed_and_empty_data():
@@ -324,5 +325,8 @@ def test_answer_probe_refuses_open_completions():
     with pytest.raises(SalfError, match="answers repeat") as e:
         trace_model(model, lm_data(20), TraceConfig(lens="answer-probe", **QUIET), 0)
     assert "logit-lens" in e.value.fix
-    # not the default: closed answers are read like open ones, by basis-cosine (salf.config.plan.DEFAULT_CELLS)
+    # not the default: closed answers are read like open ones, by basis-cosine (salf.config.plan.DEFAULT_CELLS);
+    # plain text (every token a target) by the logit lens
     assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "basis-cosine"
+    text = [{"input_ids": d["input_ids"], "labels": list(d["input_ids"])} for d in lm_data()]
+    assert trace_model(model, text, TraceConfig(**QUIET), 0).lens == "logit-lens"

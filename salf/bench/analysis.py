@@ -32,7 +32,7 @@ from salf.bench.scoring import stats as _stats
 from salf.bench.store import complete_records, load_records
 from salf.bench.suite import LOSS, QUALITY
 from salf.bench.sweeps_report import analyze_sweeps
-from salf.config.plan import CLASS_LABELS, DEFAULT_CELLS, TOKEN_LABELS
+from salf.config.plan import DEFAULT_CELLS
 
 PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_ratio", "memory_ratio")
 """What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
@@ -218,7 +218,7 @@ then by name."""
 
 def default_plan(data_task: str) -> str:
     """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved=0.75')."""
-    cell = DEFAULT_CELLS[CLASS_LABELS if data_task == "classification" else TOKEN_LABELS]
+    cell = DEFAULT_CELLS[data_task]
     return salf_variant(cell.lens, cell.estimator, cell.policy)
 
 

@@ -128,9 +128,9 @@ class PreparedTask:
 
     def default_lens(self, chosen: list[str] | None) -> str | None:
         """The lens ``salf plan`` uses for this task's labels, if it is among the traced ones."""
-        from salf.config.plan import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+        from salf.config.plan import DEFAULT_LENS
 
-        lens = DEFAULT_LENS[CLASS_LABELS if self.data_task == "classification" else TOKEN_LABELS]
+        lens = DEFAULT_LENS[self.data_task]
         return lens if lens in self.lenses(chosen) else None
 
     def lenses(self, chosen: list[str] | None) -> list[str]:

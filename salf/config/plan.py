@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from salf.config.data import Task
 from salf.config.fields import group, option
 from salf.config.trace import TraceConfig
 from salf.errors import SalfError
@@ -18,7 +19,7 @@ CLASS_LABELS = "classes"
 
 @dataclass(frozen=True)
 class DefaultCell:
-    """The lens, gain estimator and policy a plan uses unless told, for one kind of labels."""
+    """The lens, gain estimator and policy a plan uses unless told, for one kind of task."""
 
     lens: str
     """How the trace reads each latent space (``salf.method.lenses.LENSES``)."""
@@ -29,15 +30,19 @@ class DefaultCell:
 
 
 DEFAULT_CELLS: dict[str, DefaultCell] = {
-    CLASS_LABELS: DefaultCell("probe", "sufficiency-uniform", "unsolved=0.75"),
-    TOKEN_LABELS: DefaultCell("basis-cosine", "observed", "coverage=0.9"),
+    Task.CLASSIFICATION: DefaultCell("probe", "sufficiency-uniform", "unsolved=0.75"),
+    Task.COMPLETION: DefaultCell("basis-cosine", "observed", "coverage=0.9"),
+    Task.LM: DefaultCell("logit-lens", "sufficiency-uniform", "unsolved"),
 }
-"""The one table of defaults, chosen by the benchmarks' regret tables (BENCHMARKS.md): classifiers by 24 encoder
-task-seeds ("Where to fine-tune"), completions by the real decoder SmolLM2-135M and the causal fixture ("SmolLM2").
-``DEFAULT_LENS``, ``DEFAULT_ESTIMATOR`` and ``DEFAULT_POLICY`` are its columns."""
-DEFAULT_LENS = {kind: cell.lens for kind, cell in DEFAULT_CELLS.items()}
-DEFAULT_ESTIMATOR = {kind: cell.estimator for kind, cell in DEFAULT_CELLS.items()}
-DEFAULT_POLICY = {kind: cell.policy for kind, cell in DEFAULT_CELLS.items()}
+"""The one table of defaults, by the data's task, each row chosen by a benchmark's regret table (BENCHMARKS.md):
+classification by 24 encoder task-seeds ("Where to fine-tune"); completion (prompt + completion, conversations,
+label words) and plain text by the real decoder SmolLM2-135M and the causal fixture ("SmolLM2"). For plain text
+the logit lens reads the training objective itself (its top layer is the model's loss); for completions it reads
+only whether the frozen head already answers in the task's format, and ``basis-cosine`` reads how the blocks turn
+the state toward the answer. ``DEFAULT_LENS``, ``DEFAULT_ESTIMATOR`` and ``DEFAULT_POLICY`` are its columns."""
+DEFAULT_LENS = {task: cell.lens for task, cell in DEFAULT_CELLS.items()}
+DEFAULT_ESTIMATOR = {task: cell.estimator for task, cell in DEFAULT_CELLS.items()}
+DEFAULT_POLICY = {task: cell.policy for task, cell in DEFAULT_CELLS.items()}
 LORA_RANK = 8
 """The LoRA rank salf trains and costs by default (one value for ``salf plan``, ``salf train`` and ``salf cost``)."""
 
@@ -47,15 +52,17 @@ class PlanConfig:
     """How to make a plan: the trace, the gain estimator, the policy, and the shape the cost model counts."""
 
     trace: TraceConfig = group(TraceConfig, "trace")
-    policy: str | None = option(None, help=f"default: {DEFAULT_POLICY[CLASS_LABELS]} for classification data, "
-                                           f"{DEFAULT_POLICY[TOKEN_LABELS]} for completion data "
+    policy: str | None = option(None, help=f"default: {DEFAULT_POLICY[Task.CLASSIFICATION]} for classification data, "
+                                           f"{DEFAULT_POLICY[Task.COMPLETION]} for completion data, "
+                                           f"{DEFAULT_POLICY[Task.LM]} for plain text "
                                            "(salf.config.plan.DEFAULT_CELLS); or: unsolved=S (train S x the "
                                            "share of the depth the frozen model leaves unsolved) | knee | budget=C "
                                            "(step cost <= C x full) | coverage=T (>= T of the gain) | full | "
                                            "freeze-first-half | train-last-quarter | random")
     estimator: str | None = option(None, help=f"the gain estimator (salf.method.gain.ESTIMATORS; default: "
-                                              f"{DEFAULT_ESTIMATOR[CLASS_LABELS]} for classification data, "
-                                              f"{DEFAULT_ESTIMATOR[TOKEN_LABELS]} for completion data): "
+                                              f"{DEFAULT_ESTIMATOR[Task.CLASSIFICATION]} for classification data, "
+                                              f"{DEFAULT_ESTIMATOR[Task.COMPLETION]} for completion data, "
+                                              f"{DEFAULT_ESTIMATOR[Task.LM]} for plain text): "
                                               "sufficiency-uniform | sufficiency | headroom | transition | observed | "
                                               "best-layer")
     cost_seq: int | None = option(None, help="sequence length the cost model counts (default: the data's mean length)")

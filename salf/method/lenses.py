@@ -1,6 +1,6 @@
 """Lenses: what reads each latent state and turns it into per-datum deviations, and ``TraceConfig``,
 the settings they read. ``LENSES`` holds them by name; ``choose_lens`` picks one from the labels (token
-labels: ``basis-cosine``; class labels: ``probe``; ``salf.config.plan.DEFAULT_CELLS``) and the model.
+the data's task (``salf.config.plan.DEFAULT_LENS``) and the model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from salf.config.data import Task
 from salf.config.plan import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
 from salf.config.trace import TraceConfig
 from salf.data.batch import IGNORE_INDEX
@@ -375,10 +376,22 @@ def _is_class_label(labels: Any) -> bool:
     return isinstance(labels, (int, np.integer)) and not isinstance(labels, bool)
 
 
-def choose_lens(parts: ModelParts, kind: str, requested: str | None) -> str:
-    """The lens to trace with: the requested one if it fits the labels and model, else the default."""
+def data_task(data: Sequence[dict]) -> Task:
+    """The task of tokenized data, from its labels: class labels are classification; token labels equal to the
+    input ids at every position are plain text (every token a target); other token labels are a completion."""
+    if label_kind(data) == CLASS_LABELS:
+        return Task.CLASSIFICATION
+    if all(list(d["labels"]) == list(d["input_ids"]) for d in data):
+        return Task.LM
+    return Task.COMPLETION
+
+
+def choose_lens(parts: ModelParts, task: str, requested: str | None) -> str:
+    """The lens to trace with: the requested one if it fits the task's labels and the model, else the task's
+    default (``DEFAULT_LENS``)."""
+    kind = CLASS_LABELS if task == Task.CLASSIFICATION else TOKEN_LABELS
     if requested is None:
-        requested = DEFAULT_LENS[kind]
+        requested = DEFAULT_LENS[task]
         fix = "give token labels with a causal LM that has its language-model head, or class labels"
     else:
         fix = "use lens 'probe' with class labels" if kind == CLASS_LABELS else "use lens 'logit-lens'"
@@ -397,4 +410,4 @@ def choose_lens(parts: ModelParts, kind: str, requested: str | None) -> str:
     return requested
 
 
-__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "choose_lens", "chunked_cross_entropy", "closed_answers", "head_reads", "label_kind"]
+__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "choose_lens", "chunked_cross_entropy", "closed_answers", "data_task", "head_reads", "label_kind"]

@@ -28,7 +28,6 @@ from salf.config.plan import DEFAULT_CELLS, DefaultCell
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_json
 from salf.method.freeze import FreezeSpec
-from salf.method.lenses import label_kind
 from salf.registry import Registry
 
 PLAN_FORMAT = 1
@@ -52,8 +51,8 @@ class Policy(Protocol):
 
 
 POLICIES: Registry[Policy] = Registry("policy")
-def default_cell(data: list[dict]) -> DefaultCell:
-    """The default lens, estimator and policy for tokenized data, by its label kind (``DEFAULT_CELLS``).
+def default_cell(task: str) -> DefaultCell:
+    """The default lens, estimator and policy for data of ``task`` (``DEFAULT_CELLS``).
 
     Classifiers aim at 0.75 of the share their probe leaves unsolved: the probe reads the pooled state, which
     hides what the blocks hold but the pooling loses (word order: φ = 0 at every depth, yet freezing e5's
@@ -62,9 +61,11 @@ def default_cell(data: list[dict]) -> DefaultCell:
     how each block turns the state toward the target token's output embedding (``basis-cosine``) and train the
     blocks that hold 90% of the observed turn: a real pretrained LLM turns it in its top blocks (SmolLM2-135M:
     k = 11-12 of 30 frozen, full fine-tuning's quality at 0.72-0.75x its FLOPs), a barely trained one in its
-    first (the causal fixture: k = 0, where freezing any block lost 5-15 points).
+    first (the causal fixture: k = 0, where freezing any block lost 5-15 points). Plain text keeps the logit
+    lens, whose top layer is the training loss itself: SmolLM2 on new text is above the chance level at every
+    depth, so it trains every block, and freezing 19 of them cost 0.33 nats of held-out loss there.
     """
-    return DEFAULT_CELLS[label_kind(data)]
+    return DEFAULT_CELLS[task]
 
 
 def _fraction(name: str, value: float | None) -> float:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from salf.data.batch import IGNORE_INDEX, collate
 from salf.errors import SalfError
-from salf.method.lenses import CLASS_LABELS, LENSES, Lens, TraceConfig, choose_lens, label_kind
+from salf.method.lenses import CLASS_LABELS, LENSES, Lens, TraceConfig, choose_lens, data_task, label_kind
 from salf.models.arch import ModelParts, find_parts
 
 
@@ -184,7 +184,7 @@ def trace_model(model: nn.Module, data: Sequence[dict], config: TraceConfig, pad
     started = time.perf_counter()
     parts = find_parts(model)
     kind = label_kind(data)
-    lens_name = choose_lens(parts, kind, config.lens)
+    lens_name = choose_lens(parts, data_task(data), config.lens)
     indices = sample_indices(data, kind, config)
     sample = [data[i] for i in indices]
     lens = LENSES.get(lens_name)(parts, config, sample)
