@@ -183,6 +183,22 @@ def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
     assert [r["variant"] for r in m["rows"]] == [default, "baseline/train-last-quarter"]  # sorted by regret_10
 
 
+def test_tasks_with_different_default_cells_pool_each_tasks_own_default_in_one_row():
+    from salf.bench.analysis import DEFAULT_ROW
+
+    completion, text = _sweep("c", data_task="completion"), _sweep("t", data_task="lm")
+    for seed in (0, 1):
+        completion.append(_record("c", seed, default_plan("completion"), "plan", boundary=1))  # regret_10 0 and 0
+        completion.append(_record("c", seed, default_plan("lm"), "plan", boundary=2))
+        text.append(_record("t", seed, default_plan("lm"), "plan", boundary=0))
+    rows = {r["variant"]: r for r in regret_by_model([analyze(completion + text)])["m"]["rows"]}
+    pooled = rows[DEFAULT_ROW]
+    assert pooled["default"] and not any(r["default"] for v, r in rows.items() if v != DEFAULT_ROW)
+    assert pooled["tasks"] == ["c", "t"] and pooled["n"] == 4  # each task's own default cell, every seed
+    assert pooled["flops_ratio"]["mean"] == pytest.approx(np.mean([0.7, 0.7, 1.0, 1.0]))
+    assert rows[default_plan("lm")]["n"] == 4  # the lm cell planned on both tasks: its row keeps both
+
+
 def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, capsys):
     from salf.cli import main
 

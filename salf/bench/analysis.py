@@ -237,6 +237,11 @@ def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:
     return (mean is None, mean if mean is not None else 0.0, row["variant"])
 
 
+DEFAULT_ROW = "salf/default (each task's default cell)"
+"""The per-model table's row for the default plan when its tasks have different default cells (``DEFAULT_CELLS``
+is keyed by the data's task): each task's own default, pooled."""
+
+
 def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per model (a task's ``model``), every plan, per-datum variant and baseline pooled over all its tasks and
     seeds: mean regret (points), trade-off regrets, share kept and FLOPs, sorted by ``REGRET_TABLE_ORDER``.
@@ -248,6 +253,7 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
     """
     pooled: dict[str, dict[str, dict[str, Any]]] = {}
     tasks: dict[str, list[str]] = {}
+    defaults: dict[str, list[tuple[str, str, dict]]] = {}  # per group: (task, its default variant, that variant's row)
     for analysis in analyses:
         for name, task in analysis.items():
             if not task:
@@ -256,6 +262,8 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
             default = default_plan(task["data_task"])
             for group in (model, ALL_MODELS):
                 tasks.setdefault(group, []).append(name)
+                if default in task["variants"]:
+                    defaults.setdefault(group, []).append((name, default, task["variants"][default]))
                 for variant, v in task["variants"].items():
                     if v["kind"] not in REGRET_TABLE_KINDS:
                         continue
@@ -264,6 +272,14 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
                     entry["default"] = entry["default"] or variant == default
                     entry["tasks"].append(name)
                     entry["per_seed"] += v["per_seed"]
+    for group, rows in defaults.items():
+        if len({variant for _, variant, _ in rows}) > 1:
+            # Tasks of several kinds have different default cells: one row pools each task's own default
+            # (what a user who never names a lens, estimator or policy gets), and no single cell is bold.
+            for entry in pooled[group].values():
+                entry["default"] = False
+            pooled[group][DEFAULT_ROW] = {"kind": "plan", "default": True, "tasks": [name for name, _, _ in rows],
+                                          "per_seed": [p for _, _, v in rows for p in v["per_seed"]]}
     if len(tasks) <= 2:  # one model (or none): the pooled table would repeat it
         pooled.pop(ALL_MODELS, None)
         tasks.pop(ALL_MODELS, None)
@@ -282,4 +298,4 @@ def combined_regret(dirs: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
     return regret_by_model(finished_analyses(dirs))
 
 
-__all__ = ["ALL_MODELS", "PER_SEED_FIELDS", "REGRET_TABLE_KINDS", "REGRET_TABLE_ORDER", "TARGET_FLOPS", "TARGET_QUALITY", "analyze", "combined_regret", "default_plan", "finished_analyses", "regret_by_model"]
+__all__ = ["ALL_MODELS", "DEFAULT_ROW", "PER_SEED_FIELDS", "REGRET_TABLE_KINDS", "REGRET_TABLE_ORDER", "TARGET_FLOPS", "TARGET_QUALITY", "analyze", "combined_regret", "default_plan", "finished_analyses", "regret_by_model"]

@@ -133,8 +133,9 @@ def regret_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
     parts = ["## Regret by model: every way of choosing, over all tasks and seeds", "",
              f"Every salf plan (lens/estimator/policy), per-datum variant and baseline, mean over all the model's tasks "
              f"and seeds (each (task, seed) weighs the same), sorted by {REGRET_TABLE_ORDER.replace('regret_', 'regret λ=')}. "
-             "All regrets in points (the plain regret x 100). **Bold**: the default plan (the default lens for the "
-             "labels, the default estimator and policy). 'tasks' / 'runs': how many tasks and (task, seed) pairs a row "
+             "All regrets in points (the plain regret x 100). **Bold**: the default plan (the task's default lens, "
+             "estimator and policy, salf.config.plan.DEFAULT_CELLS; where the model's tasks have different default "
+             "cells, the row that pools each task's own). 'tasks' / 'runs': how many tasks and (task, seed) pairs a row "
              "holds. Peak memory: the run's measured peak resident memory over full fine-tuning's (same seed; the "
              "process's, so it counts the weights and the runtime too, and a process that trained a larger run "
              "before may keep some of it: read it as a ceiling, '-' where not measured).", ""]
