@@ -153,7 +153,7 @@ def test_analysis_reports_tradeoff_regret_and_share_kept_per_seed():
 def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
     default = default_plan("classification")
     assert default == "salf/probe/sufficiency-uniform/unsolved=0.75"
-    assert default_plan("completion") == "salf/basis-cosine/observed/coverage=0.9"
+    assert default_plan("completion") == "salf/logit-lens/sufficiency-uniform/unsolved"
     assert default_plan("lm") == "salf/logit-lens/sufficiency-uniform/unsolved"
     first = _sweep("a")
     second = _sweep("b", accuracy={0: [0.8], 1: [0.8], 2: [0.79]}, seeds=(0,))
@@ -186,9 +186,10 @@ def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
 def test_tasks_with_different_default_cells_pool_each_tasks_own_default_in_one_row():
     from salf.bench.analysis import DEFAULT_ROW
 
-    completion, text = _sweep("c", data_task="completion"), _sweep("t", data_task="lm")
+    # a causal LM with a classifier head on one task and plain text on another: two default cells
+    completion, text = _sweep("c", data_task="classification"), _sweep("t", data_task="lm")
     for seed in (0, 1):
-        completion.append(_record("c", seed, default_plan("completion"), "plan", boundary=1))  # regret_10 0 and 0
+        completion.append(_record("c", seed, default_plan("classification"), "plan", boundary=1))
         completion.append(_record("c", seed, default_plan("lm"), "plan", boundary=2))
         text.append(_record("t", seed, default_plan("lm"), "plan", boundary=0))
     rows = {r["variant"]: r for r in regret_by_model([analyze(completion + text)])["m"]["rows"]}
@@ -555,7 +556,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert own_runs >= 5 * len(suite.tasks)  # LoRA, LISA, freeze-deep-half, Spectrum x 2 (LoRA on the plan too)
     assert first.trained == n_oracle + own_runs + len(suite.tasks)  # oracle sweep + baselines + per datum per task
     by_key = {r["key"]: r for r in runs}
-    for task, lens in zip(suite.tasks, ("probe", "basis-cosine")):  # the default lens of each task
+    for task, lens in zip(suite.tasks, ("probe", "logit-lens")):  # the default lens of each task
         record = by_key[f"{task.name}|seed=0|salf-per-datum/{lens}/headroom/knee"]
         plan = by_key[f"{task.name}|seed=0|salf-per-datum-plan/{lens}/headroom/knee"]
         single = by_key[f"{task.name}|seed=0|salf/{lens}/headroom/knee"]
@@ -624,7 +625,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     now = {r["key"]: r for r in json.loads((out / "runs.json").read_text())["runs"]}
     assert all(now[r["key"]] == r for r in old)
     assert all(now[k]["status"] == "done" for k in set(now) - {r["key"] for r in old})
-    assert later.analysis[suite.tasks[1].name]["per_datum"]["salf-per-datum/basis-cosine/headroom/knee"]
+    assert later.analysis[suite.tasks[1].name]["per_datum"]["salf-per-datum/logit-lens/headroom/knee"]
 
     # --replan: a plan record and a boundary baseline lost (as when an estimator is new) come back from a
     # fresh trace, scored on the finished sweep; nothing trains.

@@ -215,7 +215,7 @@ def test_lora_merged_model_loads_on_its_own(tmp_path, capsys, llama, text_file):
 @pytest.mark.parametrize("kind", ["completion", "classification"])
 def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
     if kind == "completion":
-        model, data, lens = llama, completion_data(tmp_path / "comp.jsonl", n=24), "basis-cosine"
+        model, data, lens = llama, completion_data(tmp_path / "comp.jsonl", n=24), "logit-lens"
     else:
         model, data, lens = bert, label_data(tmp_path / "labels.jsonl", n=24), "probe"
     rc, out, err = run(capsys, "plan", "--model", model, "--data", data, "--out", tmp_path / "plan.json", "--json",
@@ -223,8 +223,8 @@ def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
     assert rc == 0, err
     plan = json.loads(out)
     assert plan["data"]["task"] == kind and plan["lens"] == lens
-    assert plan["policy"] == {"completion": "coverage=0.9", "classification": "unsolved=0.75"}[kind]  # DEFAULT_CELLS
-    assert plan["estimator"] == {"completion": "observed", "classification": "sufficiency-uniform"}[kind]
+    assert plan["policy"] == {"completion": "unsolved", "classification": "unsolved=0.75"}[kind]  # DEFAULT_CELLS
+    assert plan["estimator"] == "sufficiency-uniform"
     assert plan["paths"]["plan"] == str(tmp_path / "plan.json")
     assert json.loads((tmp_path / "plan.json").read_text())["boundary"] == plan["boundary"]
     rc, out, err = run(capsys, "train", "--model", model, "--data", data, "--plan", tmp_path / "plan.json",

@@ -162,7 +162,7 @@ def test_lens_auto_choice_and_mismatches():
         find_parts(tiny_model("bert", "classification", num_labels=2)),
     )
     causal_classifier = find_parts(tiny_model("llama", "classification", num_labels=2))
-    assert choose_lens(lm, "completion", None) == "basis-cosine"  # salf.config.plan.DEFAULT_LENS, by task
+    assert choose_lens(lm, "completion", None) == "logit-lens"  # salf.config.plan.DEFAULT_LENS, by task
     assert choose_lens(lm, "lm", None) == "logit-lens"
     assert choose_lens(causal_classifier, "classification", None) == "probe"
     assert choose_lens(classifier, "classification", None) == "probe"
@@ -325,8 +325,8 @@ def test_answer_probe_refuses_open_completions():
     with pytest.raises(SalfError, match="answers repeat") as e:
         trace_model(model, lm_data(20), TraceConfig(lens="answer-probe", **QUIET), 0)
     assert "logit-lens" in e.value.fix
-    # not the default: closed answers are read like open ones, by basis-cosine (salf.config.plan.DEFAULT_CELLS);
-    # plain text (every token a target) by the logit lens
-    assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "basis-cosine"
+    # not the default: closed answers are read like open ones, and like plain text, by the logit lens
+    # (salf.config.plan.DEFAULT_CELLS)
+    assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "logit-lens"
     text = [{"input_ids": d["input_ids"], "labels": list(d["input_ids"])} for d in lm_data()]
     assert trace_model(model, text, TraceConfig(**QUIET), 0).lens == "logit-lens"

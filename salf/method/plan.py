@@ -57,13 +57,12 @@ def default_cell(task: str) -> DefaultCell:
     Classifiers aim at 0.75 of the share their probe leaves unsolved: the probe reads the pooled state, which
     hides what the blocks hold but the pooling loses (word order: φ = 0 at every depth, yet freezing e5's
     first 3 blocks cost little), and 0.75 had the lowest trade-off regret of every plan and fixed rule over 24
-    encoder task-seeds (a rule registered before the last 5 of them ran chose it on those 5). Completions read
-    how each block turns the state toward the target token's output embedding (``basis-cosine``) and train the
-    blocks that hold 90% of the observed turn: a real pretrained LLM turns it in its top blocks (SmolLM2-135M:
-    k = 11-12 of 30 frozen, full fine-tuning's quality at 0.72-0.75x its FLOPs), a barely trained one in its
-    first (the causal fixture: k = 0, where freezing any block lost 5-15 points). Plain text keeps the logit
-    lens, whose top layer is the training loss itself: SmolLM2 on new text is above the chance level at every
-    depth, so it trains every block, and freezing 19 of them cost 0.33 nats of held-out loss there.
+    encoder task-seeds (a rule registered before the last 5 of them ran chose it on those 5). Completions and
+    plain text train the share of the blocks the logit lens leaves unsolved: on a frozen LLM shown a new answer
+    format that is every block. The rule that saved compute on SmolLM2's closed-answer tasks (``basis-cosine``,
+    ``observed``, ``coverage=0.9``: k = 11-12 of 30 frozen, 98-101% of full fine-tuning's quality at 0.72-0.75x
+    its FLOPs) froze the same 12 blocks on the open-answer task and lost 28% of its exact match, and 19 on plain
+    text at a cost of 0.33 nats (BENCHMARKS.md, "SmolLM2").
     """
     return DEFAULT_CELLS[task]
 
