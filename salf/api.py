@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from salf.config.data import DataConfig
-from salf.config.plan import PlanConfig
+from salf.config.plan import DEFAULT_CELLS, PlanConfig
 from salf.config.train import AUTO, TrainConfig
 from salf.data.encode import encode_rows
 from salf.data.tasks import TaskData
@@ -38,7 +38,7 @@ from salf.method.freeze import FreezeReport
 from salf.method.freeze import apply_plan as apply_spec
 from salf.method.gain import ESTIMATORS, estimate_gains
 from salf.method.lenses import LENSES
-from salf.method.plan import Plan, PolicyChoice, check_policy, default_cell, make_plan, model_fingerprint
+from salf.method.plan import Plan, PolicyChoice, check_policy, make_plan, model_fingerprint
 from salf.method.trace import Trace, trace_model
 from salf.models.heads import head_mode_for
 from salf.models.loading import LoadedModel, wrap_model
@@ -105,7 +105,7 @@ def check_plan_config(config: PlanConfig) -> None:
 
 def trace_for(loaded: LoadedModel, data: TaskData, config: PlanConfig) -> Trace:
     """One no-grad pass of ``loaded`` over (a sample of) ``data``: each latent space's deviation."""
-    lens = config.trace.lens or default_cell(data.task).lens
+    lens = config.trace.lens or DEFAULT_CELLS[data.task].lens
     return trace_model(loaded.model, data.data, replace(config.trace, seed=config.seed, lens=lens), loaded.pad_token_id)
 
 
@@ -115,7 +115,7 @@ def mean_length(task_data: TaskData) -> int:
 
 def plan_from_trace(loaded: LoadedModel, data: TaskData, trace: Trace, config: PlanConfig) -> Plan:
     """The plan: each block's gain from ``trace``, each boundary's cost from the model, the policy's choice."""
-    defaults = default_cell(data.task)
+    defaults = DEFAULT_CELLS[data.task]
     policy = config.policy or defaults.policy
     head_mode = head_mode_for(loaded.model, config.output_head)
     gains = estimate_gains(trace.mean, config.estimator or defaults.estimator, chance=trace.chance)

@@ -229,7 +229,7 @@ def _pooled_row(variant: str, entry: dict[str, Any]) -> dict[str, Any]:
             "n": len(seeds),
             # the plain regret in points too (x 100; for a loss task: 100 x the loss regret), like the lambda columns
             "regret_points": _stats(None if s["regret"] is None else 100.0 * s["regret"] for s in seeds),
-            **{f: _stats(s.get(f) for s in seeds) for f in (*REGRET_KEYS, "share_kept", "flops_ratio", "memory_ratio")}}
+            **{f: _stats(s[f] for s in seeds) for f in (*REGRET_KEYS, "share_kept", "flops_ratio", "memory_ratio")}}
 
 
 def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ ESTIMATORS: Registry[Estimator] = Registry("estimator")
 # word-order task, where freezing past block 3 cost 1-20 points; 'sufficiency-uniform' with the 'unsolved'
 # policy trains as much of the depth as the frozen top layer leaves unsolved, and had the lowest trade-off
 # regret of every plan and fixed rule over both real models.
-# (The default estimator per label kind is in salf.config.plan.DEFAULT_CELLS, with the other plan options.)
+# (The default estimator per task is in salf.config.plan.DEFAULT_CELLS, with the other plan options.)
 
 # Starting exponents for the fit: the cost surface has several basins on short or noisy traces
 # (a sharp early drop wants a large alpha, a slow decline a small one), so a few starts are tried.

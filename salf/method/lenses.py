@@ -35,8 +35,6 @@ _LABEL_WORDS = {
 }
 
 
-
-
 # Upper bound on the elements of one [tokens, vocab chunk] logit block: keeps the lens's own memory
 # small (64 MiB in float32) whatever the batch size and sequence length.
 _MAX_LOGIT_ELEMENTS = 1 << 24
@@ -376,6 +374,11 @@ def _is_class_label(labels: Any) -> bool:
     return isinstance(labels, (int, np.integer)) and not isinstance(labels, bool)
 
 
+def label_kind_of(task: str) -> str:
+    """The labels a task's data carry: class labels for classification, token labels otherwise."""
+    return CLASS_LABELS if task == Task.CLASSIFICATION else TOKEN_LABELS
+
+
 def data_task(data: Sequence[dict]) -> Task:
     """The task of tokenized data, from its labels: class labels are classification; token labels equal to the
     input ids at every position are plain text (every token a target); other token labels are a completion."""
@@ -389,7 +392,7 @@ def data_task(data: Sequence[dict]) -> Task:
 def choose_lens(parts: ModelParts, task: str, requested: str | None) -> str:
     """The lens to trace with: the requested one if it fits the task's labels and the model, else the task's
     default (``DEFAULT_LENS``)."""
-    kind = CLASS_LABELS if task == Task.CLASSIFICATION else TOKEN_LABELS
+    kind = label_kind_of(task)
     if requested is None:
         requested = DEFAULT_LENS[task]
         fix = "give token labels with a causal LM that has its language-model head, or class labels"
@@ -410,4 +413,4 @@ def choose_lens(parts: ModelParts, task: str, requested: str | None) -> str:
     return requested
 
 
-__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "choose_lens", "chunked_cross_entropy", "closed_answers", "data_task", "head_reads", "label_kind"]
+__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "choose_lens", "chunked_cross_entropy", "closed_answers", "data_task", "head_reads", "label_kind", "label_kind_of"]

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from salf import __version__
-from salf.config.plan import DEFAULT_CELLS, DefaultCell
 from salf.errors import SalfError
 from salf.fileio import fingerprint, write_json
 from salf.method.freeze import FreezeSpec
@@ -51,20 +50,6 @@ class Policy(Protocol):
 
 
 POLICIES: Registry[Policy] = Registry("policy")
-def default_cell(task: str) -> DefaultCell:
-    """The default lens, estimator and policy for data of ``task`` (``DEFAULT_CELLS``).
-
-    Classifiers aim at 0.75 of the share their probe leaves unsolved: the probe reads the pooled state, which
-    hides what the blocks hold but the pooling loses (word order: φ = 0 at every depth, yet freezing e5's
-    first 3 blocks cost little), and 0.75 had the lowest trade-off regret of every plan and fixed rule over 24
-    encoder task-seeds (a rule registered before the last 5 of them ran chose it on those 5). Completions and
-    plain text train the share of the blocks the logit lens leaves unsolved: on a frozen LLM shown a new answer
-    format that is every block. The rule that saved compute on SmolLM2's closed-answer tasks (``basis-cosine``,
-    ``observed``, ``coverage=0.9``: k = 11-12 of 30 frozen, 98-101% of full fine-tuning's quality at 0.72-0.75x
-    its FLOPs) froze the same 12 blocks on the open-answer task and lost 28% of its exact match, and 19 on plain
-    text at a cost of 0.33 nats (BENCHMARKS.md, "SmolLM2").
-    """
-    return DEFAULT_CELLS[task]
 
 
 def _fraction(name: str, value: float | None) -> float:
