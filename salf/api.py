@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from salf.config.data import DataConfig
-from salf.config.plan import DEFAULT_CELLS, PlanConfig
+from salf.config.plan import DEFAULT_CELLS, DefaultCell, PlanConfig
 from salf.config.train import AUTO, TrainConfig
 from salf.data.encode import encode_rows
 from salf.data.tasks import TaskData
@@ -37,7 +37,7 @@ from salf.method.cost_profile import CostShape, labelled_positions_estimate, pro
 from salf.method.freeze import FreezeReport
 from salf.method.freeze import apply_plan as apply_spec
 from salf.method.gain import ESTIMATORS, estimate_gains
-from salf.method.lenses import LENSES
+from salf.method.lenses import LENSES, default_cell_key
 from salf.method.plan import Plan, PolicyChoice, check_policy, make_plan, model_fingerprint
 from salf.method.trace import Trace, trace_model
 from salf.models.heads import head_mode_for
@@ -103,9 +103,14 @@ def check_plan_config(config: PlanConfig) -> None:
         LENSES.get(config.trace.lens)
 
 
+def default_cell(data: TaskData) -> DefaultCell:
+    """The lens, estimator and policy ``data`` plan with unless told (``salf.config.plan.DEFAULT_CELLS``)."""
+    return DEFAULT_CELLS[default_cell_key(data.data)]
+
+
 def trace_for(loaded: LoadedModel, data: TaskData, config: PlanConfig) -> Trace:
     """One no-grad pass of ``loaded`` over (a sample of) ``data``: each latent space's deviation."""
-    lens = config.trace.lens or DEFAULT_CELLS[data.task].lens
+    lens = config.trace.lens or default_cell(data).lens
     return trace_model(loaded.model, data.data, replace(config.trace, seed=config.seed, lens=lens), loaded.pad_token_id)
 
 
@@ -115,7 +120,7 @@ def mean_length(task_data: TaskData) -> int:
 
 def plan_from_trace(loaded: LoadedModel, data: TaskData, trace: Trace, config: PlanConfig) -> Plan:
     """The plan: each block's gain from ``trace``, each boundary's cost from the model, the policy's choice."""
-    defaults = DEFAULT_CELLS[data.task]
+    defaults = default_cell(data)
     policy = config.policy or defaults.policy
     head_mode = head_mode_for(loaded.model, config.output_head)
     gains = estimate_gains(trace.mean, config.estimator or defaults.estimator, chance=trace.chance)

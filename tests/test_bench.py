@@ -117,11 +117,11 @@ def test_analysis_scores_plans_with_the_oracle_run_at_their_boundary():
     assert task["plan_regret"]["probe/observed"]["knee"]["regret"]["mean"] == pytest.approx(0.1)
 
 
-def _sweep(task, model="m", accuracy=None, seeds=(0, 1), data_task="classification"):
+def _sweep(task, model="m", accuracy=None, seeds=(0, 1), data_task="classification", **meta):
     """A finished synthetic sweep of a 2-block model: meta and oracle records (FLOPs 100, 70, 40)."""
     accuracy = accuracy or {0: [0.8, 0.7], 1: [0.9, 0.8], 2: [0.5, 0.6]}
     records = [_record(task, None, "meta", "meta", num_layers=2, data_task=data_task, model=model,
-                       predicted_step_flops_ratio=[1.0, 0.7, 0.4], predicted_memory_ratio=[1.0, 0.6, 0.2])]
+                       predicted_step_flops_ratio=[1.0, 0.7, 0.4], predicted_memory_ratio=[1.0, 0.6, 0.2], **meta)]
     q_name = "eval_accuracy" if data_task == "classification" else "exact_match"
     for i, seed in enumerate(seeds):
         for k in range(3):
@@ -154,6 +154,7 @@ def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
     default = default_plan("classification")
     assert default == "salf/probe/sufficiency-uniform/unsolved=0.75"
     assert default_plan("completion") == "salf/logit-lens/sufficiency-uniform/unsolved"
+    assert default_plan("completion-closed") == "salf/basis-cosine/observed/coverage=0.9"
     assert default_plan("lm") == "salf/logit-lens/sufficiency-uniform/unsolved"
     first = _sweep("a")
     second = _sweep("b", accuracy={0: [0.8], 1: [0.8], 2: [0.79]}, seeds=(0,))
@@ -181,6 +182,22 @@ def test_regret_by_model_pools_tasks_and_seeds_and_marks_the_default_plan():
     assert plan["regret_points"]["mean"] == pytest.approx(0.0)
     assert plan["flops_ratio"]["mean"] == pytest.approx(0.7)
     assert [r["variant"] for r in m["rows"]] == [default, "baseline/train-last-quarter"]  # sorted by regret_10
+
+
+def test_a_completion_task_is_scored_by_its_meta_records_default_cell():
+    from salf.bench.analysis import DEFAULT_ROW
+
+    closed = _sweep("closed", data_task="completion", default_cell="completion-closed")
+    older = _sweep("older", data_task="completion")  # a record from before the split: its task's row
+    for records, name in ((closed, "closed"), (older, "older")):
+        for seed in (0, 1):
+            records.append(_record(name, seed, default_plan("completion-closed"), "plan", boundary=1))
+            records.append(_record(name, seed, default_plan("completion"), "plan", boundary=0))
+    analysis = analyze(closed + older)
+    assert analysis["closed"]["default_cell"] == "completion-closed" and analysis["older"]["default_cell"] == "completion"
+    pooled = {r["variant"]: r for r in regret_by_model([analysis])["m"]["rows"]}[DEFAULT_ROW]
+    assert pooled["tasks"] == ["closed", "older"]
+    assert pooled["flops_ratio"]["mean"] == pytest.approx(np.mean([0.7, 0.7, 1.0, 1.0]))  # k = 1 and k = 0
 
 
 def test_tasks_with_different_default_cells_pool_each_tasks_own_default_in_one_row():
@@ -692,8 +709,7 @@ def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
     from salf.bench.taskbench import TaskBench
 
     bench = SimpleNamespace(prepared=SimpleNamespace(num_layers=30), task=SimpleNamespace(oracle_stride=3),
-                            loaded=SimpleNamespace(data=SimpleNamespace(task="completion")),
-                            lenses=lambda: ["logit-lens"])
+                            default_cell="completion", lenses=lambda: ["logit-lens"])
     picked = [PlanRecord(key=str(i), boundary=k, variant=v) for i, (k, v) in enumerate(
         [(28, ""), (0, ""), (None, ""), (28, ""), (7, ""), (13, default_plan("completion"))])]
     ks = TaskBench.oracle_boundaries(bench, picked)

@@ -212,23 +212,27 @@ def test_lora_merged_model_loads_on_its_own(tmp_path, capsys, llama, text_file):
     assert AutoTokenizer.from_pretrained(merged)("a b").input_ids
 
 
-@pytest.mark.parametrize("kind", ["completion", "classification"])
+@pytest.mark.parametrize("kind", ["completion", "words", "classification"])
 def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
+    words = ("--label-mode", "words") if kind == "words" else ()  # label words: a closed set of answers
     if kind == "completion":
-        model, data, lens = llama, completion_data(tmp_path / "comp.jsonl", n=24), "logit-lens"
+        model, data = llama, completion_data(tmp_path / "comp.jsonl", n=24)
+    elif words:  # label names in the tiny tokenizer's vocabulary, so the answers differ as tokens too
+        model, data = llama, label_data(tmp_path / "labels.jsonl", n=24, labels=("dog", "blue"))
     else:
-        model, data, lens = bert, label_data(tmp_path / "labels.jsonl", n=24), "probe"
+        model, data = bert, label_data(tmp_path / "labels.jsonl", n=24)
     rc, out, err = run(capsys, "plan", "--model", model, "--data", data, "--out", tmp_path / "plan.json", "--json",
-                       *FAST_TRACE)
+                       *words, *FAST_TRACE)
     assert rc == 0, err
     plan = json.loads(out)
-    assert plan["data"]["task"] == kind and plan["lens"] == lens
-    assert plan["policy"] == {"completion": "unsolved", "classification": "unsolved=0.75"}[kind]  # DEFAULT_CELLS
-    assert plan["estimator"] == "sufficiency-uniform"
+    expected = {"completion": ("completion", "logit-lens", "sufficiency-uniform", "unsolved"),  # DEFAULT_CELLS
+                "words": ("completion", "basis-cosine", "observed", "coverage=0.9"),
+                "classification": ("classification", "probe", "sufficiency-uniform", "unsolved=0.75")}[kind]
+    assert (plan["data"]["task"], plan["lens"], plan["estimator"], plan["policy"]) == expected
     assert plan["paths"]["plan"] == str(tmp_path / "plan.json")
     assert json.loads((tmp_path / "plan.json").read_text())["boundary"] == plan["boundary"]
     rc, out, err = run(capsys, "train", "--model", model, "--data", data, "--plan", tmp_path / "plan.json",
-                       "--out", tmp_path / "run", "--json", *FAST_TRAIN)
+                       "--out", tmp_path / "run", "--json", *words, *FAST_TRAIN)
     assert rc == 0, err
     metrics = json.loads(out)
     assert metrics["steps"] == 3 and metrics["boundary"] == plan["boundary"]

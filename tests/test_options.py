@@ -135,7 +135,13 @@ def test_the_old_label_mode_value_parses_with_a_deprecation_line_and_keeps_bench
 
 def test_choices_match_the_registries():
     from salf.config.commands import CLASSIFIER_POOLINGS, EXPORT_TOOLS
-    from salf.config.plan import DEFAULT_CELLS, DEFAULT_ESTIMATOR, DEFAULT_POLICY, OUTPUT_HEAD_MODES
+    from salf.config.plan import (
+        CLOSED_COMPLETION,
+        DEFAULT_CELLS,
+        DEFAULT_ESTIMATOR,
+        DEFAULT_POLICY,
+        OUTPUT_HEAD_MODES,
+    )
     from salf.config.trace import PROBE_POOLINGS
     from salf.export import EXPORTERS
     from salf.method.gain import ESTIMATORS
@@ -152,10 +158,12 @@ def test_choices_match_the_registries():
     for cell in DEFAULT_CELLS.values():  # every default names a registered lens, estimator and policy
         LENSES.get(cell.lens), ESTIMATORS.get(cell.estimator), POLICIES.get(parse_policy(cell.policy)[0])
     help_of = {f.name: option_info(f).help for f in dataclasses.fields(PlanConfig) if option_info(f)}
-    for name, table in (("policy", DEFAULT_POLICY), ("estimator", DEFAULT_ESTIMATOR)):
+    for name, table in (("policy", DEFAULT_POLICY), ("estimator", DEFAULT_ESTIMATOR)):  # every row, in words
         assert f"{table['classification']} for classification data" in help_of[name]
-        assert f"{table['completion']} for completion data" in help_of[name]
+        assert f"{table[CLOSED_COMPLETION]} for completions with a closed set of answers" in help_of[name]
+        assert f"{table['completion']} for other completions" in help_of[name]
         assert f"{table['lm']} for plain text" in help_of[name]
+        assert help_of[name].count(" for ") == len(DEFAULT_CELLS)
     assert all(name in help_of["estimator"] for name in ESTIMATORS.names())
     lens_help = option_info(next(f for f in dataclasses.fields(TraceConfig) if f.name == "lens")).help
     assert all(name in lens_help for name in LENSES.names())

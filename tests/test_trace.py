@@ -162,7 +162,8 @@ def test_lens_auto_choice_and_mismatches():
         find_parts(tiny_model("bert", "classification", num_labels=2)),
     )
     causal_classifier = find_parts(tiny_model("llama", "classification", num_labels=2))
-    assert choose_lens(lm, "completion", None) == "logit-lens"  # salf.config.plan.DEFAULT_LENS, by task
+    assert choose_lens(lm, "completion", None) == "logit-lens"  # salf.config.plan.DEFAULT_LENS, by the data's row
+    assert choose_lens(lm, "completion-closed", None) == "basis-cosine"
     assert choose_lens(lm, "lm", None) == "logit-lens"
     assert choose_lens(causal_classifier, "classification", None) == "probe"
     assert choose_lens(classifier, "classification", None) == "probe"
@@ -325,8 +326,24 @@ def test_answer_probe_refuses_open_completions():
     with pytest.raises(SalfError, match="answers repeat") as e:
         trace_model(model, lm_data(20), TraceConfig(lens="answer-probe", **QUIET), 0)
     assert "logit-lens" in e.value.fix
-    # not the default: closed answers are read like open ones, and like plain text, by the logit lens
+    # not a default: closed answers are read by the basis cosine, open ones and plain text by the logit lens
     # (salf.config.plan.DEFAULT_CELLS)
-    assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "logit-lens"
+    assert trace_model(model, answer_data(), TraceConfig(**QUIET), 0).lens == "basis-cosine"
+    assert trace_model(model, lm_data(20), TraceConfig(**QUIET), 0).lens == "logit-lens"
     text = [{"input_ids": d["input_ids"], "labels": list(d["input_ids"])} for d in lm_data()]
     assert trace_model(model, text, TraceConfig(**QUIET), 0).lens == "logit-lens"
+
+
+def test_default_cell_key_splits_completions_by_their_answers():
+    from salf.config.plan import CLOSED_COMPLETION, DEFAULT_CELLS
+    from salf.method.lenses import default_cell_key
+
+    closed = answer_data()
+    assert default_cell_key(closed) == CLOSED_COMPLETION
+    unique = [{"input_ids": d["input_ids"][:-2] + [20 + i, 2], "labels": d["labels"][:-2] + [20 + i, 2]}
+              for i, d in enumerate(closed)]
+    assert default_cell_key(unique) == "completion"
+    assert default_cell_key([{"input_ids": d["input_ids"], "labels": list(d["input_ids"])} for d in closed]) == "lm"
+    assert default_cell_key([{"input_ids": d["input_ids"], "labels": i % 2} for i, d in enumerate(closed)]) == (
+        "classification")
+    assert set(DEFAULT_CELLS) == {"classification", CLOSED_COMPLETION, "completion", "lm"}

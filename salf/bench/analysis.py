@@ -128,7 +128,7 @@ def _analyze_task(records: list[Record]) -> dict[str, Any]:
     on_frontier = set(pareto_frontier(mean_cost, mean_quality, q_high))
     for row in per_k:
         row["on_frontier"] = row["k"] in on_frontier
-    return {"data_task": data_task, "num_layers": n, "quality_metric": q_name, "higher_is_better": q_high,
+    return {"data_task": data_task, "default_cell": meta.default_cell or data_task, "num_layers": n, "quality_metric": q_name, "higher_is_better": q_high,
             "seeds": seeds, "oracle": per_k, "variants": variants, "model": meta.model,
             "unavailable": unavailable, "plan_regret": _plan_regret(rows),
             "per_datum": _per_datum_comparison(records, oracle, point),
@@ -216,9 +216,10 @@ there to save compute, and this one still charges a point of quality at a tenth 
 then by name."""
 
 
-def default_plan(data_task: str) -> str:
-    """The variant name of the default salf plan for a task's labels (e.g. 'salf/probe/sufficiency-uniform/unsolved=0.75')."""
-    cell = DEFAULT_CELLS[data_task]
+def default_plan(default_cell: str) -> str:
+    """The variant name of the default salf plan for a row of ``DEFAULT_CELLS`` (a task's ``default_cell``; e.g.
+    'salf/probe/sufficiency-uniform/unsolved=0.75')."""
+    cell = DEFAULT_CELLS[default_cell]
     return salf_variant(cell.lens, cell.estimator, cell.policy)
 
 
@@ -239,7 +240,7 @@ def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:
 
 DEFAULT_ROW = "salf/default (each task's default cell)"
 """The per-model table's row for the default plan when its tasks have different default cells (``DEFAULT_CELLS``
-is keyed by the data's task): each task's own default, pooled."""
+is keyed by the data's task and answers): each task's own default, pooled."""
 
 
 def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -259,7 +260,7 @@ def regret_by_model(analyses: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
             if not task:
                 continue
             model = str(task.get("model"))
-            default = default_plan(task["data_task"])
+            default = default_plan(task["default_cell"])
             for group in (model, ALL_MODELS):
                 tasks.setdefault(group, []).append(name)
                 if default in task["variants"]:

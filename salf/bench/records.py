@@ -131,6 +131,7 @@ class MetaRecord(Record):
     KINDS: ClassVar[tuple[str, ...]] = ("meta",)
 
     data_task: str = ""
+    default_cell: str = ""  # the data's row of salf.config.plan.DEFAULT_CELLS; "" in records older than the split
     num_layers: int = 0
     model_path: str | None = None
     model: str | None = None

@@ -178,7 +178,7 @@ def oracle_table_markdown(analyses: Iterable[dict[str, Any]]) -> list[str]:
             for r in task["oracle"]:
                 text = _fmt(r["quality"], 1, pct=True).replace("%", "") if pct else _fmt(r["quality"], 3)
                 cells.append(f"**{text}**" if r["quality"]["mean"] == best else text)
-            default = task["variants"].get(default_plan(task["data_task"]))
+            default = task["variants"].get(default_plan(task["default_cell"]))
             rows.append([name, ",".join(map(str, task["seeds"])), *cells, _boundaries_text(default) if default else "-"])
         parts += [f"### Model `{model}`", "", _md_table(["task", "seeds", *(f"k={k}" for k in range(n)), "default k"],
                                                         rows), ""]
@@ -256,7 +256,7 @@ def frontier_png(analysis: dict[str, Any]) -> bytes:
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7.5 * max(1, len(tasks)), 5.5), squeeze=False)
     markers = {"knee": "*", "budget=0.5": "s", "coverage=0.9": "D", "unsolved": "h", "unsolved=0.75": "H"}
     for ax, (name, task) in zip(axes[0], tasks):
-        default_policy = default_plan(task["data_task"]).rsplit("/", 1)[1]
+        default_policy = default_plan(task["default_cell"]).rsplit("/", 1)[1]
         ks = task["oracle"]
         xs = [r["flops_ratio"]["mean"] for r in ks]
         ys = [r["quality"]["mean"] for r in ks]

@@ -155,7 +155,7 @@ def _run_untied(bench: Any, seed: int, oracle: dict[int, Record]) -> None:
                  "tied_predicted_step_flops_ratio": float(tied["ratio"][k])}
         bench._train(seed, boundary_variant(UNTIED, k), UNTIED, untied_spec(k, n), boundary=k, extra=extra)
 
-    default = default_plan(bench.loaded.data.task)
+    default = default_plan(bench.default_cell)
     plan = bench.store.get(RunStore.key(t.name, seed, default), bench.recipe)
     if not isinstance(plan, PlanRecord):  # the suite's lenses, estimators or policies leave the default plan out
         return

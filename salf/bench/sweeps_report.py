@@ -191,8 +191,9 @@ def _render_untied(summary: dict[str, Any], q: str) -> list[str]:
                       _fmt(e["tied"]["quality"]), _fmt(e["untied"]["quality"]), _fmt(e["tied"]["flops_ratio"]),
                       _fmt(e["untied"]["flops_ratio"]), _fmt(e["tied"]["regret"]), _fmt(e["untied"]["regret"])]
                      for name, e in summary["plans"].items()]
-        parts += ["salf's default plan with the head untied: the tied plan's trace and gains, the boundary chosen "
-                  "on the untied cost model, scored with the untied run at that boundary.", "",
+        parts += ["salf's default plan when the sweep ran (the variant names it) with the head untied: the tied "
+                  "plan's trace and gains, the boundary chosen on the untied cost model, scored with the untied run "
+                  "at that boundary.", "",
                   _table(["variant", "boundary tied", "boundary untied", f"{q} tied", f"{q} untied", "FLOPs x full tied",
                           "FLOPs x full untied", "regret tied", "regret untied (vs tied oracle)"], plan_rows), ""]
     return parts

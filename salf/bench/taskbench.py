@@ -35,8 +35,10 @@ from salf.bench.suite import PER_DATUM_ESTIMATOR, PER_DATUM_FILL, PER_DATUM_POLI
 from salf.bench.sweeps import active_sweeps
 from salf.bench.taskbench_plans import PlanUnits
 from salf.bench.tasks import PreparedTask
+from salf.config.plan import DEFAULT_LENS
 from salf.errors import SalfError
 from salf.method.freeze import FreezeSpec
+from salf.method.lenses import default_cell_key
 
 
 class TaskBench(PlanUnits):
@@ -73,6 +75,11 @@ class TaskBench(PlanUnits):
         config = DataConfig(max_length=self.task.max_length, limit=self.task.eval_limit, seed=self.task.data_seed,
                             label_mode=self.task.label_mode)
         return load_task_data(self.prepared.eval_file, self.loaded.model.tokenizer, config, label_names=names)
+
+    @cached_property
+    def default_cell(self) -> str:
+        """The training data's row of ``salf.config.plan.DEFAULT_CELLS`` (what ``salf plan`` uses unless told)."""
+        return default_cell_key(self.loaded.data.data)
 
     @cached_property
     def costs(self) -> dict[str, Any]:
@@ -142,7 +149,7 @@ class TaskBench(PlanUnits):
         t, n = self.task, self.prepared.num_layers
         oracle_runs = len({*range(0, n + 1, t.oracle_stride), n})  # the plans' own boundaries come on top
         runs = oracle_runs * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
-        runs += t.steps if self._per_datum_lens() else 0
+        runs += t.steps if self.suite.per_datum else 0  # (without loading the data to see if its lens is traced)
         runs += sum(sweep.weight(self) for sweep in active_sweeps(t))
         profiling = len(self.lenses()) * self._trace_weight() + len(self._baselines())
         return runs + profiling + (t.ceiling_steps or 0)
@@ -155,7 +162,10 @@ class TaskBench(PlanUnits):
 
     def _per_datum_lens(self) -> str | None:
         """The lens whose trace the per-datum variant uses (None: no per-datum variant)."""
-        return self.prepared.default_lens(self.suite.lenses) if self.suite.per_datum else None
+        if not self.suite.per_datum:
+            return None
+        lens = DEFAULT_LENS[self.default_cell]
+        return lens if lens in self.prepared.lenses(self.suite.lenses) else None
 
     @staticmethod
     def per_datum_variants(lens: str) -> tuple[str, str]:
@@ -166,7 +176,8 @@ class TaskBench(PlanUnits):
     def meta(self) -> Record:
         def make() -> dict[str, Any]:
             c, data = self.costs, self.loaded.data
-            return {"kind": "meta", "data_task": data.task, "num_layers": self.prepared.num_layers,
+            return {"kind": "meta", "data_task": data.task, "default_cell": self.default_cell,
+                    "num_layers": self.prepared.num_layers,
                     "model_path": self.prepared.model_path, "model": self.task.model, "n_train": len(data.data),
                     "n_eval": len(self.eval_data.data), "label_names": data.label_names,
                     "train_file": str(self.prepared.train_file), "eval_file": str(self.prepared.eval_file),
@@ -223,7 +234,7 @@ class TaskBench(PlanUnits):
         from salf.bench.analysis import default_plan
 
         n, stride = self.prepared.num_layers, self.task.oracle_stride
-        default = default_plan(self.loaded.data.task)
+        default = default_plan(self.default_cell)
         picked = sorted(picked, key=lambda r: r.variant != default)  # the default plan's boundary first
         chosen = [k for r in picked if isinstance(k := getattr(r, "boundary", None), int) and 0 < k <= n]
         grid = [*range(stride, n + 1, stride), n]
@@ -392,7 +403,7 @@ class TaskBench(PlanUnits):
         from salf.bench.analysis import default_plan
 
         def default_boundary() -> int | None:
-            plan = self.store.get(RunStore.key(self.task.name, seed, default_plan(self.loaded.data.task)),
+            plan = self.store.get(RunStore.key(self.task.name, seed, default_plan(self.default_cell)),
                                   self.recipe)
             return getattr(plan, "boundary", None)
 

@@ -126,13 +126,6 @@ class PreparedTask:
         prepared.encoder = bool(spec and spec.encoder)
         return prepared
 
-    def default_lens(self, chosen: list[str] | None) -> str | None:
-        """The lens ``salf plan`` uses for this task's labels, if it is among the traced ones."""
-        from salf.config.plan import DEFAULT_LENS
-
-        lens = DEFAULT_LENS[self.data_task]
-        return lens if lens in self.lenses(chosen) else None
-
     def lenses(self, chosen: list[str] | None) -> list[str]:
         """The lenses that can read this task's labels with this model."""
         from salf.method.lenses import CLASS_LABELS, LENSES, TOKEN_LABELS

@@ -29,23 +29,38 @@ class DefaultCell:
     """How the gains and costs become a boundary (``salf.method.plan.POLICIES``)."""
 
 
+CLOSED_COMPLETION = "completion-closed"
+"""The ``DEFAULT_CELLS`` row of completion data whose answers come from a closed set (label words, one-word
+instructions; ``salf.method.lenses.default_cell_key``); other completions use the ``Task.COMPLETION`` row."""
 DEFAULT_CELLS: dict[str, DefaultCell] = {
     Task.CLASSIFICATION: DefaultCell("probe", "sufficiency-uniform", "unsolved=0.75"),
+    CLOSED_COMPLETION: DefaultCell("basis-cosine", "observed", "coverage=0.9"),
     Task.COMPLETION: DefaultCell("logit-lens", "sufficiency-uniform", "unsolved"),
     Task.LM: DefaultCell("logit-lens", "sufficiency-uniform", "unsolved"),
 }
-"""The one table of defaults, by the data's task, each row chosen by a benchmark's regret table (BENCHMARKS.md):
-classification by 24 encoder task-seeds ("Where to fine-tune": classifiers aim at 0.75 of the share their probe
-leaves unsolved, because the probe reads the pooled state, which hides what the blocks hold but the pooling loses,
-and 0.75 had the lowest trade-off regret of every plan and fixed rule there); completion (prompt + completion, conversations,
-label words) and plain text by the real decoder SmolLM2-135M (4 tasks) and the causal fixture ("SmolLM2"): there
-the logit lens reads a frozen LLM as solving none of a task whose answers it does not produce yet, and plans full
-fine-tuning. ``basis-cosine`` + ``observed`` + ``coverage=0.9`` saved 25-28% at 98-101% of full fine-tuning's
-quality on the two closed-answer tasks but lost 28% of the exact match on the open-answer one and 0.33 nats on
-plain text, so it is not the default. ``DEFAULT_LENS``, ``DEFAULT_ESTIMATOR`` and ``DEFAULT_POLICY`` are its columns."""
+"""The one table of defaults, keyed by the data's task (completions split by whether their answers repeat), each
+row chosen by a benchmark's regret table (BENCHMARKS.md). Classification by 24 encoder task-seeds ("Where to
+fine-tune": classifiers aim at 0.75 of the share their probe leaves unsolved, because the probe reads the pooled
+state, which hides what the blocks hold but the pooling loses, and 0.75 had the lowest trade-off regret of every
+plan and fixed rule there). Completions and plain text by the real decoder SmolLM2-135M (4 tasks) and the causal
+fixture ("SmolLM2"). On closed answers (label words, one-word instructions) ``basis-cosine`` + ``observed`` +
+``coverage=0.9`` trained SmolLM2's top 18-19 of 30 blocks, 98-101% of full fine-tuning's quality at 0.72-0.75x its
+FLOPs, and every block of the weak causal fixture, whose frozen blocks cost quality: the lowest trade-off regret of
+every cell on those tasks at both rates. On open answers and plain text the same boundary lost 28% of the exact
+match and 0.33 nats, so they keep the logit lens, which reads a frozen LLM as solving none of a task whose
+answers it does not produce yet and plans full fine-tuning or close to it. ``DEFAULT_LENS``,
+``DEFAULT_ESTIMATOR`` and ``DEFAULT_POLICY`` are its columns."""
 DEFAULT_LENS = {task: cell.lens for task, cell in DEFAULT_CELLS.items()}
 DEFAULT_ESTIMATOR = {task: cell.estimator for task, cell in DEFAULT_CELLS.items()}
 DEFAULT_POLICY = {task: cell.policy for task, cell in DEFAULT_CELLS.items()}
+_DATA_WORDS = {Task.CLASSIFICATION: "classification data", CLOSED_COMPLETION: "completions with a closed set of answers",
+               Task.COMPLETION: "other completions", Task.LM: "plain text"}
+
+
+def _by_data(column: dict[str, str]) -> str:
+    return ", ".join(f"{value} for {_DATA_WORDS[key]}" for key, value in column.items())
+
+
 LORA_RANK = 8
 """The LoRA rank salf trains and costs by default (one value for ``salf plan``, ``salf train`` and ``salf cost``)."""
 
@@ -55,19 +70,13 @@ class PlanConfig:
     """How to make a plan: the trace, the gain estimator, the policy, and the shape the cost model counts."""
 
     trace: TraceConfig = group(TraceConfig, "trace")
-    policy: str | None = option(None, help=f"default: {DEFAULT_POLICY[Task.CLASSIFICATION]} for classification data, "
-                                           f"{DEFAULT_POLICY[Task.COMPLETION]} for completion data, "
-                                           f"{DEFAULT_POLICY[Task.LM]} for plain text "
-                                           "(salf.config.plan.DEFAULT_CELLS); or: unsolved=S (train S x the "
-                                           "share of the depth the frozen model leaves unsolved) | knee | budget=C "
-                                           "(step cost <= C x full) | coverage=T (>= T of the gain) | full | "
-                                           "freeze-first-half | train-last-quarter | random")
+    policy: str | None = option(None, help=f"default: {_by_data(DEFAULT_POLICY)} (salf.config.plan.DEFAULT_CELLS); "
+                                           "or: unsolved=S (train S x the share of the depth the frozen model leaves "
+                                           "unsolved) | knee | budget=C (step cost <= C x full) | coverage=T (>= T of "
+                                           "the gain) | full | freeze-first-half | train-last-quarter | random")
     estimator: str | None = option(None, help=f"the gain estimator (salf.method.gain.ESTIMATORS; default: "
-                                              f"{DEFAULT_ESTIMATOR[Task.CLASSIFICATION]} for classification data, "
-                                              f"{DEFAULT_ESTIMATOR[Task.COMPLETION]} for completion data, "
-                                              f"{DEFAULT_ESTIMATOR[Task.LM]} for plain text): "
-                                              "sufficiency-uniform | sufficiency | headroom | transition | observed | "
-                                              "best-layer")
+                                              f"{_by_data(DEFAULT_ESTIMATOR)}): sufficiency-uniform | sufficiency | "
+                                              "headroom | transition | observed | best-layer")
     cost_seq: int | None = option(None, help="sequence length the cost model counts (default: the data's mean length)")
     cost_batch: int = option(8, help="batch size the cost model counts")
     lora: bool = option(False, help="cost the plan for LoRA adapters instead of full fine-tuning of the trained blocks")

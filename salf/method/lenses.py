@@ -1,6 +1,6 @@
 """Lenses: what reads each latent state and turns it into per-datum deviations, and ``TraceConfig``,
 the settings they read. ``LENSES`` holds them by name; ``choose_lens`` picks one from the labels (token
-the data's task (``salf.config.plan.DEFAULT_LENS``) and the model.
+the data's row of the defaults (``default_cell_key``, ``salf.config.plan.DEFAULT_LENS``) and the model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salf.config.data import Task
-from salf.config.plan import CLASS_LABELS, DEFAULT_LENS, TOKEN_LABELS
+from salf.config.plan import CLASS_LABELS, CLOSED_COMPLETION, DEFAULT_LENS, TOKEN_LABELS
 from salf.config.trace import TraceConfig
 from salf.data.batch import IGNORE_INDEX
 from salf.errors import SalfError
@@ -375,7 +375,8 @@ def _is_class_label(labels: Any) -> bool:
 
 
 def label_kind_of(task: str) -> str:
-    """The labels a task's data carry: class labels for classification, token labels otherwise."""
+    """The labels a task's data carry (``task``: a task or a row of the defaults): class labels for
+    classification, token labels otherwise."""
     return CLASS_LABELS if task == Task.CLASSIFICATION else TOKEN_LABELS
 
 
@@ -389,12 +390,20 @@ def data_task(data: Sequence[dict]) -> Task:
     return Task.COMPLETION
 
 
-def choose_lens(parts: ModelParts, task: str, requested: str | None) -> str:
-    """The lens to trace with: the requested one if it fits the task's labels and the model, else the task's
-    default (``DEFAULT_LENS``)."""
-    kind = label_kind_of(task)
+def default_cell_key(data: Sequence[dict]) -> str:
+    """The row of ``salf.config.plan.DEFAULT_CELLS`` for tokenized data: its task (``data_task``), and for a
+    completion whether its answers come from a closed set (``closed_answers``: label words, one-word
+    instructions), which the real LLM benchmarked here plans differently from open answers."""
+    task = data_task(data)
+    return CLOSED_COMPLETION if task == Task.COMPLETION and closed_answers(data) else task
+
+
+def choose_lens(parts: ModelParts, cell: str, requested: str | None) -> str:
+    """The lens to trace with: the requested one if it fits the data's labels and the model, else the default of
+    the data's row of the defaults (``cell``: ``default_cell_key``; ``DEFAULT_LENS``)."""
+    kind = label_kind_of(cell)
     if requested is None:
-        requested = DEFAULT_LENS[task]
+        requested = DEFAULT_LENS[cell]
         fix = "give token labels with a causal LM that has its language-model head, or class labels"
     else:
         fix = "use lens 'probe' with class labels" if kind == CLASS_LABELS else "use lens 'logit-lens'"
@@ -413,4 +422,4 @@ def choose_lens(parts: ModelParts, task: str, requested: str | None) -> str:
     return requested
 
 
-__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "choose_lens", "chunked_cross_entropy", "closed_answers", "data_task", "head_reads", "label_kind", "label_kind_of"]
+__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "choose_lens", "chunked_cross_entropy", "closed_answers", "data_task", "default_cell_key", "head_reads", "label_kind", "label_kind_of"]

@@ -29,7 +29,15 @@ from tqdm.auto import tqdm
 
 from salf.data.batch import IGNORE_INDEX, collate
 from salf.errors import SalfError
-from salf.method.lenses import CLASS_LABELS, LENSES, Lens, TraceConfig, choose_lens, data_task, label_kind_of
+from salf.method.lenses import (
+    CLASS_LABELS,
+    LENSES,
+    Lens,
+    TraceConfig,
+    choose_lens,
+    default_cell_key,
+    label_kind_of,
+)
 from salf.models.arch import ModelParts, find_parts
 
 
@@ -183,9 +191,9 @@ def trace_model(model: nn.Module, data: Sequence[dict], config: TraceConfig, pad
     """Trace ``model`` over (a seeded sample of) ``data``: one no-grad pass, then the lens's deviations."""
     started = time.perf_counter()
     parts = find_parts(model)
-    task = data_task(data)  # reads the label kind once
-    kind = label_kind_of(task)
-    lens_name = choose_lens(parts, task, config.lens)
+    cell = default_cell_key(data)  # reads the label kind once
+    kind = label_kind_of(cell)
+    lens_name = choose_lens(parts, cell, config.lens)
     indices = sample_indices(data, kind, config)
     sample = [data[i] for i in indices]
     lens = LENSES.get(lens_name)(parts, config, sample)
