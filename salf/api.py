@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from salf.config.data import DataConfig
-from salf.config.plan import DEFAULT_CELLS, DefaultCell, PlanConfig
+from salf.config.plan import DEFAULT_CELLS, PlanConfig
 from salf.config.train import AUTO, TrainConfig
 from salf.data.encode import encode_rows
 from salf.data.tasks import TaskData
@@ -103,14 +103,9 @@ def check_plan_config(config: PlanConfig) -> None:
         LENSES.get(config.trace.lens)
 
 
-def default_cell(data: TaskData) -> DefaultCell:
-    """The lens, estimator and policy ``data`` plan with unless told (``salf.config.plan.DEFAULT_CELLS``)."""
-    return DEFAULT_CELLS[default_cell_key(data.data)]
-
-
 def trace_for(loaded: LoadedModel, data: TaskData, config: PlanConfig) -> Trace:
     """One no-grad pass of ``loaded`` over (a sample of) ``data``: each latent space's deviation."""
-    lens = config.trace.lens or default_cell(data).lens
+    lens = config.trace.lens or DEFAULT_CELLS[default_cell_key(data.data)].lens
     return trace_model(loaded.model, data.data, replace(config.trace, seed=config.seed, lens=lens), loaded.pad_token_id)
 
 
@@ -120,7 +115,8 @@ def mean_length(task_data: TaskData) -> int:
 
 def plan_from_trace(loaded: LoadedModel, data: TaskData, trace: Trace, config: PlanConfig) -> Plan:
     """The plan: each block's gain from ``trace``, each boundary's cost from the model, the policy's choice."""
-    defaults = default_cell(data)
+    key = default_cell_key(data.data)
+    defaults = DEFAULT_CELLS[key]
     policy = config.policy or defaults.policy
     head_mode = head_mode_for(loaded.model, config.output_head)
     gains = estimate_gains(trace.mean, config.estimator or defaults.estimator, chance=trace.chance)
@@ -129,7 +125,7 @@ def plan_from_trace(loaded: LoadedModel, data: TaskData, trace: Trace, config: P
     shape = CostShape(config.cost_batch, seq, labelled_positions_estimate(data.data, config.cost_batch, seq))
     profile = profile_cost(loaded.model, shape, lora_rank=config.lora_rank if config.lora else None)
     costs = boundary_costs(profile, untie_head=head_mode == "untie")
-    info = {**data_info(data), "trace_sample": trace.n_data}
+    info = {**data_info(data), "trace_sample": trace.n_data, "default_cell": key}
     return make_plan(trace, gains, costs, PolicyChoice(policy, config.seed, config.per_datum), model_info(loaded),
                      info, head=head_mode)
 

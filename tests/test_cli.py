@@ -229,6 +229,7 @@ def test_plan_then_train(tmp_path, capsys, kind, llama, bert):
                 "words": ("completion", "basis-cosine", "observed", "coverage=0.9"),
                 "classification": ("classification", "probe", "sufficiency-uniform", "unsolved=0.75")}[kind]
     assert (plan["data"]["task"], plan["lens"], plan["estimator"], plan["policy"]) == expected
+    assert plan["data"]["default_cell"] == {"words": "completion-closed"}.get(kind, kind)
     assert plan["paths"]["plan"] == str(tmp_path / "plan.json")
     assert json.loads((tmp_path / "plan.json").read_text())["boundary"] == plan["boundary"]
     rc, out, err = run(capsys, "train", "--model", model, "--data", data, "--plan", tmp_path / "plan.json",
@@ -257,6 +258,9 @@ def test_table_output_without_json(tmp_path, capsys, lm_trace, llama, text_file)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["cost"][plan["boundary"]] <= 0.6
     assert f"boundary k={plan['boundary']} of 4" in out and "<- plan" in out and "wrote " in out
+    # the data's row of the defaults, whichever options were given (here the policy)
+    assert plan["data"]["default_cell"] == "lm"
+    assert "defaults for plain text: lens logit-lens, estimator sufficiency-uniform, policy unsolved" in out
 
 
 # -------------------------------------------------------------------------------------- determinism

@@ -11,6 +11,7 @@ from typing import Any
 from salf.api import check_plan_config, plan_from_trace, trace_for
 from salf.commands.loading import ModelAndData, load
 from salf.config.commands import PlanOptions
+from salf.config.plan import DEFAULT_CELL_WORDS, DEFAULT_CELLS
 from salf.errors import SalfError
 from salf.method.plan import Plan, model_fingerprint
 from salf.method.trace import Trace
@@ -44,6 +45,10 @@ class PlanResult:
             f"activation memory {pred.activation_memory_ratio:.3f} x, trainable parameters {pred.trainable_params_ratio:.3f} x\n"
             f"profiling: trace {self.trace_seconds:.1f}s, plan {self.plan_seconds:.1f}s"
         )
+        if (key := p.data.get("default_cell")) in DEFAULT_CELLS:  # (plans older than the split lack it)
+            cell = DEFAULT_CELLS[key]
+            summary += (f"\ndefaults for {DEFAULT_CELL_WORDS[key]}: lens {cell.lens}, estimator {cell.estimator}, "
+                        f"policy {cell.policy} (salf.config.plan.DEFAULT_CELLS)")
         if p.boundary == 0:
             summary = summary.replace("freeze embeddings + blocks 0..-1, ", "full fine-tuning: ")
         elif p.boundary == p.num_layers:
