@@ -242,6 +242,13 @@ def test_combined_regret_and_bench_table_read_several_result_dirs(tmp_path, caps
     capsys.readouterr()
     assert main(["bench-table", *dirs, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["regret_by_model"] == json.loads(json.dumps(table))
+    # one kind of data only: both tasks are classification, so the filter keeps them or leaves nothing
+    kept = bench_table(dirs, data_kind="classification")
+    assert kept.table == table and "2 task(s) of classification data" in kept.render()
+    with pytest.raises(SalfError, match="on lm data"):
+        bench_table(dirs, data_kind="lm")
+    assert main(["bench-table", *dirs, "--data-kind", "completion-closed"]) == 2
+    assert "no finished plan or baseline" in capsys.readouterr().err
 
 
 def test_per_datum_flops_weigh_each_boundary_by_its_own_cost():

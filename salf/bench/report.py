@@ -20,6 +20,7 @@ from salf.bench.records import Record
 from salf.bench.scoring import REGRET_KEYS, TRADEOFF_LAMBDAS
 from salf.bench.suite import BenchSuite
 from salf.bench.sweeps_report import render_sweeps
+from salf.config.plan import DEFAULT_CELL_WORDS
 from salf.errors import SalfError
 from salf.fileio import write_atomic, write_json
 
@@ -364,6 +365,8 @@ class RegretTable:
     table: dict[str, dict[str, Any]]
     path: Path | None = None
     """The markdown file written (``--out``), if any."""
+    data_kind: str | None = None
+    """The row of the defaults the tasks were filtered by (``--data-kind``), if any."""
 
     def render(self) -> str:
         from salf.table import render_table
@@ -374,8 +377,9 @@ class RegretTable:
                      *(r[key]["mean"] for key in REGRET_KEYS), r["share_kept"]["mean"], r["flops_ratio"]["mean"],
                      r["memory_ratio"]["mean"]]
                     for r in entry["rows"]]
-            title = (f"model {model}: {len(entry['tasks'])} task(s), means over tasks and seeds, regrets in points, "
-                     "* = default plan")
+            kind = f" of {DEFAULT_CELL_WORDS[self.data_kind]}" if self.data_kind else ""
+            title = (f"model {model}: {len(entry['tasks'])} task(s){kind}, means over tasks and seeds, regrets in "
+                     "points, * = default plan")
             out.append(render_table(["variant", "tasks", "runs", "regret", *(f"regret λ={lam:g}" for lam in TRADEOFF_LAMBDAS),
                                      "share kept", "FLOPs x full", "peak memory x full"], rows, title))
         if self.path is not None:
@@ -383,23 +387,30 @@ class RegretTable:
         return "\n\n".join(out)
 
     def to_json(self) -> dict[str, Any]:
-        return {"dirs": self.dirs, "regret_by_model": self.table, "path": None if self.path is None else str(self.path)}
+        return {"dirs": self.dirs, "data_kind": self.data_kind, "regret_by_model": self.table,
+                "path": None if self.path is None else str(self.path)}
 
 
-def bench_table(dirs: Sequence[str], out: str | None = None) -> RegretTable:
-    """``salf bench-table DIR [DIR ...] [--out FILE.md]``: the per-model regret table over benchmark output
-    directories (each with a runs.json), and in the markdown file also each model's oracle sweeps; finished
-    seeds only; nothing is trained or rewritten in them."""
+def bench_table(dirs: Sequence[str], out: str | None = None, data_kind: str | None = None) -> RegretTable:
+    """``salf bench-table DIR [DIR ...] [--out FILE.md] [--data-kind KIND]``: the per-model regret table over
+    benchmark output directories (each with a runs.json), and in the markdown file also each model's oracle
+    sweeps; finished seeds only, of the tasks whose row of the defaults is ``data_kind`` if given; nothing is
+    trained or rewritten in them."""
     analyses = finished_analyses(dirs)
+    if data_kind is not None:
+        analyses = [{name: task for name, task in a.items() if task and task["default_cell"] == data_kind}
+                    for a in analyses]
     table = regret_by_model(analyses)
     if not table:
-        raise SalfError(f"no finished plan or baseline in {', '.join(dirs)}", "run `salf bench --out DIR` first")
+        where = ", ".join(dirs) + (f" on {data_kind} data" if data_kind else "")
+        raise SalfError(f"no finished plan or baseline in {where}", "run `salf bench --out DIR` first")
     path = None
     if out:
-        text = "\n".join([f"# salf bench: regret by model over {', '.join(f'`{d}`' for d in dirs)}", "",
+        kind = f" ({DEFAULT_CELL_WORDS[data_kind]} only)" if data_kind else ""
+        text = "\n".join([f"# salf bench: regret by model over {', '.join(f'`{d}`' for d in dirs)}{kind}", "",
                            TRADEOFF_TEXT, "", *regret_table_markdown(table), *oracle_table_markdown(analyses)])
         path = write_atomic(Path(out), text + "\n")
-    return RegretTable(list(dirs), table, path)
+    return RegretTable(list(dirs), table, path, data_kind)
 
 
 __all__ = ["BenchResult", "LAMBDA_HEADERS", "RegretTable", "TRADEOFF_HEADERS", "TRADEOFF_TEXT", "VARIANT_HEADERS", "bench_table", "frontier_png", "oracle_table_markdown", "regret_table_markdown", "render_markdown", "write_reports"]

@@ -7,4 +7,4 @@ from salf.config.commands import BenchTableOptions
 
 
 def run(options: BenchTableOptions) -> RegretTable:
-    return bench_table(options.dirs, options.out)
+    return bench_table(options.dirs, options.out, options.data_kind)

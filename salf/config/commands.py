@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from salf.config.data import DataConfig
 from salf.config.fields import group, option
-from salf.config.plan import LORA_RANK, PlanConfig
+from salf.config.plan import DEFAULT_CELLS, LORA_RANK, PlanConfig
 from salf.config.trace import TraceConfig
 from salf.config.train import TrainConfig
 
@@ -155,6 +155,10 @@ class BenchTableOptions:
                              help="output directories of `salf bench` (each with a runs.json)")
     out: str | None = option(None, help="also write the table as markdown to this file, with every model's oracle "
                                         "sweeps (mean ± std per boundary)")
+    data_kind: str | None = option(None, choices=tuple(DEFAULT_CELLS),
+                                   help="only the tasks whose data fall in this row of the defaults "
+                                        "(salf.config.plan.DEFAULT_CELLS): how the ways of choosing compare on one "
+                                        "kind of data, e.g. completions with a closed set of answers")
     output: Output = group(Output, "output")
 
 
