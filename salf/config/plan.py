@@ -46,8 +46,8 @@ plan and fixed rule there). Completions and plain text by the real decoder SmolL
 fixture ("SmolLM2"). On closed answers (label words, one-word instructions) ``basis-cosine`` + ``observed`` +
 ``coverage=0.9`` trained SmolLM2's top 18-19 of 30 blocks, 98-101% of full fine-tuning's quality at 0.72-0.75x its
 FLOPs, and every block of the weak causal fixture, whose frozen blocks cost quality: over those 10 task-seeds the
-lowest trade-off regret of every cell at λ = 10 (0.29 points against full fine-tuning's 1.07), 0.09 above full
-fine-tuning's at λ = 2 (0.38 against 0.29). On open answers and plain text the same boundary lost 28% of the exact
+lowest trade-off regret of every cell at λ = 10 (0.35 points against full fine-tuning's 1.13), 0.08 above full
+fine-tuning's at λ = 2 (0.42 against 0.33; ``salf bench-table ... --data-kind completion-closed``). On open answers and plain text the same boundary lost 28% of the exact
 match and 0.33 nats, so they keep the logit lens, which reads a frozen LLM as solving none of a task whose
 answers it does not produce yet and plans full fine-tuning or close to it. ``DEFAULT_LENS``,
 ``DEFAULT_ESTIMATOR`` and ``DEFAULT_POLICY`` are its columns."""
