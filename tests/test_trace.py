@@ -347,3 +347,26 @@ def test_default_cell_key_splits_completions_by_their_answers():
     assert default_cell_key([{"input_ids": d["input_ids"], "labels": i % 2} for i, d in enumerate(closed)]) == (
         "classification")
     assert set(DEFAULT_CELLS) == {"classification", CLOSED_COMPLETION, "completion", "lm"}
+
+
+def test_answer_lens_is_the_heads_loss_over_the_answer_set():
+    from salf.method.lenses import AnswerSetLens
+
+    model = tiny_model("llama")
+    data = answer_data()
+    trace = trace_model(model, data, TraceConfig(lens="answer-lens", **QUIET), 0)
+    assert trace.lens == "answer-lens" and trace.per_datum.shape == (40, model.config.num_hidden_layers + 1)
+    # answers (7, 2) and (9, 2), half each: the first token is a fair coin, the second is certain
+    assert trace.chance == pytest.approx(math.log(2) / 2)
+    lens = AnswerSetLens(find_parts(model), TraceConfig(**QUIET), data)
+    assert {j: c.tolist() for j, c in lens.candidates.items()} == {0: [7, 9], 1: [2]}
+    # at the top layer: the model's own logits at the answer positions, softmax over the candidates only
+    datum = data[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([datum["input_ids"]])).logits[0]
+    at = [t - 1 for t, y in enumerate(datum["labels"]) if y != -100]  # position t - 1 predicts token t
+    first = torch.log_softmax(logits[at[0], [7, 9]], dim=-1)[[7, 9].index(datum["labels"][at[0] + 1])]
+    expected = (-first.item() + 0.0) / 2  # the second answer token has one candidate: no loss
+    assert trace.per_datum[trace.indices.tolist().index(0), -1] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(SalfError, match="answer lens needs completions whose answers repeat"):
+        trace_model(model, lm_data(20), TraceConfig(lens="answer-lens", **QUIET), 0)

@@ -15,7 +15,7 @@ PROBE_POOLINGS = ("first", "last", "mean")
 class TraceConfig:
     """How to trace a model: which lens, how much data, and the probe's settings."""
 
-    lens: str | None = option(None, help="logit-lens | basis-cosine | probe | answer-probe (salf.method.lenses.LENSES; "
+    lens: str | None = option(None, help="logit-lens | basis-cosine | probe | answer-probe | answer-lens (salf.method.lenses.LENSES; "
                                          "default: chosen from the model and the task)")
     sample_size: int = option(256, help="at most this many data are traced (one no-grad forward pass); a larger "
                                         "dataset is sampled without replacement by the seed")

@@ -303,7 +303,7 @@ def answer_classes(sample: Sequence[dict], min_count: int) -> list[str]:
     """Each datum's answer (its target tokens, in order) as a class; answers seen fewer than ``min_count``
     times share ``RARE_ANSWER``, since a cross-fitted probe cannot learn an answer from fewer examples than it
     holds out."""
-    keys = [" ".join(str(t) for t in d["labels"][1:] if t != IGNORE_INDEX) for d in sample]
+    keys = [" ".join(map(str, answer_tokens(d))) for d in sample]
     counts: dict[str, int] = {}
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
@@ -321,6 +321,21 @@ def closed_answers(sample: Sequence[dict], min_count: int = 5, min_share: float 
     return len(set(repeated)) >= 2 and len(repeated) >= min_share * len(classes)
 
 
+def require_closed_answers(sample: Sequence[dict], config: TraceConfig, lens: str) -> None:
+    """Refuse, naming the fix, data whose answers do not come from a closed set (``closed_answers``)."""
+    if not closed_answers(sample, config.probe_folds):
+        raise SalfError(
+            f"{lens} needs completions whose answers repeat (label words, a closed set of short answers); most "
+            "answers in this sample are unique, or the data are plain text",
+            "use lens 'logit-lens' for open-ended completions and plain text",
+        )
+
+
+def answer_tokens(datum: dict) -> list[int]:
+    """A completion's target tokens, in order (its answer)."""
+    return [int(t) for t in datum["labels"][1:] if t != IGNORE_INDEX]
+
+
 @LENSES.register("answer-probe")
 class AnswerProbeLens(_CrossFittedProbe):
     """d_{i,l} = held-out CE of a linear probe on datum i's latent state at the answer position (the last
@@ -335,12 +350,7 @@ class AnswerProbeLens(_CrossFittedProbe):
     applies = staticmethod(closed_answers)
 
     def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
-        if not closed_answers(sample, config.probe_folds):
-            raise SalfError(
-                "the answer probe needs completions whose answers repeat (label words, a closed set of short "
-                "answers); most answers in this sample are unique, or the data are plain text",
-                "use lens 'logit-lens' for open-ended completions and plain text",
-            )
+        require_closed_answers(sample, config, "the answer probe")
         super().__init__(parts, config, sample, answer_classes(sample, config.probe_folds))
 
     def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
@@ -351,6 +361,56 @@ class AnswerProbeLens(_CrossFittedProbe):
     def read(self, layer: int, hidden: torch.Tensor) -> None:
         at = self._answer_at.to(hidden.device)
         self.store(self._rows, layer, hidden[torch.arange(hidden.shape[0], device=hidden.device), at])
+
+
+@LENSES.register("answer-lens")
+class AnswerSetLens(LogitLens):
+    """d_{i,l} = mean over datum i's answer tokens of the cross-entropy of the head's logits restricted to the
+    answer set: at the j-th answer token, the tokens seen j-th in the sample's answers (the logit lens over the
+    label words only).
+
+    The full-vocabulary logit lens charges a frozen LLM for every word it would rather say than the task's
+    answers (SmolLM2 read label words at 11.8 nats at its top layer); restricted to the answers, it asks only
+    whether the head already ranks the right answer above the others. Its chance level is the entropy of the
+    answers' tokens at each position. For completions with a closed set of answers (``closed_answers``)."""
+
+    applies = staticmethod(closed_answers)
+
+    def __init__(self, parts: ModelParts, config: TraceConfig, sample: Sequence[dict]):
+        require_closed_answers(sample, config, "the answer lens")
+        super().__init__(parts, config, sample)
+        by_position: dict[int, list[int]] = {}
+        for datum in sample:
+            for j, token in enumerate(answer_tokens(datum)):
+                by_position.setdefault(j, []).append(token)
+        self.candidates = {j: torch.tensor(sorted(set(tokens))) for j, tokens in by_position.items()}
+        self._position_counts = {j: np.unique(tokens, return_counts=True)[1] for j, tokens in by_position.items()}
+
+    def begin_batch(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        super().begin_batch(rows, batch)
+        first = (batch["labels"][:, 1:] != IGNORE_INDEX).int().argmax(dim=1)  # each row's first target
+        self._position = self._t - first[self._b]
+
+    def token_deviation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(y), dtype=torch.float32, device=x.device)
+        position = self._position.to(x.device)
+        for j, candidates in self.candidates.items():
+            at = (position == j).nonzero(as_tuple=True)[0]
+            if len(at) == 0:
+                continue
+            c = candidates.to(self.weight.device)
+            logits = F.linear(x[at], self.weight[c], None if self.bias is None else self.bias[c]).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            target = (y[at].unsqueeze(1) == c.unsqueeze(0)).int().argmax(dim=1)  # every answer token is a candidate
+            out[at] = F.cross_entropy(logits, target, reduction="none")
+        return out
+
+    def chance(self) -> float | None:
+        """The cross-entropy of knowing nothing: at each answer position the entropy of the tokens seen there,
+        weighted by how many answer tokens sit at that position."""
+        total = sum(int(c.sum()) for c in self._position_counts.values())
+        return sum(int(c.sum()) * frequency_entropy(c.tolist()) for c in self._position_counts.values()) / total
 
 
 def label_kind(data: Sequence[dict]) -> str:
@@ -422,4 +482,4 @@ def choose_lens(parts: ModelParts, cell: str, requested: str | None) -> str:
     return requested
 
 
-__all__ = ["AnswerProbeLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "choose_lens", "chunked_cross_entropy", "closed_answers", "data_task", "default_cell_key", "head_reads", "label_kind", "label_kind_of"]
+__all__ = ["AnswerProbeLens", "AnswerSetLens", "BasisCosineLens", "CLASS_LABELS", "RARE_ANSWER", "DEFAULT_LENS", "LENSES", "Lens", "LogitLens", "POOLERS", "ProbeLens", "TOKEN_LABELS", "TargetLens", "TraceConfig", "answer_classes", "answer_tokens", "choose_lens", "chunked_cross_entropy", "closed_answers", "data_task", "default_cell_key", "head_reads", "label_kind", "label_kind_of", "require_closed_answers"]
