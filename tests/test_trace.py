@@ -343,6 +343,11 @@ def test_default_cell_key_splits_completions_by_their_answers():
     unique = [{"input_ids": d["input_ids"][:-2] + [20 + i, 2], "labels": d["labels"][:-2] + [20 + i, 2]}
               for i, d in enumerate(closed)]
     assert default_cell_key(unique) == "completion"
+    # answers cut off by the length limit are no answer, not one more repeated answer
+    cut = [{"input_ids": d["input_ids"], "labels": [-100] * len(d["labels"])} for d in closed]
+    one_repeated = [d for d in closed if d["labels"][-2] == 7][:10] + unique[:30]  # 10 of 40 repeat one answer
+    assert default_cell_key(one_repeated) == "completion"
+    assert default_cell_key(one_repeated + cut) == "completion"
     assert default_cell_key([{"input_ids": d["input_ids"], "labels": list(d["input_ids"])} for d in closed]) == "lm"
     assert default_cell_key([{"input_ids": d["input_ids"], "labels": i % 2} for i, d in enumerate(closed)]) == (
         "classification")
