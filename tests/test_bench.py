@@ -568,6 +568,8 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads((out / "runs.json").read_text())["runs"]
     keys = {r["key"] for r in runs}
+    # each task's row of the defaults, read from its data: a classifier, and function names (open answers)
+    assert [r["default_cell"] for r in runs if r["kind"] == "meta"] == ["classification", "completion"]
     n_oracle = 0
     for task in suite.tasks:
         for k in range(5):  # the tiny models have 4 blocks
