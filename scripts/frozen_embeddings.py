@@ -38,6 +38,7 @@ def main() -> None:
     prepared = PreparedTask.prepare(task, a.out)
     store = RunStore(a.out / "runs.json", suite, True)
     bench = TaskBench(prepared, suite, store, Progress(a.out / "progress.log", 0.0, False))
+    bench.meta()  # the task's facts (model, data fingerprints, predicted costs), as `salf bench` records them
     n = prepared.num_layers
     for seed in parse_seeds(a.seeds):
         for variant, kind, spec in (("baseline/embeddings-frozen", "baseline",
