@@ -23,14 +23,9 @@ DEFAULT = "salf default"
 def task_analyses(out_dir: str) -> dict[str, tuple[dict[str, Any], bool]]:
     """Per task: its analysis over the finished seeds, or over every started seed if none finished (flag False)."""
     records = load_records(out_dir)
-    finished, started = analyze(complete_records(records)), analyze(records)
-    out = {}
-    for task, analysis in started.items():
-        done = finished.get(task) or {}
-        complete = bool(done.get("oracle")) and done["oracle"][0]["n"] > 0
-        if analysis:
-            out[task] = (done if complete else analysis, complete)
-    return out
+    finished = {task: a for task, a in analyze(complete_records(records)).items() if a and a["seeds"]}
+    started = analyze(r for r in records if r.task not in finished)
+    return {**{task: (a, True) for task, a in finished.items()}, **{task: (a, False) for task, a in started.items() if a}}
 
 
 def task_means(tasks: dict[str, tuple[dict[str, Any], bool]]) -> list[dict[str, Any]]:

@@ -315,9 +315,10 @@ def closed_answers(sample: Sequence[dict], min_count: int = 5, min_share: float 
     at least ``min_share`` of them have an answer seen ``min_count`` times or more, and there are at least two
     such answers. Plain text (every position a target) never qualifies; data whose answer was cut off by the
     length limit (no target left) are not counted, as the trace leaves them out."""
-    if any(all(t != IGNORE_INDEX for t in d["labels"][1:]) for d in sample):
+    targets = [[t != IGNORE_INDEX for t in d["labels"][1:]] for d in sample]
+    if any(all(row) for row in targets):
         return False
-    classes = answer_classes([d for d in sample if any(t != IGNORE_INDEX for t in d["labels"][1:])], min_count)
+    classes = answer_classes([d for d, row in zip(sample, targets) if any(row)], min_count)
     repeated = [c for c in classes if c != RARE_ANSWER]
     return len(set(repeated)) >= 2 and len(repeated) >= min_share * len(classes)
 
