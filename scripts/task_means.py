@@ -3,6 +3,7 @@ tasks (``salf bench-table`` weighs every (task, seed) the same, so a task with t
 
     python scripts/task_means.py bench/results/smollm2            # markdown table, lowest regret at λ = 10 first
     python scripts/task_means.py bench/results/smollm2 --top 5
+    python scripts/task_means.py bench/results/smollm2 --all-seeds  # unfinished seeds too (regret: a lower bound)
 
 Only rows planned or run on every task are ranked. A task with no finished seed (a partial oracle sweep) counts its
 started seeds against the boundaries trained so far (its regret is then a lower bound), and is marked so.
@@ -20,10 +21,12 @@ from salf.bench.store import complete_records, load_records
 DEFAULT = "salf default"
 
 
-def task_analyses(out_dir: str) -> dict[str, tuple[dict[str, Any], bool]]:
-    """Per task: its analysis over the finished seeds, or over every started seed if none finished (flag False)."""
+def task_analyses(out_dir: str, all_seeds: bool = False) -> dict[str, tuple[dict[str, Any], bool]]:
+    """Per task: its analysis over the finished seeds, or over every started seed if none finished or ``all_seeds``
+    (flag False: a seed's regret then counts only the boundaries trained so far)."""
     records = load_records(out_dir)
-    finished = {task: a for task, a in analyze(complete_records(records)).items() if a and a["seeds"]}
+    finished = {} if all_seeds else {
+        task: a for task, a in analyze(complete_records(records)).items() if a and a["seeds"]}
     started = analyze(r for r in records if r.task not in finished)
     return {**{task: (a, True) for task, a in finished.items()}, **{task: (a, False) for task, a in started.items() if a}}
 
@@ -64,8 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="a `salf bench` output folder (runs.json)")
     parser.add_argument("--top", type=int, default=10, help="rows to show besides the default (lowest λ = 10 first)")
+    parser.add_argument("--all-seeds", action="store_true",
+                        help="count every started seed, finished or not (against the boundaries trained so far)")
     a = parser.parse_args()
-    tasks = task_analyses(a.out_dir)
+    tasks = task_analyses(a.out_dir, a.all_seeds)
     print(markdown(tasks, task_means(tasks), a.top))
 
 

@@ -45,3 +45,12 @@ def test_committed_smollm2_records_rank_the_default():
     rows = task_means.task_means(tasks)
     assert any(r["variant"] == task_means.DEFAULT for r in rows)
     assert [r["regret_10"] for r in rows] == sorted(r["regret_10"] for r in rows)
+
+
+def test_all_seeds_counts_the_unfinished_seeds():
+    root = str(ROOT / "bench" / "results" / "smollm2")
+    finished, started = task_means.task_analyses(root), task_means.task_analyses(root, all_seeds=True)
+    assert finished.keys() == started.keys()
+    for task, (analysis, _) in finished.items():
+        assert set(analysis["seeds"]) <= set(started[task][0]["seeds"])
+    assert any(set(started[t][0]["seeds"]) > set(finished[t][0]["seeds"]) for t in finished)
