@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -617,6 +618,8 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, monkeypatch):
             assert v["regret"]["mean"] >= 0
     lines = (out / "progress.log").read_text().splitlines()
     assert lines and "ETA" in lines[-1]
+    done, total = re.search(r"\[(\d+)/(\d+)\]", lines[-1]).groups()
+    assert done == total  # the plans' own boundaries counted in the total once they are known
     results = (out / "results.md").read_text()
     assert "identical by construction" in results and "Oracle sweep" in results
     assert results.index("Regret by model") < results.index(f"## {suite.tasks[0].name}")  # the per-model table first

@@ -151,7 +151,7 @@ class TaskBench(PlanUnits):
         runs = oracle_runs * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
         runs += t.steps if self.suite.per_datum else 0  # (without loading the data to see if its lens is traced)
         runs += sum(sweep.weight(self) for sweep in active_sweeps(t))
-        profiling = len(self.lenses()) * self._trace_weight() + len(self._baselines())
+        profiling = len(self.lenses()) * self._trace_weight() + sum(not BASELINES.get(b).trains for b in self._baselines())
         return runs + profiling + (t.ceiling_steps or 0)
 
     def _trace_weight(self) -> float:
@@ -213,7 +213,10 @@ class TaskBench(PlanUnits):
         oracle = {0: self._train(seed, oracle_variant(0), "oracle", FreezeSpec.from_boundary(0, n), boundary=0)}
         plans = self._plans(seed)
         baselines = self._run_baselines(seed, trained=False)
-        for k in self.oracle_boundaries([*plans, *baselines]):
+        boundaries = self.oracle_boundaries([*plans, *baselines])
+        # units_weight counted the stride's grid; the plans' own boundaries are known only now.
+        self.progress.grow(self.task.steps * len(set(boundaries) - {*range(0, n + 1, self.task.oracle_stride), n}))
+        for k in boundaries:
             oracle[k] = self._train(seed, oracle_variant(k), "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
         # Baselines with runs of their own come after the sweep: a seed whose sweep is done scores every
         # plan and boundary baseline even if the session ends during LoRA or LISA.
@@ -376,7 +379,7 @@ class TaskBench(PlanUnits):
                     try:
                         choice = baseline.decide(self._baseline_context(seed))
                     except SalfError as e:  # e.g. no default plan to put LoRA on: reported, not fatal
-                        out.append(self._unit(seed, variant, 0.0, lambda e=e: {
+                        out.append(self._unit(seed, variant, self.task.steps, lambda e=e: {  # its planned weight
                             "kind": "baseline", "boundary": None, "status": "unavailable", "error": str(e)}))
                         continue
                     out.append(self._train(seed, variant, "baseline", choice.variant.spec, run=choice.variant,
