@@ -436,6 +436,9 @@ def test_suites_load_and_validate(tmp_path):
     with pytest.raises(SalfError):
         BenchTask(name="x", model="m")  # no data
     assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5]
+    assert BenchSuite.load("smollm2").target_flops == 0.70 and smoke.target_flops == 0.60
+    with pytest.raises(SalfError, match="target_flops"):
+        BenchSuite(name="x", tasks=list(smoke.tasks), target_flops=1.5)
 
 
 def test_fresh_models_share_their_fresh_head_within_a_seed(tmp_path):
@@ -545,6 +548,9 @@ def test_target_check_names_the_boundaries_and_rows_that_meet_it():
     assert t["cheapest_oracle_keeping_quality"]["k"] == 2
     assert t["oracle_meeting"] == [2]
     assert t["variants_meeting"] == ["salf/a"]
+    wider = _target_check(per_k, variants, target_flops=0.70)  # a suite's own target (smollm2: the 70%)
+    assert wider["flops"] == 0.70 and wider["oracle_meeting"] == [1, 2]
+    assert wider["variants_meeting"] == ["lora", "salf/a"]
 
 
 def test_equal_compute_on_chosen_seeds_only():

@@ -38,15 +38,17 @@ PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_rati
 """What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
 
 
-def analyze(records: Iterable[Record]) -> dict[str, Any]:
-    """Per task: the oracle per boundary, and plans / baselines with quality, cost and regret, over seeds."""
+def analyze(records: Iterable[Record], target_flops: float | None = None) -> dict[str, Any]:
+    """Per task: the oracle per boundary, and plans / baselines with quality, cost and regret, over seeds
+    (``target_flops``: the headline target's share of full fine-tuning's FLOPs; None: ``TARGET_FLOPS``)."""
     by_task: dict[str | None, list[Record]] = {}
     for r in records:
         by_task.setdefault(r.task, []).append(r)
-    return {task: _analyze_task(rs) for task, rs in by_task.items()}
+    return {task: _analyze_task(rs, TARGET_FLOPS if target_flops is None else target_flops)
+            for task, rs in by_task.items()}
 
 
-def _analyze_task(records: list[Record]) -> dict[str, Any]:
+def _analyze_task(records: list[Record], target_flops: float) -> dict[str, Any]:
     meta = next((r for r in records if r.variant == "meta" and isinstance(r, MetaRecord)), None)
     if meta is None:
         return {}
@@ -133,26 +135,27 @@ def _analyze_task(records: list[Record]) -> dict[str, Any]:
             "unavailable": unavailable, "plan_regret": _plan_regret(rows),
             "per_datum": _per_datum_comparison(records, oracle, point),
             "n_train": meta.n_train, "n_eval": meta.n_eval,
-            "recipe": meta.task_config, "target": _target_check(per_k, variants),
+            "recipe": meta.task_config, "target": _target_check(per_k, variants, target_flops),
             # extra sweeps (searched rates, untied head): their own tables, never in the regret tables
             "sweeps": analyze_sweeps(records, oracle, point, meta)}
 
 
 TARGET_QUALITY, TARGET_FLOPS = 0.99, 0.60
-"""The headline target: keep >= 99% of full fine-tuning's quality at <= 60% of its training FLOPs (means over seeds)."""
+"""The headline target: keep >= 99% of full fine-tuning's quality at <= 60% of its training FLOPs (means over seeds);
+a suite may set its own FLOPs share (``BenchSuite.target_flops``)."""
 
 
-def _target_check(per_k: list[dict], variants: dict[str, dict]) -> dict[str, Any]:
+def _target_check(per_k: list[dict], variants: dict[str, dict], target_flops: float = TARGET_FLOPS) -> dict[str, Any]:
     """Which oracle boundaries and which rows meet the headline target (None where quality has no ratio)."""
 
     def meets(row: dict) -> bool:
         q, c = (row.get("quality_ratio") or {}).get("mean"), (row.get("flops_ratio") or {}).get("mean")
-        return q is not None and c is not None and q >= TARGET_QUALITY and c <= TARGET_FLOPS + 1e-9
+        return q is not None and c is not None and q >= TARGET_QUALITY and c <= target_flops + 1e-9
 
     keeping = [row for row in per_k if (row.get("quality_ratio") or {}).get("mean") is not None
                and row["quality_ratio"]["mean"] >= TARGET_QUALITY]
     cheapest = min(keeping, key=lambda row: row["flops_ratio"]["mean"], default=None)
-    return {"quality": TARGET_QUALITY, "flops": TARGET_FLOPS,
+    return {"quality": TARGET_QUALITY, "flops": target_flops,
             "cheapest_oracle_keeping_quality": None if cheapest is None else
             {"k": cheapest["k"], "flops_ratio": cheapest["flops_ratio"]["mean"],
              "quality_ratio": cheapest["quality_ratio"]["mean"]},

@@ -347,7 +347,7 @@ class BenchResult:
 
 def write_reports(suite: BenchSuite, records: Iterable[Record], out_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """results.md, frontier.png and summary.json (``{"regret_by_model": ..., "tasks": analysis}``)."""
-    analysis = analyze(records)
+    analysis = analyze(records, suite.target_flops)
     summary = {"regret_by_model": regret_by_model([analysis]), "tasks": analysis}
     paths = {"runs": out_dir / "runs.json",
              "results": write_atomic(out_dir / "results.md", render_markdown(suite, analysis, out_dir)),

@@ -200,6 +200,9 @@ class BenchSuite:
     per_datum: bool = True
     """Also train the per-datum variant (one run per task and seed, from the default lens's trace); needs
     the default lens among the traced ones. Not part of the recipe, so turning it on reuses finished runs."""
+    target_flops: float = 0.60
+    """The headline target in the reports: keep >= 99% of full fine-tuning's quality at no more than this share of its
+    FLOPs. Reports only, not part of any recipe: changing it re-reads the finished runs."""
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -220,6 +223,9 @@ class BenchSuite:
                 registry.get(name)
         if self.threads is not None and self.threads < 1:
             raise SalfError(f"threads must be at least 1, got {self.threads}")
+        if not 0 < self.target_flops <= 1:
+            raise SalfError(f"suite {self.name!r}: target_flops must be in (0, 1], got {self.target_flops}",
+                            "give the target's share of full fine-tuning's FLOPs, e.g. 0.6")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "suite") -> BenchSuite:
