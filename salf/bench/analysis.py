@@ -30,7 +30,7 @@ from salf.bench.scoring import (
 )
 from salf.bench.scoring import stats as _stats
 from salf.bench.store import complete_records, load_records
-from salf.bench.suite import LOSS, QUALITY
+from salf.bench.suite import LOSS, QUALITY, TARGET_FLOPS, TARGET_QUALITY
 from salf.bench.sweeps_report import analyze_sweeps
 from salf.config.plan import DEFAULT_CELLS
 
@@ -38,14 +38,13 @@ PER_SEED_FIELDS = ("boundary", "regret", *REGRET_KEYS, "share_kept", "flops_rati
 """What ``analyze`` keeps of every seed of a variant (beside the mean and std over seeds)."""
 
 
-def analyze(records: Iterable[Record], target_flops: float | None = None) -> dict[str, Any]:
+def analyze(records: Iterable[Record], target_flops: float = TARGET_FLOPS) -> dict[str, Any]:
     """Per task: the oracle per boundary, and plans / baselines with quality, cost and regret, over seeds
-    (``target_flops``: the headline target's share of full fine-tuning's FLOPs; None: ``TARGET_FLOPS``)."""
+    (``target_flops``: the headline target's share of full fine-tuning's FLOPs)."""
     by_task: dict[str | None, list[Record]] = {}
     for r in records:
         by_task.setdefault(r.task, []).append(r)
-    return {task: _analyze_task(rs, TARGET_FLOPS if target_flops is None else target_flops)
-            for task, rs in by_task.items()}
+    return {task: _analyze_task(rs, target_flops) for task, rs in by_task.items()}
 
 
 def _analyze_task(records: list[Record], target_flops: float) -> dict[str, Any]:
@@ -138,11 +137,6 @@ def _analyze_task(records: list[Record], target_flops: float) -> dict[str, Any]:
             "recipe": meta.task_config, "target": _target_check(per_k, variants, target_flops),
             # extra sweeps (searched rates, untied head): their own tables, never in the regret tables
             "sweeps": analyze_sweeps(records, oracle, point, meta)}
-
-
-TARGET_QUALITY, TARGET_FLOPS = 0.99, 0.60
-"""The headline target: keep >= 99% of full fine-tuning's quality at <= 60% of its training FLOPs (means over seeds);
-a suite may set its own FLOPs share (``BenchSuite.target_flops``)."""
 
 
 def _target_check(per_k: list[dict], variants: dict[str, dict], target_flops: float = TARGET_FLOPS) -> dict[str, Any]:

@@ -180,6 +180,11 @@ class BenchTask:
         return fingerprint(d)
 
 
+TARGET_QUALITY, TARGET_FLOPS = 0.99, 0.60
+"""The headline target: keep >= 99% of full fine-tuning's quality at <= 60% of its training FLOPs (means over seeds);
+a suite may set its own FLOPs share (``BenchSuite.target_flops``)."""
+
+
 @dataclass
 class BenchSuite:
     """Tasks, and which lenses, estimators, policies and baselines to compare on them."""
@@ -200,7 +205,7 @@ class BenchSuite:
     per_datum: bool = True
     """Also train the per-datum variant (one run per task and seed, from the default lens's trace); needs
     the default lens among the traced ones. Not part of the recipe, so turning it on reuses finished runs."""
-    target_flops: float = 0.60
+    target_flops: float = TARGET_FLOPS
     """The headline target in the reports: keep >= 99% of full fine-tuning's quality at no more than this share of its
     FLOPs. Reports only, not part of any recipe: changing it re-reads the finished runs."""
     description: str = ""
@@ -294,4 +299,4 @@ def parse_seeds(text: str) -> list[int]:
         raise SalfError(f"seeds {text!r} are not integers", "write e.g. --seeds 0,1,2 or --seeds 0-2") from None
 
 
-__all__ = ["BENCH_FORMAT", "BenchSuite", "BenchTask", "LOSS", "PER_DATUM_ESTIMATOR", "PER_DATUM_FILL", "PER_DATUM_POLICY", "POLICIES_DEFAULT", "QUALITY", "SUITE_DIRS", "parse_seeds"]
+__all__ = ["BENCH_FORMAT", "BenchSuite", "BenchTask", "LOSS", "PER_DATUM_ESTIMATOR", "PER_DATUM_FILL", "PER_DATUM_POLICY", "POLICIES_DEFAULT", "QUALITY", "SUITE_DIRS", "TARGET_FLOPS", "TARGET_QUALITY", "parse_seeds"]

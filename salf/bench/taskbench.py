@@ -146,8 +146,8 @@ class TaskBench(PlanUnits):
 
     def units_weight(self) -> float:
         """Progress weight of the planned work of one seed (a training step weighs 1)."""
-        t, n = self.task, self.prepared.num_layers
-        oracle_runs = len({*range(0, n + 1, t.oracle_stride), n})  # the plans' own boundaries come on top
+        t = self.task
+        oracle_runs = len(self.oracle_grid())  # the plans' own boundaries come on top
         runs = oracle_runs * t.steps + sum(t.steps for b in self._baselines() if BASELINES.get(b).trains)
         runs += t.steps if self.suite.per_datum else 0  # (without loading the data to see if its lens is traced)
         runs += sum(sweep.weight(self) for sweep in active_sweeps(t))
@@ -215,7 +215,7 @@ class TaskBench(PlanUnits):
         baselines = self._run_baselines(seed, trained=False)
         boundaries = self.oracle_boundaries([*plans, *baselines])
         # units_weight counted the stride's grid; the plans' own boundaries are known only now.
-        self.progress.grow(self.task.steps * len(set(boundaries) - {*range(0, n + 1, self.task.oracle_stride), n}))
+        self.progress.grow(self.task.steps * len(set(boundaries) - self.oracle_grid()))
         for k in boundaries:
             oracle[k] = self._train(seed, oracle_variant(k), "oracle", FreezeSpec.from_boundary(k, n), boundary=k)
         # Baselines with runs of their own come after the sweep: a seed whose sweep is done scores every
@@ -236,12 +236,16 @@ class TaskBench(PlanUnits):
         the last boundary."""
         from salf.bench.analysis import default_plan
 
-        n, stride = self.prepared.num_layers, self.task.oracle_stride
+        n = self.prepared.num_layers
         default = default_plan(self.default_cell)
         picked = sorted(picked, key=lambda r: r.variant != default)  # the default plan's boundary first
         chosen = [k for r in picked if isinstance(k := getattr(r, "boundary", None), int) and 0 < k <= n]
-        grid = [*range(stride, n + 1, stride), n]
-        return list(dict.fromkeys([*chosen, *grid]))
+        return list(dict.fromkeys([*chosen, *sorted(self.oracle_grid() - {0})]))
+
+    def oracle_grid(self) -> set[int]:
+        """The boundaries the oracle trains whatever the plans pick: every ``oracle_stride``-th, and the last."""
+        n = self.prepared.num_layers
+        return {*range(0, n + 1, self.task.oracle_stride), n}
 
     def check_sweeps(self) -> None:
         """Refuse an extra sweep the task's model cannot run, before anything trains."""
