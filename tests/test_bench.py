@@ -728,6 +728,7 @@ def test_oracle_stride_sweeps_the_grid_and_every_picked_boundary():
 
     bench = SimpleNamespace(prepared=SimpleNamespace(num_layers=30), task=SimpleNamespace(oracle_stride=3),
                             default_cell="completion", lenses=lambda: ["logit-lens"])
+    bench.oracle_grid = lambda: TaskBench.oracle_grid(bench)
     picked = [PlanRecord(key=str(i), boundary=k, variant=v) for i, (k, v) in enumerate(
         [(28, ""), (0, ""), (None, ""), (28, ""), (7, ""), (13, default_plan("completion"))])]
     ks = TaskBench.oracle_boundaries(bench, picked)
